@@ -1,0 +1,16 @@
+"""prsgd: communication-efficient distributed momentum SGD.
+
+Implements Yu, Jin & Yang, "On the Linear Speedup Analysis of Communication Efficient Momentum SGD for
+Distributed Non-Convex Optimization" (ICML 2019): Algorithm 1 (PR-SGD-Momentum) and its baselines, on two
+engines that share one definition of the algorithm (:mod:`prsgd.algorithm`):
+
+- :class:`LocalSGD`, a ``torch.optim.Optimizer`` for real multi-process training under ``torch.distributed``;
+- :class:`Simulator`, N workers vectorized over a leading tensor dimension on one device.
+"""
+
+from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, SyncRule
+from prsgd.engines.simulator import Simulator
+from prsgd.optim import LocalSGD
+
+__all__ = ["SYNC_RULES", "CommStats", "Hyperparameters", "LocalSGD", "Simulator", "SyncRule"]
+__version__ = "0.1.0"

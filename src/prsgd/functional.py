@@ -1,0 +1,49 @@
+"""The local update rules of Algorithm 1, as stateless functions over tensor lists.
+
+Option I (Polyak, eq. 4) and Option II (Nesterov, eq. 5) in exactly the form of PyTorch's ``torch.optim.SGD``
+(dampening 0, weight decay added to the gradient). The operations are element-wise, so the same call updates one
+worker's tensors or tensors stacked with a leading worker dimension ``(N, ...)``: the simulator and the
+distributed optimizer both call :func:`momentum_sgd_`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def momentum_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> None:
+    """One local momentum-SGD step, in place on ``params`` and ``momentum_buffers``.
+
+    With learning rate gamma (``lr``), momentum beta (``momentum``) and g = G + weight_decay * x::
+
+        u <- beta * u + g                     (eq. 4 and 5)
+        x <- x - gamma * u                    Polyak, option I (eq. 4)
+        x <- x - gamma * (beta * u + g)       Nesterov, option II (eq. 5)
+
+    Buffers start at zero, so the first step gives u = g, as PyTorch's lazily created buffer does. ``grads`` are
+    not modified. With ``momentum == 0`` the buffers are left untouched (plain SGD).
+    """
+    if not params:
+        return
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum == 0:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, grads)
+    if nesterov:
+        direction = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
+    else:
+        direction = momentum_buffers
+    torch._foreach_add_(params, direction, alpha=-lr)

@@ -1,0 +1,26 @@
+"""Small models and deterministic per-worker data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(seed: int = 0, batchnorm: bool = False, in_dim: int = 6, hidden: int = 16, classes: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.Tanh(), nn.Linear(hidden, classes)]
+    return nn.Sequential(*layers)
+
+
+def batches(num_workers: int, steps: int, batch: int = 8, in_dim: int = 6, classes: int = 4, seed: int = 1):
+    """Per-worker batches: a list over steps of (inputs (N, b, in_dim), targets (N, b))."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(num_workers, batch, in_dim, generator=g)
+        y = torch.randint(0, classes, (num_workers, batch), generator=g)
+        out.append((x, y))
+    return out
