@@ -1,0 +1,66 @@
+"""Run by the distributed tests in each spawned gloo process: trains with prsgd.LocalSGD and saves what it saw."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import batches, mlp
+
+import prsgd
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], steps: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        for index, case in enumerate(cases):
+            case = dict(case)
+            batchnorm = case.pop("batchnorm", False)
+            seed = rank if case.pop("distinct_init", False) else 0
+            inf_at = case.pop("inf_at", None)  # (rank, step) whose loss is made inf, under a GradScaler
+            model = mlp(seed=seed, batchnorm=batchnorm)
+            opt = prsgd.LocalSGD(model, **case)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if inf_at is not None else None
+            trajectory, applied = [], []
+            for t, (x, y) in enumerate(batches(world_size, steps)):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x[rank]), y[rank])
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    if inf_at == (rank, t):
+                        loss = loss * float("inf")
+                    before = [p.detach().clone() for p in model.parameters()]
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    applied.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters(),
+                                                                             strict=True)))
+                trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            torch.save(
+                {
+                    "trajectory": trajectory,
+                    "buffers": {n: b.clone() for n, b in model.named_buffers()},
+                    "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+                    if opt.has_momentum
+                    else [],
+                    "rounds": opt.comm.rounds,
+                    "bytes": opt.comm.bytes,
+                    "steps_done": opt.steps_done,
+                    "applied": applied,
+                },
+                os.path.join(out_dir, f"case{index}_rank{rank}.pt"),
+            )
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""prsgd.LocalSGD in real gloo process groups (spawned here on 127.0.0.1) against the simulator."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from distributed_worker import run
+from helpers import batches, mlp
+
+import prsgd
+
+STEPS = 9
+CASES = [
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum"),
+    dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, period=2, sync="params_and_momentum"),
+    dict(lr=0.1, momentum=0.9, period=4, sync="params_clear_momentum"),
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_only"),
+    dict(lr=0.1, momentum=0.9, sync="gradients"),
+    dict(lr=0.1, momentum=0.0, period=2, sync="params_and_momentum"),
+    dict(lr=0.05, momentum=0.9, period=3, sync="params_and_momentum", batchnorm=True),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world_size, cases, tmp_path, steps=STEPS):
+    mp.spawn(run, args=(world_size, free_port(), str(tmp_path), cases, steps), nprocs=world_size, join=True)
+    return [[torch.load(tmp_path / f"case{c}_rank{r}.pt") for r in range(world_size)] for c in range(len(cases))]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_local_sgd_in_gloo_processes_matches_the_simulator(world_size, tmp_path):
+    results = spawn(world_size, CASES, tmp_path)
+    for case, ranks in zip(CASES, results, strict=True):
+        case = dict(case)
+        model = mlp(batchnorm=case.pop("batchnorm", False))
+        sim = prsgd.Simulator(model, num_workers=world_size, **case)
+        for t, (x, y) in enumerate(batches(world_size, STEPS)):
+            sim.step(x, y, F.cross_entropy)
+            for rank, saved in enumerate(ranks):
+                for name, p in saved["trajectory"][t].items():
+                    torch.testing.assert_close(p, sim.params()[name][rank], rtol=1e-5, atol=1e-6,
+                                               msg=f"{case} step {t} rank {rank} {name}")
+        for rank, saved in enumerate(ranks):
+            assert (saved["rounds"], saved["bytes"]) == (sim.comm.rounds, sim.comm.bytes)
+            for name, b in saved["buffers"].items():
+                torch.testing.assert_close(b, sim.buffers()[name][rank], rtol=1e-5, atol=1e-6)
+            for m, sim_m in zip(saved["momentum"], sim.momentum().values(), strict=True):
+                torch.testing.assert_close(m, sim_m[rank], rtol=1e-5, atol=1e-6)
+
+
+def test_workers_start_from_the_first_workers_parameters(tmp_path):
+    """x^0 is the same everywhere: LocalSGD broadcasts rank 0's model at construction."""
+    case = dict(lr=0.1, momentum=0.9, period=100, sync="params_and_momentum", distinct_init=True)
+    ranks = spawn(2, [case], tmp_path, steps=1)[0]
+    sim = prsgd.Simulator(mlp(seed=0), num_workers=2, lr=0.1, momentum=0.9, period=100)
+    sim.step(*batches(2, 1)[0], F.cross_entropy)
+    for rank in range(2):
+        for name, p in ranks[rank]["trajectory"][0].items():
+            torch.testing.assert_close(p, sim.params()[name][rank], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sync", ["params_and_momentum", "gradients"])
+def test_a_step_skipped_by_grad_scaler_keeps_workers_in_step(sync, tmp_path):
+    """One worker's GradScaler skips step 1 (inf loss): every worker still syncs at the same steps, no hang."""
+    case = dict(lr=0.1, momentum=0.9, period=3, sync=sync, inf_at=(1, 1))
+    ranks = spawn(2, [case], tmp_path)[0]
+    assert ranks[0]["steps_done"] == ranks[1]["steps_done"] == STEPS
+    assert ranks[0]["rounds"] == ranks[1]["rounds"] == (STEPS if sync == "gradients" else STEPS // 3)
+    if sync == "gradients":  # the averaged gradients are inf on both workers: both skip
+        assert ranks[0]["applied"][1] is False and ranks[1]["applied"][1] is False
+    else:
+        assert ranks[0]["applied"][1] is True and ranks[1]["applied"][1] is False
+    for name, p in ranks[0]["trajectory"][-1].items():  # step 9 is a sync: workers agree again
+        torch.testing.assert_close(p, ranks[1]["trajectory"][-1][name], rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(p).all()
