@@ -45,8 +45,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.update()
-                    applied.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters(),
-                                                                             strict=True)))
+                    applied.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)))
                 trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
             torch.save(
                 {

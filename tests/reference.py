@@ -11,8 +11,18 @@ PERIODIC = {"params_and_momentum", "params_clear_momentum", "params_only"}
 
 
 class ReferenceWorkers:
-    def __init__(self, model, num_workers, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0, period=1,
-                 sync="params_and_momentum"):
+    def __init__(
+        self,
+        model,
+        num_workers,
+        *,
+        lr,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        period=1,
+        sync="params_and_momentum",
+    ):
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.opts = [
             torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -63,10 +73,12 @@ class ReferenceWorkers:
     def momentum(self):
         out = {}
         for n, _ in self.models[0].named_parameters():
-            out[n] = torch.stack([
-                opt.state[dict(m.named_parameters())[n]]["momentum_buffer"]
-                for m, opt in zip(self.models, self.opts, strict=True)
-            ])
+            out[n] = torch.stack(
+                [
+                    opt.state[dict(m.named_parameters())[n]]["momentum_buffer"]
+                    for m, opt in zip(self.models, self.opts, strict=True)
+                ]
+            )
         return out
 
     def buffers(self):

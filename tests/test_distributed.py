@@ -47,8 +47,13 @@ def test_local_sgd_in_gloo_processes_matches_the_simulator(world_size, tmp_path)
             sim.step(x, y, F.cross_entropy)
             for rank, saved in enumerate(ranks):
                 for name, p in saved["trajectory"][t].items():
-                    torch.testing.assert_close(p, sim.params()[name][rank], rtol=1e-5, atol=1e-6,
-                                               msg=f"{case} step {t} rank {rank} {name}")
+                    torch.testing.assert_close(
+                        p,
+                        sim.params()[name][rank],
+                        rtol=1e-5,
+                        atol=1e-6,
+                        msg=f"{case} step {t} rank {rank} {name}",
+                    )
         for rank, saved in enumerate(ranks):
             assert (saved["rounds"], saved["bytes"]) == (sim.comm.rounds, sim.comm.bytes)
             for name, b in saved["buffers"].items():

@@ -132,8 +132,9 @@ def test_node_averages_follow_equation_10_at_every_step(nesterov):
             u_bar = beta * momentum[n].mean(0) + g_bar
             direction = beta * u_bar + g_bar if nesterov else u_bar
             torch.testing.assert_close(sim.momentum()[n].mean(0), u_bar, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(sim.params()[n].mean(0), params[n].mean(0) - lr * direction,
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                sim.params()[n].mean(0), params[n].mean(0) - lr * direction, rtol=1e-5, atol=1e-6
+            )
 
 
 @pytest.mark.parametrize(

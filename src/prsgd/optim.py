@@ -94,8 +94,9 @@ class LocalSGD(torch.optim.Optimizer):
         self.process_group = process_group
         self.average = AllReduceAverage(self.storage, process_group)
         self.num_workers = group_size(process_group)
-        broadcast_from_first(self.storage.flat[: self._param_numel + sum(b.numel() for b in model_buffers)],
-                             process_group)
+        broadcast_from_first(
+            self.storage.flat[: self._param_numel + sum(b.numel() for b in model_buffers)], process_group
+        )
         self.sync_tensors = SyncTensors(
             params=all_params,
             model_buffers=model_buffers,

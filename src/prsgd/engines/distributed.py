@@ -62,11 +62,7 @@ class FlatStorage:
         start = tensors[0].storage_offset()
         expected = start
         for t in tensors:
-            if (
-                t.untyped_storage().data_ptr() != storage
-                or t.storage_offset() != expected
-                or not t.is_contiguous()
-            ):
+            if t.untyped_storage().data_ptr() != storage or t.storage_offset() != expected or not t.is_contiguous():
                 return None
             expected += t.numel()
         return self.flat[start:expected]

@@ -82,9 +82,7 @@ class Simulator:
 
         self._params = {name: stack(p) for name, p in model.named_parameters()}
         self._buffers = {name: stack(b) for name, b in model.named_buffers()}
-        self._momentum = (
-            {name: torch.zeros_like(p) for name, p in self._params.items()} if momentum > 0 else {}
-        )
+        self._momentum = {name: torch.zeros_like(p) for name, p in self._params.items()} if momentum > 0 else {}
         self.sync_tensors = SyncTensors(
             params=list(self._params.values()),
             model_buffers=[b for b in self._buffers.values() if b.is_floating_point()],
@@ -122,7 +120,13 @@ class Simulator:
             hyper=self.hyper,
         )
         self.steps_done, _ = run_step(
-            self.rule, self.period, self.steps_done, [group], self.sync_tensors, average_over_workers, self.comm
+            self.rule,
+            self.period,
+            self.steps_done,
+            [group],
+            self.sync_tensors,
+            average_over_workers,
+            self.comm,
         )
         return losses.detach()
 
