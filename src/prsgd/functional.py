@@ -42,8 +42,5 @@ def momentum_sgd_(
         return
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, grads)
-    if nesterov:
-        direction = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
-    else:
-        direction = momentum_buffers
+    direction = torch._foreach_add(grads, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
     torch._foreach_add_(params, direction, alpha=-lr)
