@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
 
@@ -24,3 +26,10 @@ def batches(num_workers: int, steps: int, batch: int = 8, in_dim: int = 6, class
         y = torch.randint(0, classes, (num_workers, batch), generator=g)
         out.append((x, y))
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

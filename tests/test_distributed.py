@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from distributed_worker import run
-from helpers import batches, mlp
+from helpers import batches, free_port, mlp
 
 import prsgd
 
@@ -23,12 +21,6 @@ CASES = [
     dict(lr=0.1, momentum=0.0, period=2, sync="params_and_momentum"),
     dict(lr=0.05, momentum=0.9, period=3, sync="params_and_momentum", batchnorm=True),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(world_size, cases, tmp_path, steps=STEPS):

@@ -8,11 +8,13 @@ initialized (or has one member) averaging does nothing, so the same code runs in
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class FlatStorage:
@@ -71,8 +73,8 @@ class FlatStorage:
 class AllReduceAverage:
     """``average(tensors)`` for :mod:`prsgd.algorithm`: one ``all_reduce`` (sum, then divide by the group size).
 
-    Tensors lying back to back in ``storage`` are reduced in place as one span; any other list is packed into
-    one temporary flat tensor, reduced, and copied back (still one collective).
+    Tensors lying back to back in ``storage`` are reduced in place as one span; any other list goes through
+    :func:`all_reduce_mean` (packed into a temporary, reduced, copied back: still one collective).
     """
 
     def __init__(self, storage: FlatStorage, process_group: dist.ProcessGroup | None = None) -> None:
@@ -81,17 +83,30 @@ class AllReduceAverage:
         self.world_size = group_size(process_group)
 
     def __call__(self, tensors: list[Tensor]) -> int:
-        if not tensors:
-            return 0
         span = self.storage.span(tensors)
-        buffer = span if span is not None else torch.cat([t.reshape(-1) for t in tensors])
-        if self.world_size > 1:
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.process_group)
-            buffer.div_(self.world_size)
         if span is None:
-            chunks = torch.split(buffer, [t.numel() for t in tensors])
-            torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
-        return buffer.numel() * buffer.element_size()
+            return all_reduce_mean(tensors, self.process_group)
+        if self.world_size > 1:
+            dist.all_reduce(span, op=dist.ReduceOp.SUM, group=self.process_group)
+            span.div_(self.world_size)
+        return span.numel() * span.element_size()
+
+
+def all_reduce_mean(tensors: list[Tensor], process_group: dist.ProcessGroup | None = None) -> int:
+    """Average ``tensors`` over the group in place with one all-reduce of a packed temporary copy.
+
+    Returns the payload bytes reduced."""
+    if not tensors:
+        return 0
+    world_size = group_size(process_group)
+    with torch.no_grad():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if world_size > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+            flat.div_(world_size)
+        chunks = torch.split(flat, [t.numel() for t in tensors])
+        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
+    return flat.numel() * flat.element_size()
 
 
 def is_initialized() -> bool:
@@ -111,3 +126,39 @@ def broadcast_from_first(tensor: Tensor, process_group: dist.ProcessGroup | None
     if group_size(process_group) > 1:
         src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         dist.broadcast(tensor, src=src, group=process_group)
+
+
+def init_from_torchrun(device: str) -> torch.device:
+    """Join the process group torchrun described in the environment (gloo on CPU, NCCL on CUDA).
+
+    Returns this process's device (``cuda:LOCAL_RANK`` for CUDA)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"engine='distributed' needs the environment torchrun sets up (missing {', '.join(missing)}); "
+            "launch with: torchrun --nproc-per-node 4 -m prsgd.train --engine distributed ..."
+        )
+    if device.startswith("cuda"):
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local)
+        backend = "nccl"
+    else:
+        local = torch.device(device)
+        backend = "gloo"
+    if not is_initialized():
+        dist.init_process_group(backend)
+    return local
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def averaged_copy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """A copy of ``model`` holding the node averages of its parameters and float buffers (x_bar), for evaluation.
+
+    One all-reduce of a temporary flat copy; it is evaluation-only traffic, not counted in ``comm``."""
+    copy_ = copy.deepcopy(model)
+    all_reduce_mean([t for t in (*copy_.parameters(), *copy_.buffers()) if t.is_floating_point()], process_group)
+    return copy_

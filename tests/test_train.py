@@ -1,0 +1,99 @@
+"""The training entry point: the same flags on the simulator and under torchrun give the same log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import free_port
+
+from prsgd.config import TrainConfig
+from prsgd.train import main, run
+
+FLAGS = ["--epochs", "2", "--evals", "4", "--sync", "params_and_momentum", "--period", "3", "--no-progress"]
+FIELDS = {
+    "joint_epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "wall_clock",
+    "comm_rounds",
+    "comm_bytes",
+}
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_simulator_run_logs_every_field_and_rounds_equal_steps_over_period(tmp_path):
+    main([*FLAGS, "--workers", "4", "--out", str(tmp_path)])
+    records = read_log(tmp_path)
+    assert len(records) == 5
+    for r in records:
+        assert set(r) == FIELDS
+        assert r["comm_rounds"] == r["step"] // 3
+    assert [r["joint_epoch"] for r in records] == sorted(r["joint_epoch"] for r in records)
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert json.loads((tmp_path / "config.json").read_text())["workers"] == 4
+
+
+def test_torchrun_distributed_run_matches_the_simulator(tmp_path):
+    sim_dir, dist_dir = tmp_path / "sim", tmp_path / "dist"
+    main([*FLAGS, "--workers", "2", "--out", str(sim_dir)])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "prsgd.train",
+            "--engine",
+            "distributed",
+            *FLAGS,
+            "--out",
+            str(dist_dir),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    sim, dist = read_log(sim_dir), read_log(dist_dir)
+    assert len(sim) == len(dist) == 5
+    for a, b in zip(sim, dist, strict=True):
+        assert (a["step"], a["comm_rounds"], a["comm_bytes"]) == (b["step"], b["comm_rounds"], b["comm_bytes"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1.5 / 360)
+
+
+def test_distributed_engine_without_torchrun_says_how_to_launch():
+    with pytest.raises(ValueError, match=r"torchrun --nproc-per-node"):
+        run(TrainConfig(engine="distributed", epochs=1, progress=False))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(engine="mpi"), r"engine='mpi' .*allowed: simulator, distributed"),
+        (dict(epochs=-1.0), r"epochs=-1\.0"),
+        (dict(batch_size=0), r"batch_size=0"),
+        (dict(period="8"), r"period='8' .*type int"),
+        (dict(sync="allreduce"), r"sync='allreduce'"),
+    ],
+)
+def test_bad_config_is_rejected_before_training(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
