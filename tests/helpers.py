@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,3 +34,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def per_worker_gradients(params, x, y):
+    """G_i: each worker's gradient of cross-entropy at its own parameters, by plain autograd, one model each."""
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(x.shape[0]):
+        worker = mlp()
+        worker.load_state_dict({n: p[i] for n, p in params.items()})
+        gs = torch.autograd.grad(F.cross_entropy(worker(x[i]), y[i]), list(worker.parameters()))
+        for (n, _), g in zip(worker.named_parameters(), gs, strict=True):
+            grads[n][i] = g
+    return grads

@@ -22,6 +22,7 @@ class ReferenceWorkers:
         weight_decay=0.0,
         period=1,
         sync="params_and_momentum",
+        mixing_matrix=None,
     ):
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.opts = [
@@ -29,12 +30,19 @@ class ReferenceWorkers:
             for m in self.models
         ]
         self.period, self.sync, self.t = period, sync, 0
+        self.mixing_matrix = mixing_matrix  # a function step -> N x N numpy array, for the gossip rules
 
     def _mean_into(self, tensors):
         with torch.no_grad():
             mean = sum(t.clone() for t in tensors) / len(tensors)
             for t in tensors:
                 t.copy_(mean)
+
+    def _mix_into(self, tensors, w):
+        with torch.no_grad():
+            old = [t.clone() for t in tensors]
+            for i, t in enumerate(tensors):
+                t.copy_(sum(float(w[i][j]) * old[j] for j in range(len(old))))
 
     def step(self, inputs, targets, loss_fn):
         losses = []
@@ -64,6 +72,17 @@ class ReferenceWorkers:
             for bufs in zip(*(m.buffers() for m in self.models), strict=True):
                 if bufs[0].is_floating_point():
                     self._mean_into(list(bufs))
+        if self.sync in ("gossip", "gossip_params_only") and self.t % self.period == 0:
+            w = self.mixing_matrix(self.t - 1)
+            for params in zip(*(m.parameters() for m in self.models), strict=True):
+                self._mix_into(list(params), w)
+                if self.sync == "gossip" and self.opts[0].state[params[0]].get("momentum_buffer") is not None:
+                    self._mix_into(
+                        [opt.state[p]["momentum_buffer"] for opt, p in zip(self.opts, params, strict=True)], w
+                    )
+            for bufs in zip(*(m.buffers() for m in self.models), strict=True):
+                if bufs[0].is_floating_point():
+                    self._mix_into(list(bufs), w)
         return torch.tensor(losses)
 
     def params(self):

@@ -20,6 +20,9 @@ CASES = [
     dict(lr=0.1, momentum=0.9, sync="gradients"),
     dict(lr=0.1, momentum=0.0, period=2, sync="params_and_momentum"),
     dict(lr=0.05, momentum=0.9, period=3, sync="params_and_momentum", batchnorm=True),
+    dict(lr=0.1, momentum=0.9, sync="gossip", topology="ring"),
+    dict(lr=0.1, momentum=0.9, nesterov=True, period=2, sync="gossip_params_only", topology="exponential"),
+    dict(lr=0.05, momentum=0.9, sync="gossip", topology="one_peer_exponential", batchnorm=True),
 ]
 
 

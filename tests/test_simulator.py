@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches, mlp
+from helpers import batches, mlp, per_worker_gradients
 from reference import ReferenceWorkers
 
 import prsgd
@@ -106,17 +106,6 @@ def test_nesterov_form_5_equals_form_14():
         sim.step(xb, yb, F.cross_entropy)
         for n, p in x.items():
             torch.testing.assert_close(sim.params()[n][0], p, rtol=1e-5, atol=1e-6)
-
-
-def per_worker_gradients(params, x, y):
-    grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    for i in range(x.shape[0]):
-        worker = mlp()
-        worker.load_state_dict({n: p[i] for n, p in params.items()})
-        gs = torch.autograd.grad(F.cross_entropy(worker(x[i]), y[i]), list(worker.parameters()))
-        for (n, _), g in zip(worker.named_parameters(), gs, strict=True):
-            grads[n][i] = g
-    return grads
 
 
 @pytest.mark.parametrize("nesterov", [False, True], ids=["polyak", "nesterov"])

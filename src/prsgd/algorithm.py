@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -29,6 +30,10 @@ from prsgd.functional import momentum_sgd_
 
 Average = Callable[[list[Tensor]], int]
 """Averages each tensor across workers in place; returns the bytes one worker sent (payload size)."""
+
+Mix = Callable[[list[Tensor], int], int]
+"""``mix(tensors, step)``: replaces each worker's tensors by sum_j W_ij x_j with the step's mixing matrix W
+(eq. 18), in place; returns the bytes one worker sent (out-degree x payload)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class SyncRule:
     description: str
     averages_gradients: bool = False  # every step, before the local update
     averages_params: bool = False  # every `period` steps, after the local update
-    momentum_at_sync: str = "keep"  # "average" | "clear" | "keep"
+    mixes: bool = False  # gossip with neighbours through W instead of averaging over all workers
+    momentum_at_sync: str = "keep"  # "average" (or mix) | "clear" | "keep"
 
 
 SYNC_RULES: dict[str, SyncRule] = {
@@ -67,6 +73,18 @@ SYNC_RULES: dict[str, SyncRule] = {
             "gradients",
             "parallel mini-batch momentum SGD: all-reduce gradients every step (ignores `period`)",
             averages_gradients=True,
+        ),
+        SyncRule(
+            "gossip",
+            "Algorithm 2: mix parameters AND momentum buffers with neighbours through W (every `period` steps)",
+            mixes=True,
+            momentum_at_sync="average",
+        ),
+        SyncRule(
+            "gossip_params_only",
+            "mix parameters with neighbours through W, keep local momentum buffers",
+            mixes=True,
+            momentum_at_sync="keep",
         ),
         SyncRule("none", "independent workers, no communication"),
     )
@@ -158,12 +176,23 @@ class SyncTensors:
 
 
 def is_sync_step(rule: SyncRule, steps_done: int, period: int) -> bool:
-    """Whether the round of eq. (6) follows local step number ``steps_done`` (counted from 1)."""
-    return rule.averages_params and steps_done % period == 0
+    """Whether the round of eq. (6) or (18) follows local step number ``steps_done`` (counted from 1)."""
+    return (rule.averages_params or rule.mixes) and steps_done % period == 0
+
+
+def check_topology(rule: SyncRule, topology: object) -> None:
+    """Gossip rules need a topology; the others take none."""
+    if rule.mixes and topology is None:
+        raise ValueError(f"sync={rule.name!r} needs topology= (a name such as 'ring', a mixing matrix or a graph)")
+    if not rule.mixes and topology is not None:
+        raise ValueError(
+            f"topology={topology!r} is only used by sync='gossip' or 'gossip_params_only', not sync={rule.name!r}"
+        )
 
 
 def synchronize(rule: SyncRule, tensors: SyncTensors, average: Average, comm: CommStats) -> None:
-    """One averaging round of ``rule`` (eq. 6 for ``params_and_momentum``), as a single ``average`` call.
+    """One round of ``rule`` (eq. 6 for ``params_and_momentum``, eq. 18 for ``gossip``), as one ``average``
+    call (for gossip rules, ``average`` is the step's mixing).
 
     The tensors are passed in the order params, model buffers, momentum so that an engine keeping them in one
     flat storage in that order reduces one contiguous span.
@@ -185,15 +214,16 @@ def run_step(
     average: Average,
     comm: CommStats,
     *,
+    mix: Mix | None = None,
     found_inf: bool | None = None,
 ) -> tuple[int, bool]:
     """One step of every worker. Returns ``(steps_done + 1, whether the local update was applied)``.
 
     ``groups`` hold the tensors updated this step (those with a gradient); ``sync_tensors`` all that a round
-    averages. ``found_inf`` comes from AMP's GradScaler (None without one). A step whose update is skipped for
-    it still counts towards the period, so every worker agrees on when the next round happens (the failure of
-    PyTorch issue 76282 is a worker that does not). With ``sync="gradients"`` the skip is decided on the averaged
-    gradients, which are identical on every worker.
+    averages (or, for gossip rules, mixes with ``mix``). ``found_inf`` comes from AMP's GradScaler (None without
+    one). A step whose update is skipped for it still counts towards the period, so every worker agrees on when
+    the next round happens (the failure of PyTorch issue 76282 is a worker that does not). With
+    ``sync="gradients"`` the skip is decided on the averaged gradients, which are identical on every worker.
     """
     apply_update = not found_inf
     if rule.averages_gradients:
@@ -206,5 +236,6 @@ def run_step(
             momentum_sgd_(group.params, group.grads, group.momentum_buffers, **group.hyper.as_kwargs())
     steps_done += 1
     if is_sync_step(rule, steps_done, period):
-        synchronize(rule, sync_tensors, average, comm)
+        combine = partial(mix, step=steps_done - 1) if rule.mixes else average
+        synchronize(rule, sync_tensors, combine, comm)
     return steps_done, apply_update

@@ -19,10 +19,18 @@ from prsgd.algorithm import (
     SyncTensors,
     UpdateGroup,
     check_period,
+    check_topology,
     run_step,
     sync_rule,
 )
-from prsgd.engines.distributed import AllReduceAverage, FlatStorage, broadcast_from_first, group_size
+from prsgd.engines.distributed import (
+    AllReduceAverage,
+    FlatStorage,
+    NeighbourMix,
+    broadcast_from_first,
+    group_size,
+)
+from prsgd.topology import make_topology
 
 
 class LocalSGD(torch.optim.Optimizer):
@@ -38,9 +46,14 @@ class LocalSGD(torch.optim.Optimizer):
         weight_decay: L2 penalty added to the gradient, as ``torch.optim.SGD`` does.
         period: I >= 1, local steps between sync rounds (eq. 6). 1 gives parallel mini-batch momentum SGD.
         sync: ``"params_and_momentum"`` (Algorithm 1), ``"params_clear_momentum"``, ``"params_only"``,
-            ``"gradients"`` (all-reduce gradients every step; ignores ``period``) or ``"none"``.
+            ``"gradients"`` (all-reduce gradients every step; ignores ``period``), ``"gossip"`` (Algorithm 2:
+            mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or ``"none"``.
         process_group: the workers that average together; default: the whole world. Without an initialized
             process group the optimizer runs as a single worker (averaging is a no-op).
+        topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
+            :class:`prsgd.topology.Topology`, an N x N mixing matrix or an adjacency list (see
+            :func:`prsgd.topology.make_topology`); worker i of the topology is rank i of the group. Each
+            worker then exchanges only with its neighbours, point to point.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
@@ -64,10 +77,14 @@ class LocalSGD(torch.optim.Optimizer):
         period: int = 1,
         sync: str = "params_and_momentum",
         process_group: Any = None,
+        topology: object = None,
     ) -> None:
         Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)
+        check_topology(self.rule, topology)
+        self.num_workers = group_size(process_group)
+        self.topology = make_topology(topology, self.num_workers) if topology is not None else None
         model_buffers: list[Tensor] = []
         if isinstance(params, nn.Module):
             model_buffers = [b for b in params.buffers() if b.is_floating_point()]
@@ -93,7 +110,7 @@ class LocalSGD(torch.optim.Optimizer):
         )
         self.process_group = process_group
         self.average = AllReduceAverage(self.storage, process_group)
-        self.num_workers = group_size(process_group)
+        self.mix = NeighbourMix(self.storage, self.topology, process_group) if self.topology is not None else None
         broadcast_from_first(
             self.storage.flat[: self._param_numel + sum(b.numel() for b in model_buffers)], process_group
         )
@@ -161,6 +178,7 @@ class LocalSGD(torch.optim.Optimizer):
             self.sync_tensors,
             self.average,
             self.comm,
+            mix=self.mix,
             found_inf=found_inf,
         )
         return loss

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from prsgd.topology import Topology
+
 
 class FlatStorage:
     """One flat tensor holding ``tensors`` back to back; each tensor becomes a view into it, in place.
@@ -104,9 +106,57 @@ def all_reduce_mean(tensors: list[Tensor], process_group: dist.ProcessGroup | No
         if world_size > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
             flat.div_(world_size)
-        chunks = torch.split(flat, [t.numel() for t in tensors])
-        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
+        _unpack(flat, tensors)
     return flat.numel() * flat.element_size()
+
+
+def _unpack(flat: Tensor, tensors: list[Tensor]) -> None:
+    chunks = torch.split(flat, [t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
+
+
+class NeighbourMix:
+    """``mix(tensors, step)`` for :mod:`prsgd.algorithm`: x_i <- W_ii x_i + sum_j W_ij x_j (eq. 18) with
+    point-to-point messages to and from this worker's neighbours only (``batch_isend_irecv``), never a collective
+    over all workers. The tensors are sent as one flat span of ``storage`` (or one packed copy); receive buffers
+    (in-degree x payload) are kept between steps. Returns out-degree x payload bytes."""
+
+    def __init__(self, storage: FlatStorage, topology: Topology, process_group: dist.ProcessGroup | None = None):
+        self.storage = storage
+        self.topology = topology
+        self.process_group = process_group
+        self.rank = group_rank(process_group)
+        self._receive: list[Tensor] = []
+
+    def _peer(self, worker: int) -> int:
+        if self.process_group is None:
+            return worker
+        return dist.get_global_rank(self.process_group, worker)
+
+    def __call__(self, tensors: list[Tensor], step: int) -> int:
+        if not tensors:
+            return 0
+        span = self.storage.span(tensors)
+        flat = span if span is not None else torch.cat([t.reshape(-1) for t in tensors])
+        nbrs = self.topology.neighbours(self.rank, step)
+        if len(self._receive) < len(nbrs.sources) or (self._receive and self._receive[0].numel() != flat.numel()):
+            self._receive = [torch.empty_like(flat) for _ in nbrs.sources]
+        received = self._receive[: len(nbrs.sources)]
+        ops = [dist.P2POp(dist.isend, flat, self._peer(j), self.process_group) for j in nbrs.targets]
+        ops += [
+            dist.P2POp(dist.irecv, buf, self._peer(j), self.process_group)
+            for j, buf in zip(nbrs.sources, received, strict=True)
+        ]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        with torch.no_grad():
+            flat.mul_(nbrs.self_weight)
+            for weight, buf in zip(nbrs.weights, received, strict=True):
+                flat.add_(buf, alpha=weight)
+            if span is None:
+                _unpack(flat, tensors)
+        return len(nbrs.targets) * flat.numel() * flat.element_size()
 
 
 def is_initialized() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
@@ -21,9 +22,11 @@ from prsgd.algorithm import (
     SyncTensors,
     UpdateGroup,
     check_period,
+    check_topology,
     run_step,
     sync_rule,
 )
+from prsgd.topology import Topology, make_topology
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -37,13 +40,69 @@ def average_over_workers(tensors: list[Tensor]) -> int:
     return nbytes
 
 
+class StackedMixer:
+    """``mix(tensors, step)`` for :mod:`prsgd.algorithm` on stacked ``(N, ...)`` tensors: x <- W x over dim 0.
+
+    ``mode="sparse"`` uses the graph's sparsity: for each of the k = max in-degree + 1 slots, one gather of the
+    neighbours' rows and a weighted add (O(k N D) work); ``"dense"`` is one N x N matrix product (O(N^2 D)).
+    ``"auto"`` picks sparse when k <= N / 4. Plans are cached per step for static graphs.
+    """
+
+    def __init__(self, topology: Topology, device: torch.device, mode: str = "auto") -> None:
+        if mode not in ("auto", "sparse", "dense"):
+            raise ValueError(f"mode={mode!r} is not known; allowed: auto, sparse, dense")
+        self.topology = topology
+        self.device = device
+        n = topology.num_workers
+        self.mode = mode if mode != "auto" else ("sparse" if topology.max_degree + 1 <= n / 4 else "dense")
+        self._plans: dict[int, tuple[float, tuple[Tensor, ...]]] = {}
+
+    def _plan(self, step: int) -> tuple[float, tuple[Tensor, ...]]:
+        """(mean out-degree, tensors of the product) for ``step``'s W."""
+        key = step if self.topology.time_varying else 0
+        if key not in self._plans:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            w = self.topology.mixing_matrix(step)
+            if self.mode == "dense":
+                plan: tuple[Tensor, ...] = (torch.as_tensor(w, dtype=torch.float64),)
+            else:
+                n = w.shape[0]
+                k = int((w > 0).sum(axis=1).max())
+                index = torch.arange(n).repeat(k, 1)
+                weight = torch.zeros(k, n, dtype=torch.float64)
+                for i in range(n):
+                    for slot, j in enumerate(w[i].nonzero()[0]):
+                        index[slot, i], weight[slot, i] = int(j), float(w[i, j])
+                plan = (index.to(self.device), weight)
+            out_degree = float(((w > 0).sum(axis=0) - (np.diagonal(w) > 0)).mean())
+            self._plans[key] = (out_degree, plan)
+        return self._plans[key]
+
+    def __call__(self, tensors: list[Tensor], step: int) -> int:
+        out_degree, plan = self._plan(step)
+        nbytes = 0
+        for t in tensors:
+            flat = t.reshape(t.shape[0], -1)
+            if self.mode == "dense":
+                mixed = plan[0].to(device=t.device, dtype=t.dtype) @ flat
+            else:
+                index, weight = plan[0], plan[1].to(device=t.device, dtype=t.dtype)
+                mixed = flat.index_select(0, index[0]) * weight[0].unsqueeze(1)
+                for slot in range(1, index.shape[0]):
+                    mixed.addcmul_(flat.index_select(0, index[slot]), weight[slot].unsqueeze(1))
+            t.copy_(mixed.view_as(t))
+            nbytes += flat[0].numel() * t.element_size()
+        return round(out_degree * nbytes)
+
+
 class Simulator:
     """N simulated workers running Algorithm 1 (or a baseline) with per-worker batches.
 
     Args:
         model: the network every worker starts from (x^0); it is copied, not modified.
         num_workers: N >= 1.
-        lr, momentum, nesterov, weight_decay, period, sync: as in :class:`prsgd.LocalSGD`.
+        lr, momentum, nesterov, weight_decay, period, sync, topology: as in :class:`prsgd.LocalSGD`.
         device: where the stacked workers live.
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
@@ -62,6 +121,7 @@ class Simulator:
         period: int = 1,
         sync: str = "params_and_momentum",
         device: str | torch.device = "cpu",
+        topology: object = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
@@ -70,8 +130,11 @@ class Simulator:
         self.hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)
+        check_topology(self.rule, topology)
         self.num_workers = num_workers
         self.device = torch.device(device)
+        self.topology = make_topology(topology, num_workers) if topology is not None else None
+        self.mix = StackedMixer(self.topology, self.device) if self.topology is not None else None
 
         self._template = copy.deepcopy(model).to(self.device)
         self._base = copy.deepcopy(model).to("meta")
@@ -127,6 +190,7 @@ class Simulator:
             self.sync_tensors,
             average_over_workers,
             self.comm,
+            mix=self.mix,
         )
         return losses.detach()
 
