@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from prsgd.algorithm import Hyperparameters, check_period, sync_rule
+from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
+from prsgd.topology import BUILT_IN
 
 ENGINES = ("simulator", "distributed")
 
@@ -31,6 +32,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    topology: str = ""  # gossip rules only: ring, torus, complete, hypercube, exponential, one_peer_exponential
     evals: int = 20  # evaluations over the run (and one at step 0)
     seed: int = 0
     device: str = "cpu"
@@ -44,7 +46,9 @@ class TrainConfig:
             raise ValueError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
         Hyperparameters(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         check_period(self.period)
-        sync_rule(self.sync)
+        check_topology(sync_rule(self.sync), self.topology or None)
+        if self.topology and self.topology not in BUILT_IN:
+            raise ValueError(f"topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers!r} is not allowed; it must be >= 1")
         for name in ("hidden", "batch_size", "evals"):

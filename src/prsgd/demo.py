@@ -5,6 +5,7 @@
 Runs parallel mini-batch momentum SGD (gradients all-reduced every step) and, with the same period I, PR-SGD-
 Momentum (params_and_momentum), model averaging with cleared momentum, and parameter-only averaging; prints a
 markdown table and writes a plot of training loss and test accuracy vs joint epochs and vs communication rounds.
+``--topology ring,torus,complete`` adds decentralized momentum SGD (Algorithm 2) on those graphs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=float, default=30.0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--period", type=int, default=8)
+    parser.add_argument(
+        "--topology",
+        default="",
+        help="comma-separated graphs (ring,torus,complete,...) to add decentralized momentum SGD (gossip) runs",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     base = TrainConfig(
@@ -41,9 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         f"params_clear_momentum (I={args.period})": base.replace(sync="params_clear_momentum", period=args.period),
         f"params_only (I={args.period})": base.replace(sync="params_only", period=args.period),
     }
+    for graph in filter(None, args.topology.split(",")):
+        variants[f"gossip ({graph})"] = base.replace(sync="gossip", period=1, topology=graph)
     runs = {}
     for name, config in variants.items():
-        runs[name] = run(config.replace(out=str(out / config.sync)))
+        folder = config.sync + (f"_{config.topology}" if config.topology else "")
+        runs[name] = run(config.replace(out=str(out / folder)))
     table = summary_table(runs)
     plot = plot_runs(runs, out / "demo.png", x_axes=("joint_epoch", "comm_rounds"))
     (out / "summary.md").write_text(table + "\n")

@@ -93,6 +93,7 @@ def _algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
         "weight_decay": config.weight_decay,
         "period": config.period,
         "sync": config.sync,
+        "topology": config.topology or None,
     }
 
 

@@ -43,56 +43,68 @@ def average_over_workers(tensors: list[Tensor]) -> int:
 class StackedMixer:
     """``mix(tensors, step)`` for :mod:`prsgd.algorithm` on stacked ``(N, ...)`` tensors: x <- W x over dim 0.
 
-    ``mode="sparse"`` uses the graph's sparsity: for each of the k = max in-degree + 1 slots, one gather of the
-    neighbours' rows and a weighted add (O(k N D) work); ``"dense"`` is one N x N matrix product (O(N^2 D)).
-    ``"auto"`` picks sparse when k <= N / 4. Plans are cached per step for static graphs.
+    ``mode="sparse"`` uses the graph's sparsity: each worker's new row is the weighted sum of its own and its
+    neighbours' rows, one fused vector op per edge (O(k N D) memory traffic, k = max in-degree + 1), written
+    straight into the output; ``"dense"`` is one N x N matrix product (O(N^2 D) work, but a blocked BLAS call
+    that reads x from memory only once). ``"auto"`` takes sparse for a tensor of at least ``SPARSE_MIN_NUMEL``
+    elements per worker when 4 k^2 <= N, dense otherwise: the crossover measured on CPU by
+    ``benchmarks/mixing.py`` (sparse wins for a ring at N = 64 and a torus at N = 256, loses for the
+    exponential graph at both). Plans are cached per step for static graphs.
+    The mixed result replaces each tensor's storage (``Tensor.set_``; the tensors must not be views of others)
+    and the old storage is kept as the next step's output buffer, so a step allocates nothing.
     """
+
+    SPARSE_MIN_NUMEL = 16_384
 
     def __init__(self, topology: Topology, device: torch.device, mode: str = "auto") -> None:
         if mode not in ("auto", "sparse", "dense"):
             raise ValueError(f"mode={mode!r} is not known; allowed: auto, sparse, dense")
         self.topology = topology
         self.device = device
-        n = topology.num_workers
-        self.mode = mode if mode != "auto" else ("sparse" if topology.max_degree + 1 <= n / 4 else "dense")
-        self._plans: dict[int, tuple[float, tuple[Tensor, ...]]] = {}
+        self.mode = mode
+        self._sparse_graph = 4 * (topology.max_degree + 1) ** 2 <= topology.num_workers
+        self._plans: dict[int, tuple[float, Tensor, list[list[tuple[int, float]]]]] = {}
+        self._spares: dict[int, Tensor] = {}
 
-    def _plan(self, step: int) -> tuple[float, tuple[Tensor, ...]]:
-        """(mean out-degree, tensors of the product) for ``step``'s W."""
+    def _plan(self, step: int) -> tuple[float, Tensor, list[list[tuple[int, float]]]]:
+        """(mean out-degree, dense W, each worker's [(source, weight), ...] with itself first) for ``step``."""
         key = step if self.topology.time_varying else 0
         if key not in self._plans:
             if len(self._plans) > 64:
                 self._plans.clear()
             w = self.topology.mixing_matrix(step)
-            if self.mode == "dense":
-                plan: tuple[Tensor, ...] = (torch.as_tensor(w, dtype=torch.float64),)
-            else:
-                n = w.shape[0]
-                k = int((w > 0).sum(axis=1).max())
-                index = torch.arange(n).repeat(k, 1)
-                weight = torch.zeros(k, n, dtype=torch.float64)
-                for i in range(n):
-                    for slot, j in enumerate(w[i].nonzero()[0]):
-                        index[slot, i], weight[slot, i] = int(j), float(w[i, j])
-                plan = (index.to(self.device), weight)
+            rows = [
+                [(i, float(w[i, i]))] + [(int(j), float(w[i, j])) for j in np.flatnonzero(w[i]) if j != i]
+                for i in range(w.shape[0])
+            ]
             out_degree = float(((w > 0).sum(axis=0) - (np.diagonal(w) > 0)).mean())
-            self._plans[key] = (out_degree, plan)
+            self._plans[key] = (out_degree, torch.as_tensor(w, dtype=torch.float64, device=self.device), rows)
         return self._plans[key]
 
+    def _sparse(self, per_worker_numel: int) -> bool:
+        if self.mode == "auto":
+            return self._sparse_graph and per_worker_numel >= self.SPARSE_MIN_NUMEL
+        return self.mode == "sparse"
+
     def __call__(self, tensors: list[Tensor], step: int) -> int:
-        out_degree, plan = self._plan(step)
+        out_degree, dense, rows = self._plan(step)
         nbytes = 0
         for t in tensors:
             flat = t.reshape(t.shape[0], -1)
-            if self.mode == "dense":
-                mixed = plan[0].to(device=t.device, dtype=t.dtype) @ flat
+            mixed = self._spares.pop(id(t), None)
+            if mixed is None or mixed.shape != flat.shape or mixed.dtype != flat.dtype:
+                mixed = torch.empty_like(flat)
+            if self._sparse(flat.shape[1]):
+                for i, row in enumerate(rows):
+                    (j, w_ij), *rest = row
+                    torch.mul(flat[j], w_ij, out=mixed[i])
+                    for j, w_ij in rest:
+                        mixed[i].add_(flat[j], alpha=w_ij)
             else:
-                index, weight = plan[0], plan[1].to(device=t.device, dtype=t.dtype)
-                mixed = flat.index_select(0, index[0]) * weight[0].unsqueeze(1)
-                for slot in range(1, index.shape[0]):
-                    mixed.addcmul_(flat.index_select(0, index[slot]), weight[slot].unsqueeze(1))
-            t.copy_(mixed.view_as(t))
-            nbytes += flat[0].numel() * t.element_size()
+                torch.mm(dense.to(dtype=t.dtype), flat, out=mixed)
+            t.set_(mixed.view(t.shape))  # the simulator owns these tensors: adopt the result, no copy back
+            self._spares[id(t)] = flat  # the old storage becomes the next step's output buffer
+            nbytes += flat.shape[1] * t.element_size()
         return round(out_degree * nbytes)
 
 
