@@ -43,9 +43,15 @@ def test_simulator_run_logs_every_field_and_rounds_equal_steps_over_period(tmp_p
     assert json.loads((tmp_path / "config.json").read_text())["workers"] == 4
 
 
-def test_torchrun_distributed_run_matches_the_simulator(tmp_path):
+@pytest.mark.parametrize(
+    ("workers", "algorithm"),
+    [(2, []), (4, ["--sync", "gossip", "--period", "1", "--topology", "ring"])],
+    ids=["params_and_momentum", "gossip_ring"],
+)
+def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algorithm):
     sim_dir, dist_dir = tmp_path / "sim", tmp_path / "dist"
-    main([*FLAGS, "--workers", "2", "--out", str(sim_dir)])
+    flags = [*FLAGS, *algorithm]
+    main([*flags, "--workers", str(workers), "--out", str(sim_dir)])  # sync flags given last win in argparse
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         [
@@ -53,7 +59,7 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc-per-node",
-            "2",
+            str(workers),
             "--master-addr",
             "127.0.0.1",
             "--master-port",
@@ -62,7 +68,7 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path):
             "prsgd.train",
             "--engine",
             "distributed",
-            *FLAGS,
+            *flags,
             "--out",
             str(dist_dir),
         ],
