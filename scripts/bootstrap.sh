@@ -16,3 +16,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e ".[dev]"
     touch "$stamp"
 fi
+
+# Fashion-MNIST, the real image dataset available offline here (Debian's dataset-fashion-mnist): the demo, the CPU
+# experiment configs and their tests read it from /usr/share/datasets/fashion-mnist.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+    else
+        echo "note: Fashion-MNIST is missing; as root run: apt-get update && apt-get install -y dataset-fashion-mnist" >&2
+    fi
+fi

@@ -1,12 +1,14 @@
-"""The ``prsgd`` command: ``prsgd train ...`` and ``prsgd demo ...`` (the same as ``python -m prsgd.train|demo``)."""
+"""The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``train`` (flags), ``demo``."""
 
 from __future__ import annotations
 
 import sys
 
-from prsgd import demo, train
+from prsgd import demo, plot, runner, train
+from prsgd.config import ConfigError
+from prsgd.data import DataError
 
-COMMANDS = {"train": train.main, "demo": demo.main}
+COMMANDS = {"run": runner.main, "plot": plot.main, "train": train.main, "demo": demo.main}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         given = repr(argv[0]) if argv else "nothing"
         sys.exit(f"usage: prsgd {{{','.join(COMMANDS)}}} [options]; got {given}")
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, DataError, FileNotFoundError) as error:
+        sys.exit(f"prsgd {argv[0]}: error: {error}")
 
 
 if __name__ == "__main__":

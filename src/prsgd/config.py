@@ -1,89 +1,307 @@
-"""The training configuration: one frozen dataclass, validated at construction, with typed overrides."""
+"""Run configuration: frozen dataclasses in sections, read from TOML, with typed ``section.key=value`` overrides.
+
+A config file has the sections ``[data]``, ``[model]``, ``[algorithm]``, ``[training]`` and top-level keys
+``engine``, ``device``, ``out``, ``progress``. Every key is checked against the dataclass field of that name: an
+unknown key, a value of the wrong type or a value out of range raises :class:`ConfigError` naming the key, before
+anything is trained. Leaf names are unique across sections, so ``python -m prsgd.train`` also takes them as flat
+flags (``--period 8`` for ``algorithm.period``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
 
 from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
 from prsgd.topology import BUILT_IN
 
 ENGINES = ("simulator", "distributed")
+SPLITS = ("identical", "disjoint", "dirichlet", "classes")
+SCHEDULES = ("constant", "step")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on. Epochs are *joint* epochs: examples read by all workers together
-    divided by the training-set size (the paper's x-axis)."""
+class DataConfig:
+    """Dataset and how it is split across workers (the paper's identical vs non-identical cases)."""
 
-    engine: str = "simulator"
-    dataset: str = "digits"
-    model: str = "mlp"
-    hidden: int = 64
-    workers: int | None = None  # simulator: default 8; distributed: the world size
-    batch_size: int = 16  # per worker
-    epochs: float = 20.0  # joint epochs
+    dataset: str = "digits"  # digits | fashion_mnist | mnist | cifar10 | imagefolder | synthetic
+    path: str = ""  # folder or file of the dataset; default: the dataset's usual place (fashion_mnist: Debian's)
+    split: str = "identical"  # identical | disjoint | dirichlet | classes
+    alpha: float = 0.5  # Dirichlet concentration over labels (split = "dirichlet"); smaller is more skewed
+    classes_per_worker: int = 2  # split = "classes"
+    augment: bool = False  # random crop (padding 4) and horizontal flip, for image datasets
+    train_subset: int = 0  # use only this many training examples (seeded choice); 0: all
+    image_size: int = 224  # imagefolder: images are resized to this square size
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"data.split={self.split!r} is not known; allowed: {', '.join(SPLITS)}")
+        _positive("data.alpha", self.alpha)
+        _at_least("data.classes_per_worker", self.classes_per_worker, 1)
+        _at_least("data.train_subset", self.train_subset, 0)
+        _at_least("data.image_size", self.image_size, 8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "mlp"  # mlp | cnn | resnet8 | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet50
+    hidden: int = 64  # mlp width
+
+    def __post_init__(self) -> None:
+        _at_least("model.hidden", self.hidden, 1)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The sync rule and local update (see :class:`prsgd.LocalSGD`)."""
+
     sync: str = "params_and_momentum"
     period: int = 8
-    lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
     topology: str = ""  # gossip rules only: ring, torus, complete, hypercube, exponential, one_peer_exponential
-    evals: int = 20  # evaluations over the run (and one at step 0)
-    seed: int = 0
-    device: str = "cpu"
-    out: str = ""  # folder for config.json and log.jsonl; empty: write nothing
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
-        Hyperparameters(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
-        check_period(self.period)
-        check_topology(sync_rule(self.sync), self.topology or None)
+        try:
+            rule = sync_rule(self.sync)
+            check_period(self.period)
+            check_topology(rule, self.topology or None)
+            Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
+        except ValueError as error:
+            raise ConfigError(f"algorithm: {error}") from None
         if self.topology and self.topology not in BUILT_IN:
-            raise ValueError(f"topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers={self.workers!r} is not allowed; it must be >= 1")
-        for name in ("hidden", "batch_size", "evals"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; it must be >= 1")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs={self.epochs!r} is not allowed; it must be a number > 0")
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+            raise ConfigError(f"algorithm.topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Workers, batches, length, learning-rate schedule, seeds and evaluation. Epochs are joint epochs."""
+
+    workers: int = 8  # simulator; under torchrun it must equal the world size
+    batch_size: int = 16  # per worker
+    epochs: float = 20.0  # joint epochs: examples read by all workers together / training-set size
+    lr: float = 0.05
+    lr_schedule: str = "constant"  # constant | step
+    milestones: tuple[float, ...] = ()  # joint epochs at which the step schedule multiplies lr by lr_decay
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from lr / 10 over this many joint epochs
+    evals: int = 20  # evaluations over the run, plus one at step 0
+    eval_train_examples: int = 10_000  # training loss is measured on this many (seeded) training examples
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("training.workers", self.workers, 1)
+        _at_least("training.batch_size", self.batch_size, 1)
+        _positive("training.epochs", self.epochs)
+        _positive("training.lr", self.lr)
+        if self.lr_schedule not in SCHEDULES:
+            allowed = ", ".join(SCHEDULES)
+            raise ConfigError(f"training.lr_schedule={self.lr_schedule!r} is not known; allowed: {allowed}")
+        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ConfigError(f"training.milestones={self.milestones!r} must be increasing joint epochs > 0")
+        _positive("training.lr_decay", self.lr_decay)
+        _at_least("training.warmup_epochs", self.warmup_epochs, 0)
+        _at_least("training.evals", self.evals, 1)
+        _at_least("training.eval_train_examples", self.eval_train_examples, 1)
+
+    def lr_at(self, joint_epoch: float) -> float:
+        """The learning rate after ``joint_epoch`` joint epochs: warm-up, then constant or step decay."""
+        lr = self.lr
+        if self.lr_schedule == "step":
+            lr *= self.lr_decay ** sum(joint_epoch >= m for m in self.milestones)
+        if joint_epoch < self.warmup_epochs:
+            lr *= 0.1 + 0.9 * joint_epoch / self.warmup_epochs
+        return lr
 
 
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    if annotation == "int | None" and value is None:
-        return
-    expected = _TYPES[annotation]
-    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be of type {annotation}")
+@dataclass(frozen=True)
+class RunConfig:
+    engine: str = "simulator"
+    device: str = "cpu"
+    out: str = ""  # folder for config.json, log.jsonl and split.json; empty: write nothing
+    progress: bool = True
+    seeds: int = 1  # prsgd run: seeds training.seed, +1, ... (each into OUT/seed<k>)
+    sweep: str = ""  # prsgd run: "KEY=V1,V2,..." runs once per value (each into OUT/<key>=<value>)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
+        _at_least("seeds", self.seeds, 1)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted keys (``algorithm.period``) or unique leaf names (``period``) replaced."""
+        return from_dict(_merge(to_dict(self), {_dotted(k): v for k, v in overrides.items()}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field, typed as the field (``--nesterov/--no-nesterov`` for bools)."""
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig, "training": TrainingConfig}
+
+
+def _leaf_index() -> dict[str, str]:
+    index = {f.name: f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in index:
+                raise AssertionError(f"config key {f.name} is not unique")
+            index[f.name] = f"{section}.{f.name}"
+    return index
+
+
+LEAVES = _leaf_index()  # leaf name -> dotted key
+
+
+def _dotted(key: str) -> str:
+    if "." in key:
+        return key
+    if key not in LEAVES:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(LEAVES.values()))}")
+    return LEAVES[key]
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={value!r} is not allowed; it must be a finite number > 0")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(f"{name}={value!r} is not allowed; it must be >= {low}")
+
+
+def _convert(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked (or, from a string, parsed) against the field type ``annotation``."""
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation == tuple[float, ...]:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list | tuple):
+            return tuple(_convert(key, v, float) for v in items)
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}={value!r} is not allowed; it must be of type {type_name}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(cls))
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+        if key in SECTIONS and not prefix:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a section (a table of keys)")
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
         else:
-            parser.add_argument(flag, type=_TYPES[f.type], default=f.default, metavar=f.name.upper())
+            kwargs[key] = _convert(name, value, hints[key])
+    return cls(**kwargs)
 
 
-def from_arguments(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, values, "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dicts and lists (JSON- and TOML-friendly)."""
+    return _lists(dataclasses.asdict(config))
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS):
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(LEAVES.values()))}")
+        if len(parts) == 2:
+            merged[parts[0]][parts[1]] = value
+        else:
+            merged[parts[0]] = value
+    return merged
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config file and apply ``overrides`` (dotted or leaf keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    dotted = {_dotted(k): v for k, v in (overrides or {}).items()}
+    return from_dict(_merge(values | {s: values.get(s, {}) for s in SECTIONS}, dotted))
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, str]:
+    """``["algorithm.period=4", "lr=0.1"]`` -> ``{"algorithm.period": "4", "lr": "0.1"}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def add_flat_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per config leaf (``--period``, ``--sync``, ``--nesterov/--no-nesterov``, ...); a flag not
+    given leaves the config's value."""
+    for leaf, dotted in LEAVES.items():
+        flag = "--" + leaf.replace("_", "-")
+        section, _, name = dotted.rpartition(".")
+        annotation = get_type_hints(SECTIONS[section] if section else RunConfig)[name]
+        if annotation is bool:
+            parser.add_argument(flag, dest=leaf, default=None, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=leaf, default=None, metavar=name.upper(), help=f"sets {dotted}")
+
+
+def from_flat_arguments(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    given = {leaf: getattr(args, leaf) for leaf in LEAVES if getattr(args, leaf) is not None}
+    return (base or RunConfig()).with_overrides(given)

@@ -1,37 +1,94 @@
-"""Summary tables and plots of finished runs. matplotlib is imported only when a plot is drawn."""
+"""Summary tables and plots of finished runs, in the paper's figure forms.
+
+A *group* is one configuration run with one or more seeds; each run is its list of evaluation records (the
+``log.jsonl`` lines). Curves are the mean over seeds with a min-max band. matplotlib is imported only when a
+plot is drawn.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 Records = Sequence[Mapping[str, Any]]
+Groups = Mapping[str, Sequence[Records]]
 
 X_AXES = {
     "joint_epoch": "epochs jointly accessed by all workers",
     "wall_clock": "training wall-clock (s)",
     "comm_rounds": "communication rounds",
+    "step": "iterations",
 }
+METRICS = {"train_loss": "training loss (averaged model)", "test_accuracy": "test accuracy"}
 
 
-def summary_table(runs: Mapping[str, Records]) -> str:
-    """A markdown table of each run's final record: loss, accuracy, rounds and MB sent per worker."""
+def read_log(folder: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]]]:
+    """Groups from run folders: a folder with ``log.jsonl`` is one run; a folder whose subfolders are runs
+    (``seed0``, ``seed1``, ...) is one group of seeds; any other folder is searched for such groups."""
+    groups: dict[str, list[list[dict[str, Any]]]] = {}
+
+    def visit(folder: Path, label: str) -> None:
+        if (folder / "log.jsonl").is_file():
+            groups[label] = [read_log(folder)]
+            return
+        children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        runs = [c for c in children if (c / "log.jsonl").is_file()]
+        if runs and all(c.name.startswith("seed") for c in runs):
+            groups[label] = [read_log(c) for c in runs]
+            return
+        for child in children:
+            visit(child, f"{label}/{child.name}" if label else child.name)
+
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+        visit(path, path.name)
+    if not groups:
+        raise FileNotFoundError(f"no log.jsonl under {', '.join(map(str, paths))}")
+    return groups
+
+
+def _stack(runs: Sequence[Records], key: str) -> np.ndarray:
+    length = min(len(r) for r in runs)
+    return np.array([[rec[key] for rec in r[:length]] for r in runs], dtype=float)
+
+
+def summary_table(groups: Groups) -> str:
+    """Markdown: each group's final metrics, mean over seeds (with min-max when there are several)."""
+
+    def cell(values: np.ndarray, fmt: str) -> str:
+        text = format(values.mean(), fmt)
+        return text if len(values) == 1 else f"{text} ({format(values.min(), fmt)}-{format(values.max(), fmt)})"
+
     lines = [
-        "| run | final train loss | test accuracy | comm rounds | MB sent / worker | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | seeds | final train loss | test accuracy | comm rounds | MB sent / worker | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, records in runs.items():
-        last = records[-1]
+    for name, runs in groups.items():
+        last = {k: np.array([r[-1][k] for r in runs], dtype=float) for k in runs[0][-1]}
         lines.append(
-            f"| {name} | {last['train_loss']:.4f} | {last['test_accuracy']:.4f} | {last['comm_rounds']} "
-            f"| {last['comm_bytes'] / 1e6:.2f} | {last['wall_clock']:.1f} |"
+            f"| {name} | {len(runs)} | {cell(last['train_loss'], '.4f')} | {cell(last['test_accuracy'], '.4f')} "
+            f"| {int(last['comm_rounds'].mean())} | {last['comm_bytes'].mean() / 1e6:.2f} "
+            f"| {cell(last['wall_clock'], '.1f')} |"
         )
     return "\n".join(lines)
 
 
-def plot_runs(runs: Mapping[str, Records], path: str | Path, x_axes: Sequence[str] = ("joint_epoch",)) -> Path:
-    """Training loss (log scale) and test accuracy of each run against each of ``x_axes``; saved to ``path``."""
+def plot_groups(
+    groups: Groups,
+    path: str | Path,
+    x_axes: Sequence[str] = ("joint_epoch",),
+    metrics: Sequence[str] = ("train_loss", "test_accuracy"),
+) -> list[Path]:
+    """One panel per (metric, x axis): mean over seeds with a min-max band. Saved as PNG and PDF."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,22 +97,29 @@ def plot_runs(runs: Mapping[str, Records], path: str | Path, x_axes: Sequence[st
     for x in x_axes:
         if x not in X_AXES:
             raise ValueError(f"x axis {x!r} is not known; allowed: {', '.join(X_AXES)}")
-    fig, axes = plt.subplots(2, len(x_axes), figsize=(5.5 * len(x_axes), 7), squeeze=False)
-    for col, x in enumerate(x_axes):
-        for name, records in runs.items():
-            xs = [r[x] for r in records]
-            axes[0][col].plot(xs, [r["train_loss"] for r in records], label=name)
-            axes[1][col].plot(xs, [r["test_accuracy"] for r in records], label=name)
-        axes[0][col].set_yscale("log")
-        axes[0][col].set_ylabel("training loss of the averaged model")
-        axes[1][col].set_ylabel("test accuracy")
-        for row in (0, 1):
-            axes[row][col].set_xlabel(X_AXES[x])
-            axes[row][col].grid(alpha=0.3)
+    fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5.5 * len(x_axes), 3.6 * len(metrics)), squeeze=False)
+    for row, metric in enumerate(metrics):
+        for col, x in enumerate(x_axes):
+            ax = axes[row][col]
+            for name, runs in groups.items():
+                xs = _stack(runs, x).mean(axis=0)
+                ys = _stack(runs, metric)
+                (line,) = ax.plot(xs, ys.mean(axis=0), label=name)
+                if len(runs) > 1:
+                    ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+            if metric.endswith("loss"):
+                ax.set_yscale("log")
+            ax.set_xlabel(X_AXES[x])
+            ax.set_ylabel(METRICS.get(metric, metric))
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    written = []
+    for suffix in (".png", ".pdf"):
+        target = path.with_suffix(suffix)
+        fig.savefig(target, dpi=120)
+        written.append(target)
     plt.close(fig)
-    return path
+    return written

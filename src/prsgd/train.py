@@ -1,11 +1,13 @@
-"""Train a model with Algorithm 1 or a baseline, on the simulator or under torchrun; one visible loop.
+"""Train a model with Algorithm 1, Algorithm 2 or a baseline, on the simulator or under torchrun; one visible loop.
 
     python -m prsgd.train --workers 8 --sync params_and_momentum --period 8 --out runs/demo
     torchrun --nproc-per-node 4 -m prsgd.train --engine distributed --sync params_and_momentum --period 8
 
-Both engines read the same per-worker batches (:class:`prsgd.data.WorkerSampler`) and log the same records: one
-JSON line per evaluation with the joint epoch, step, training loss and test loss/accuracy of the node-average
-model x_bar, wall-clock seconds spent training (evaluation excluded) and the communication so far.
+Every config key is a flag (``--dataset fashion_mnist --model cnn --split dirichlet --alpha 0.3 ...``; see
+``--help``). Both engines read the same per-worker batches (:class:`prsgd.data.WorkerSampler`, same augmentation
+draws) and log the same records: one JSON line per evaluation with the joint epoch, step, learning rate, training
+loss/accuracy (on a fixed subset of the training set) and test loss/accuracy of the node-average model x_bar,
+wall-clock seconds spent training (evaluation excluded) and the communication so far.
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from prsgd.algorithm import CommStats
-from prsgd.config import TrainConfig, add_arguments, from_arguments
-from prsgd.data import Dataset, WorkerSampler, load_dataset
+from prsgd.config import ConfigError, RunConfig, add_flat_arguments, from_flat_arguments
+from prsgd.data import Dataset, WorkerSampler, label_distribution, load_dataset, partition
+from prsgd.data.augment import random_crop_flip
 from prsgd.engines import distributed
 from prsgd.engines.simulator import Simulator
 from prsgd.models import build_model
@@ -35,12 +39,32 @@ from prsgd.optim import LocalSGD
 Record = dict[str, Any]
 
 
+def worker_batches(
+    data: Dataset, indices: Tensor, workers: range, step: int, config: RunConfig
+) -> tuple[Tensor, Tensor]:
+    """The batches of ``workers`` (rows of ``indices``) at ``step``, augmented with per-(seed, step, worker)
+    random draws so that every engine sees exactly the same inputs."""
+    x, y = data.train.batch(indices)
+    if config.data.augment and data.is_image:
+        x = torch.stack(
+            [
+                random_crop_flip(x[k], torch.Generator().manual_seed(_seed(config.training.seed, step, w)))
+                for k, w in enumerate(workers)
+            ]
+        )
+    return x, y
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 class SimulatedWorkers:
     """All N workers in this process (:class:`prsgd.Simulator`)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, data: Dataset, num_workers: int) -> None:
-        self.sim = Simulator(model, num_workers=num_workers, device=config.device, **_algorithm_kwargs(config))
-        self.data = data
+    def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, num_workers: int) -> None:
+        self.sim = Simulator(model, num_workers=num_workers, device=config.device, **algorithm_kwargs(config))
+        self.data, self.config = data, config
         self.device = torch.device(config.device)
         self.num_workers = num_workers
 
@@ -48,10 +72,12 @@ class SimulatedWorkers:
     def comm(self) -> CommStats:
         return self.sim.comm
 
-    def step(self, indices: Tensor) -> None:
-        inputs = self.data.train_inputs[indices].to(self.device)
-        targets = self.data.train_targets[indices].to(self.device)
-        self.sim.step(inputs, targets, F.cross_entropy)
+    def set_lr(self, lr: float) -> None:
+        self.sim.set_lr(lr)
+
+    def step(self, indices: Tensor, step: int) -> None:
+        x, y = worker_batches(self.data, indices, range(self.num_workers), step, self.config)
+        self.sim.step(x.to(self.device), y.to(self.device), F.cross_entropy)
 
     def averaged_model(self) -> nn.Module:
         return self.sim.averaged_model()
@@ -60,10 +86,10 @@ class SimulatedWorkers:
 class DistributedWorker:
     """This process is worker ``rank`` of a torch.distributed group (:class:`prsgd.LocalSGD`)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, data: Dataset, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, device: torch.device) -> None:
         self.model = model.to(device)
-        self.opt = LocalSGD(self.model, **_algorithm_kwargs(config))
-        self.data = data
+        self.opt = LocalSGD(self.model, **algorithm_kwargs(config))
+        self.data, self.config = data, config
         self.device = device
         self.rank = distributed.group_rank()
         self.num_workers = distributed.group_size()
@@ -72,91 +98,132 @@ class DistributedWorker:
     def comm(self) -> CommStats:
         return self.opt.comm
 
-    def step(self, indices: Tensor) -> None:
-        own = indices[self.rank]
-        inputs = self.data.train_inputs[own].to(self.device)
-        targets = self.data.train_targets[own].to(self.device)
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def step(self, indices: Tensor, step: int) -> None:
+        x, y = worker_batches(
+            self.data, indices[self.rank : self.rank + 1], range(self.rank, self.rank + 1), step, self.config
+        )
         self.model.train()
         self.opt.zero_grad()
-        F.cross_entropy(self.model(inputs), targets).backward()
+        F.cross_entropy(self.model(x[0].to(self.device)), y[0].to(self.device)).backward()
         self.opt.step()
 
     def averaged_model(self) -> nn.Module:
         return distributed.averaged_copy(self.model).eval()
 
 
-def _algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
+def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
+    a = config.algorithm
     return {
-        "lr": config.lr,
-        "momentum": config.momentum,
-        "nesterov": config.nesterov,
-        "weight_decay": config.weight_decay,
-        "period": config.period,
-        "sync": config.sync,
-        "topology": config.topology or None,
+        "lr": config.training.lr_at(0.0),
+        "momentum": a.momentum,
+        "nesterov": a.nesterov,
+        "weight_decay": a.weight_decay,
+        "period": a.period,
+        "sync": a.sync,
+        "topology": a.topology or None,
     }
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, device: torch.device, batch: int = 4096):
-    """(mean cross-entropy, accuracy) of ``model`` on a dataset, in eval mode."""
+def evaluate(model: nn.Module, split, indices: Tensor, device: torch.device, batch: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``split[indices]``, in eval mode."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(targets), batch):
-        x = inputs[start : start + batch].to(device)
-        y = targets[start : start + batch].to(device)
-        logits = model(x)
+    for chunk in indices.split(batch):
+        x, y = split.batch(chunk)
+        logits = model(x.to(device))
+        y = y.to(device)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(dim=1) == y).sum().item()
-    return loss_sum / len(targets), correct / len(targets)
+    return loss_sum / len(indices), correct / len(indices)
 
 
-def run(config: TrainConfig, on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """Train as ``config`` says; return (and, with ``config.out``, write) the evaluation records."""
-    data = load_dataset(config.dataset, seed=config.seed)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes, hidden=config.hidden)
+def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) -> list[Record]:
+    """Train as ``config`` says; return (and, with ``config.out``, write) the evaluation records.
 
+    Everything that can be wrong with the config or the data is checked before the first step."""
+    t = config.training
+    data = load_dataset(
+        config.data.dataset,
+        config.data.path,
+        seed=t.seed,
+        train_subset=config.data.train_subset,
+        image_size=config.data.image_size,
+    )
     if config.engine == "distributed":
         device = distributed.init_from_torchrun(config.device)
-        world = distributed.group_size()
-        if config.workers is not None and config.workers != world:
-            raise ValueError(f"workers={config.workers} differs from the torchrun world size {world}; omit --workers")
+        num_workers = distributed.group_size()
+        if t.workers != num_workers:
+            raise ConfigError(
+                f"training.workers={t.workers} but torchrun started {num_workers} processes; "
+                f"set training.workers={num_workers} or start {t.workers} processes"
+            )
+    else:
+        device, num_workers = torch.device(config.device), t.workers
+    is_main = distributed.group_rank() == 0
+    shards = partition(
+        data.train.targets,
+        num_workers,
+        config.data.split,
+        seed=t.seed,
+        alpha=config.data.alpha,
+        classes_per_worker=config.data.classes_per_worker,
+        min_size=t.batch_size,
+    )
+    examples_per_step = num_workers * t.batch_size
+    total_steps = max(1, math.ceil(t.epochs * len(data.train) / examples_per_step))
+    if config.algorithm.period > total_steps and config.algorithm.sync not in ("gradients", "none"):
+        raise ConfigError(
+            f"algorithm.period={config.algorithm.period} is larger than the run's {total_steps} steps: "
+            "no communication would ever happen; lower the period or train longer"
+        )
+    sampler = WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
+    heterogeneity = label_distribution(data.train.targets, shards, num_workers, data.num_classes)
+
+    torch.manual_seed(t.seed)
+    model = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
+    if config.engine == "distributed":
         workers: SimulatedWorkers | DistributedWorker = DistributedWorker(model, config, data, device)
     else:
-        device = torch.device(config.device)
-        workers = SimulatedWorkers(model, config, data, config.workers or 8)
-    num_workers = workers.num_workers
-    is_main = distributed.group_rank() == 0
+        workers = SimulatedWorkers(model, config, data, num_workers)
 
-    sampler = WorkerSampler(len(data.train_targets), num_workers, config.batch_size, seed=config.seed)
-    examples_per_step = num_workers * config.batch_size
-    total_steps = max(1, math.ceil(config.epochs * len(data.train_targets) / examples_per_step))
-    eval_steps = sorted({round(k * total_steps / config.evals) for k in range(config.evals + 1)})
+    eval_steps = sorted({round(k * total_steps / t.evals) for k in range(t.evals + 1)})
+    g = torch.Generator().manual_seed(t.seed)
+    train_eval = torch.randperm(len(data.train), generator=g)[: t.eval_train_examples].sort().values
+    test_eval = torch.arange(len(data.test))
 
     out = Path(config.out) if config.out and is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config) | {"workers": num_workers}, indent=2) + "\n")
+        resolved = config.to_dict()
+        resolved["training"]["workers"] = num_workers
+        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        (out / "split.json").write_text(json.dumps({"split": config.data.split, **heterogeneity}) + "\n")
         (out / "log.jsonl").write_text("")
+    if is_main and config.data.split != "identical":
+        tqdm.write(
+            f"split={config.data.split}: mean total-variation distance of worker label distributions "
+            f"from the whole set = {heterogeneity['mean_total_variation']:.3f}"
+        )
 
     records: list[Record] = []
-    wall = 0.0
-    bar = tqdm(
-        total=total_steps,
-        desc=f"{config.sync} I={config.period}",
-        disable=not (config.progress and is_main),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    wall, lr = 0.0, None
+    desc = f"{config.algorithm.sync} I={config.algorithm.period}"
+    bar = tqdm(total=total_steps, desc=desc, disable=not (config.progress and is_main), leave=False, dynamic_ncols=True)
     for step in range(total_steps + 1):
+        joint_epoch = step * examples_per_step / len(data.train)
         if step in eval_steps:
             avg = workers.averaged_model()
-            train_loss, train_acc = evaluate(avg, data.train_inputs, data.train_targets, device)
-            test_loss, test_acc = evaluate(avg, data.test_inputs, data.test_targets, device)
+            train_loss, train_acc = evaluate(avg, data.train, train_eval, device)
+            test_loss, test_acc = evaluate(avg, data.test, test_eval, device)
             record = {
-                "joint_epoch": step * examples_per_step / len(data.train_targets),
+                "joint_epoch": joint_epoch,
                 "step": step,
+                "lr": t.lr_at(joint_epoch),
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
                 "test_loss": test_loss,
@@ -175,7 +242,10 @@ def run(config: TrainConfig, on_record: Callable[[Record], None] | None = None) 
         if step == total_steps:
             break
         started = time.perf_counter()
-        workers.step(sampler.indices(step))
+        if t.lr_at(joint_epoch) != lr:
+            lr = t.lr_at(joint_epoch)
+            workers.set_lr(lr)
+        workers.step(sampler.indices(step), step)
         wall += time.perf_counter() - started
         bar.update(1)
     bar.close()
@@ -184,8 +254,11 @@ def run(config: TrainConfig, on_record: Callable[[Record], None] | None = None) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m prsgd.train", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    config = from_arguments(parser.parse_args(argv))
+    add_flat_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
+        args.workers = os.environ["WORLD_SIZE"]
+    config = from_flat_arguments(args)
     try:
         records = run(config)
         if distributed.group_rank() == 0:

@@ -1,6 +1,7 @@
-"""Datasets (read from files the user already has, never downloaded) and how workers sample from them."""
+"""Datasets (read from files the user already has, never downloaded), splits across workers, and sampling."""
 
-from prsgd.data.datasets import Dataset, load_dataset
+from prsgd.data.datasets import ArraySplit, DataError, Dataset, load_dataset
 from prsgd.data.sampling import WorkerSampler
+from prsgd.data.splits import label_distribution, partition
 
-__all__ = ["Dataset", "WorkerSampler", "load_dataset"]
+__all__ = ["ArraySplit", "DataError", "Dataset", "WorkerSampler", "label_distribution", "load_dataset", "partition"]

@@ -9,6 +9,7 @@ uses, with averaging as a mean over the worker dimension. No Python loop runs ov
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -205,6 +206,10 @@ class Simulator:
             mix=self.mix,
         )
         return losses.detach()
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate gamma for the following steps (e.g. from a schedule)."""
+        self.hyper = dataclasses.replace(self.hyper, lr=lr)
 
     def params(self) -> dict[str, Tensor]:
         """Every worker's parameters: name -> ``(N, ...)`` tensor (a copy)."""

@@ -1,5 +1,33 @@
 """Models written in plain torch, built by name."""
 
-from prsgd.models.mlp import MLP, build_model
+from __future__ import annotations
 
-__all__ = ["MLP", "build_model"]
+import math
+
+from torch import nn
+
+from prsgd.models.cnn import SmallCNN
+from prsgd.models.mlp import MLP
+from prsgd.models.resnet import CifarResNet, ResNet50
+
+CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
+MODEL_NAMES = ("mlp", "cnn", *(f"resnet{d}" for d in CIFAR_DEPTHS), "resnet50")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
+    """``mlp`` (any input), ``cnn`` (square images), ``resnet8``...``resnet110`` (CIFAR ResNets), ``resnet50``."""
+    if name == "mlp":
+        return MLP(math.prod(input_shape), num_classes, hidden=hidden)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
+    if len(input_shape) != 3:
+        raise ValueError(f"model={name!r} needs image inputs (C, H, W); this dataset's inputs have shape {input_shape}")
+    channels = input_shape[0]
+    if name == "cnn":
+        return SmallCNN(channels, num_classes, image_size=input_shape[1])
+    if name == "resnet50":
+        return ResNet50(num_classes, in_channels=channels)
+    return CifarResNet(int(name.removeprefix("resnet")), num_classes, in_channels=channels)
+
+
+__all__ = ["MLP", "MODEL_NAMES", "CifarResNet", "ResNet50", "SmallCNN", "build_model"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
 
@@ -22,9 +20,3 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
-    if name == "mlp":
-        return MLP(math.prod(input_shape), num_classes, hidden=hidden)
-    raise ValueError(f"model={name!r} is not known; allowed: mlp")
