@@ -10,11 +10,12 @@ import sys
 import pytest
 from helpers import free_port
 
-from prsgd.config import TrainConfig
+from prsgd.config import ConfigError, RunConfig
 from prsgd.train import main, run
 
 FLAGS = ["--epochs", "2", "--evals", "4", "--sync", "params_and_momentum", "--period", "3", "--no-progress"]
 FIELDS = {
+    "lr",
     "joint_epoch",
     "step",
     "train_loss",
@@ -40,7 +41,7 @@ def test_simulator_run_logs_every_field_and_rounds_equal_steps_over_period(tmp_p
         assert r["comm_rounds"] == r["step"] // 3
     assert [r["joint_epoch"] for r in records] == sorted(r["joint_epoch"] for r in records)
     assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
-    assert json.loads((tmp_path / "config.json").read_text())["workers"] == 4
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["workers"] == 4
 
 
 @pytest.mark.parametrize(
@@ -87,19 +88,19 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algor
 
 def test_distributed_engine_without_torchrun_says_how_to_launch():
     with pytest.raises(ValueError, match=r"torchrun --nproc-per-node"):
-        run(TrainConfig(engine="distributed", epochs=1, progress=False))
+        run(RunConfig(engine="distributed", progress=False).with_overrides({"epochs": 1.0}))
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (dict(engine="mpi"), r"engine='mpi' .*allowed: simulator, distributed"),
-        (dict(epochs=-1.0), r"epochs=-1\.0"),
-        (dict(batch_size=0), r"batch_size=0"),
-        (dict(period="8"), r"period='8' .*type int"),
-        (dict(sync="allreduce"), r"sync='allreduce'"),
+        ({"engine": "mpi"}, r"engine='mpi' .*allowed: simulator, distributed"),
+        ({"epochs": -1.0}, r"training\.epochs=-1\.0"),
+        ({"batch_size": 0}, r"training\.batch_size=0"),
+        ({"period": "8x"}, r"algorithm\.period='8x' .*type int"),
+        ({"sync": "allreduce"}, r"sync='allreduce'"),
     ],
 )
 def test_bad_config_is_rejected_before_training(changes, message):
-    with pytest.raises(ValueError, match=message):
-        TrainConfig(**changes)
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().with_overrides(changes)
