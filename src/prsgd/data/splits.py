@@ -4,8 +4,9 @@
 - ``disjoint``: a seeded random partition into N equal iid shards;
 - ``dirichlet``: label-skewed shards, each class's examples divided among workers in proportions drawn from
   Dirichlet(alpha, ..., alpha) (Hsu et al. 2019); small alpha is strongly non-identical;
-- ``classes``: the training set sorted by label and cut into N * k shards, k random shards per worker, so each
-  worker sees at most k classes (McMahan et al. 2017).
+- ``classes``: each worker is dealt k classes (classes dealt round by round in random order, so every class goes
+  to some worker when N k >= number of classes) and each class's examples are divided equally among the workers
+  holding it: every worker sees at most k classes (the pathological non-iid split of McMahan et al. 2017).
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ def partition(
     elif kind == "dirichlet":
         shards = _dirichlet(labels, num_workers, alpha, rng, min_size)
     elif kind == "classes":
-        order = np.argsort(labels, kind="stable")
-        pieces = np.array_split(order, num_workers * classes_per_worker)
-        assignment = rng.permutation(len(pieces)).reshape(num_workers, classes_per_worker)
-        shards = [np.concatenate([pieces[p] for p in row]) for row in assignment]
+        shards = _k_classes(labels, num_workers, classes_per_worker, rng)
     else:
         raise DataError(f"split={kind!r} is not known; allowed: identical, disjoint, dirichlet, classes")
     sizes = [len(s) for s in shards]
@@ -54,6 +52,21 @@ def partition(
             f"per-worker batch size {min_size}: use fewer workers, a smaller batch or (dirichlet) a larger alpha"
         )
     return [torch.from_numpy(np.sort(s)).long() for s in shards]
+
+
+def _k_classes(labels: np.ndarray, num_workers: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    classes = np.unique(labels)
+    slots = np.concatenate([rng.permutation(classes) for _ in range(-(-num_workers * k // len(classes)))])
+    slots = slots[: num_workers * k].reshape(num_workers, k)
+    shards: list[list[int]] = [[] for _ in range(num_workers)]
+    for c in classes:
+        holders = np.argwhere(slots == c)[:, 0]  # one entry per slot holding class c
+        if len(holders) == 0:
+            continue
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for worker, part in zip(holders, np.array_split(members, len(holders)), strict=True):
+            shards[worker].extend(part.tolist())
+    return [np.asarray(s, dtype=np.int64) for s in shards]
 
 
 def _dirichlet(labels: np.ndarray, num_workers: int, alpha: float, rng: np.random.Generator, min_size: int):

@@ -1,0 +1,168 @@
+"""prsgd run / prsgd plot: every CPU config runs, logs its documented fields, and bad configs fail up front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prsgd import cli
+from prsgd.config import ConfigError, RunConfig, TrainingConfig, load
+from prsgd.data import DataError
+from prsgd.report import discover
+from prsgd.runner import main as run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONFIGS = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
+PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.toml"))
+FIELDS = {
+    "joint_epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "wall_clock",
+    "comm_rounds",
+    "comm_bytes",
+}
+SHORT = [
+    "--set",
+    "sweep=",
+    "--set",
+    "data.train_subset=640",
+    "--set",
+    "training.epochs=1.0",
+    "--set",
+    "training.evals=2",
+    "--set",
+    "training.eval_train_examples=100",
+    "--set",
+    "progress=false",
+]
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_there_is_a_cpu_twin_for_every_paper_config():
+    assert len(PAPER_CONFIGS) == 6 and len(CPU_CONFIGS) >= 6
+    for path in [*PAPER_CONFIGS, *CPU_CONFIGS]:
+        config = load(path)
+        assert config.sweep, f"{path.name} carries no comparison"
+
+
+@pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)
+def test_a_short_run_of_each_cpu_config(path, tmp_path):
+    config = load(path)
+    if not (config.data.dataset != "fashion_mnist" or Path("/usr/share/datasets/fashion-mnist").is_dir()):
+        pytest.skip("dataset-fashion-mnist is not installed")
+    period = min(config.algorithm.period, 4)
+    run_main([str(path), *SHORT, "--set", f"algorithm.period={period}", "--out", str(tmp_path)])
+    records = read_log(tmp_path)
+    assert len(records) == 3
+    for r in records:
+        assert set(r) == FIELDS
+        expected_rounds = r["step"] if config.algorithm.sync == "gradients" else r["step"] // period
+        assert r["comm_rounds"] == expected_rounds
+    epochs = [r["joint_epoch"] for r in records]
+    assert epochs == sorted(epochs) and epochs[0] == 0 and epochs[-1] >= 1.0
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert len(split["label_counts"]) == config.training.workers
+    assert (tmp_path / "summary.md").read_text().startswith("| run |")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+DIGITS = """
+[data]
+dataset = "digits"
+[model]
+model = "mlp"
+hidden = 16
+[training]
+workers = 4
+batch_size = 8
+epochs = 1.0
+evals = 2
+"""
+
+
+def test_seeds_and_sweep_fill_one_folder_and_plot_draws_them(tmp_path):
+    config = write_config(tmp_path / "digits.toml", DIGITS)
+    out = tmp_path / "runs"
+    run_main(
+        [str(config), "--seeds", "2", "--sweep", "algorithm.period=1,4", "--out", str(out), "--set", "progress=false"]
+    )
+    for period in (1, 4):
+        for seed in (0, 1):
+            records = read_log(out / f"period={period}" / f"seed{seed}")
+            assert records[-1]["comm_rounds"] == records[-1]["step"] // period
+            assert (
+                json.loads((out / f"period={period}" / f"seed{seed}" / "config.json").read_text())["training"]["seed"]
+                == seed
+            )
+    groups = discover([out])
+    assert set(groups) == {"runs/period=1", "runs/period=4"} and all(len(g) == 2 for g in groups.values())
+    assert read_log(out / "period=1" / "seed0") != read_log(out / "period=1" / "seed1")
+    cli.main(["plot", str(out), "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "fig.pdf").is_file()
+    table = (tmp_path / "fig.md").read_text()
+    assert "| runs/period=4 | 2 |" in table
+
+
+@pytest.mark.parametrize(
+    ("text", "sets", "error", "message"),
+    [
+        (DIGITS + "colour = 3\n", [], ConfigError, r"unknown config key 'training\.colour'"),
+        (DIGITS.replace("hidden = 16", "hidden = 'wide'"), [], ConfigError, r"model\.hidden='wide' .*type int"),
+        (DIGITS, ["training.epochs=-2"], ConfigError, r"training\.epochs=-2\.0 .*> 0"),
+        (DIGITS, ["algorithm.period=1000"], ConfigError, r"algorithm\.period=1000 is larger than the run's 45 steps"),
+        (
+            DIGITS,
+            ["data.dataset=cifar10", "data.path=/no/such/cifar"],
+            DataError,
+            r"cifar10: '/no/such/cifar' does not exist",
+        ),
+        (DIGITS, ["algorithm.sync=gossip"], ConfigError, r"sync='gossip' needs topology="),
+        (DIGITS, ["nonsense=1"], ConfigError, r"unknown config key 'nonsense'"),
+        ("[data\n", [], ConfigError, r"is not valid TOML"),
+    ],
+)
+def test_bad_configs_fail_before_training_naming_the_key(tmp_path, text, sets, error, message):
+    config = write_config(tmp_path / "bad.toml", text)
+    out = tmp_path / "out"
+    args = [str(config), "--out", str(out), "--set", "progress=false"]
+    for s in sets:
+        args += ["--set", s]
+    with pytest.raises(error, match=message):
+        run_main(args)
+    assert not (out / "log.jsonl").exists()
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    config = write_config(tmp_path / "bad.toml", DIGITS + "colour = 3\n")
+    with pytest.raises(SystemExit, match=r"prsgd run: error: unknown config key 'training\.colour'"):
+        cli.main(["run", str(config)])
+
+
+def test_learning_rate_schedules():
+    step = TrainingConfig(lr=0.1, lr_schedule="step", milestones=(150.0, 225.0), lr_decay=0.1)
+    assert [step.lr_at(e) for e in (0, 149.9, 150, 224, 225, 300)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+    warm = TrainingConfig(lr=0.4, warmup_epochs=5.0)
+    assert [warm.lr_at(e) for e in (0, 2.5, 5, 10)] == pytest.approx([0.04, 0.22, 0.4, 0.4])
+    with pytest.raises(ConfigError, match=r"training\.milestones=\(5\.0, 2\.0\) must be increasing"):
+        TrainingConfig(milestones=(5.0, 2.0))
+
+
+def test_overrides_by_leaf_or_dotted_key_are_typed():
+    c = RunConfig().with_overrides({"period": "4", "training.milestones": "3,6", "nesterov": "true"})
+    assert (c.algorithm.period, c.training.milestones, c.algorithm.nesterov) == (4, (3.0, 6.0), True)
