@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     plan = plan_runs(config, out, args.seeds or config.seeds, args.sweep or config.sweep or None)
     try:
+        if config.engine == "distributed":
+            distributed.init_from_torchrun(config.device)  # once, so that only rank 0 reports
         for index, run_config in enumerate(plan, start=1):
             if distributed.group_rank() == 0 and len(plan) > 1:
                 print(f"[{index}/{len(plan)}] {run_config.out}", flush=True)
