@@ -46,3 +46,32 @@ def per_worker_gradients(params, x, y):
         for (n, _), g in zip(worker.named_parameters(), gs, strict=True):
             grads[n][i] = g
     return grads
+
+
+def step_and_check_equation_10(sim, x, y, lr, beta, nesterov):
+    """One simulator step, checking that the node averages follow eq. (10) exactly (Nesterov: the x update uses
+    beta * u_bar + g_bar), with the G_i computed independently by :func:`per_worker_gradients`."""
+    params, momentum = sim.params(), sim.momentum()
+    grads = per_worker_gradients(params, x, y)
+    sim.step(x, y, F.cross_entropy)
+    for n in params:
+        g_bar = grads[n].mean(0)
+        u_bar = beta * momentum[n].mean(0) + g_bar
+        direction = beta * u_bar + g_bar if nesterov else u_bar
+        torch.testing.assert_close(sim.momentum()[n].mean(0), u_bar, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sim.params()[n].mean(0), params[n].mean(0) - lr * direction, rtol=1e-5, atol=1e-6)
+
+
+LOG_FIELDS = {
+    "joint_epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "wall_clock",
+    "comm_rounds",
+    "comm_bytes",
+}
+"""The documented fields of one log.jsonl record."""

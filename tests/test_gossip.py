@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches, mlp, per_worker_gradients
+from helpers import batches, mlp, step_and_check_equation_10
 from reference import ReferenceWorkers
 
 import prsgd
@@ -55,17 +55,7 @@ def test_fact_1_node_averages_follow_equation_10(name, nesterov):
         mlp(), num_workers=N, lr=lr, momentum=beta, nesterov=nesterov, sync="gossip", topology=topologies()[name]
     )
     for x, y in batches(N, 8):
-        params, momentum = sim.params(), sim.momentum()
-        grads = per_worker_gradients(params, x, y)
-        sim.step(x, y, F.cross_entropy)
-        for n in params:
-            g_bar = grads[n].mean(0)
-            u_bar = beta * momentum[n].mean(0) + g_bar
-            direction = beta * u_bar + g_bar if nesterov else u_bar
-            torch.testing.assert_close(sim.momentum()[n].mean(0), u_bar, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(
-                sim.params()[n].mean(0), params[n].mean(0) - lr * direction, rtol=1e-5, atol=1e-6
-            )
+        step_and_check_equation_10(sim, x, y, lr, beta, nesterov)
     spread = max((p - p.mean(0)).abs().max().item() for p in sim.params().values())
     assert spread > 0 or name == "one_peer_exponential"  # workers do differ: this is not exact averaging
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import LOG_FIELDS
 
 from prsgd import cli
 from prsgd.config import ConfigError, RunConfig, TrainingConfig, load
@@ -16,18 +17,6 @@ from prsgd.runner import main as run_main
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIGS = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
 PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.toml"))
-FIELDS = {
-    "joint_epoch",
-    "step",
-    "lr",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "wall_clock",
-    "comm_rounds",
-    "comm_bytes",
-}
 SHORT = [
     "--set",
     "sweep=",
@@ -65,7 +54,7 @@ def test_a_short_run_of_each_cpu_config(path, tmp_path):
     records = read_log(tmp_path)
     assert len(records) == 3
     for r in records:
-        assert set(r) == FIELDS
+        assert set(r) == LOG_FIELDS
         expected_rounds = r["step"] if config.algorithm.sync == "gradients" else r["step"] // period
         assert r["comm_rounds"] == expected_rounds
     epochs = [r["joint_epoch"] for r in records]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches, mlp, per_worker_gradients
+from helpers import batches, mlp, step_and_check_equation_10
 from reference import ReferenceWorkers
 
 import prsgd
@@ -114,17 +114,7 @@ def test_node_averages_follow_equation_10_at_every_step(nesterov):
     lr, beta = 0.1, 0.9
     sim = prsgd.Simulator(mlp(), num_workers=N, lr=lr, momentum=beta, nesterov=nesterov, period=3)
     for x, y in batches(N, 10):
-        params, momentum = sim.params(), sim.momentum()
-        grads = per_worker_gradients(params, x, y)
-        sim.step(x, y, F.cross_entropy)
-        for n in params:
-            g_bar = grads[n].mean(0)
-            u_bar = beta * momentum[n].mean(0) + g_bar
-            direction = beta * u_bar + g_bar if nesterov else u_bar
-            torch.testing.assert_close(sim.momentum()[n].mean(0), u_bar, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(
-                sim.params()[n].mean(0), params[n].mean(0) - lr * direction, rtol=1e-5, atol=1e-6
-            )
+        step_and_check_equation_10(sim, x, y, lr, beta, nesterov)
 
 
 @pytest.mark.parametrize(

@@ -8,24 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import free_port
+from helpers import LOG_FIELDS, free_port
 
 from prsgd.config import ConfigError, RunConfig
 from prsgd.train import main, run
 
 FLAGS = ["--epochs", "2", "--evals", "4", "--sync", "params_and_momentum", "--period", "3", "--no-progress"]
-FIELDS = {
-    "lr",
-    "joint_epoch",
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "wall_clock",
-    "comm_rounds",
-    "comm_bytes",
-}
 
 
 def read_log(folder):
@@ -37,7 +25,7 @@ def test_simulator_run_logs_every_field_and_rounds_equal_steps_over_period(tmp_p
     records = read_log(tmp_path)
     assert len(records) == 5
     for r in records:
-        assert set(r) == FIELDS
+        assert set(r) == LOG_FIELDS
         assert r["comm_rounds"] == r["step"] // 3
     assert [r["joint_epoch"] for r in records] == sorted(r["joint_epoch"] for r in records)
     assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
