@@ -29,10 +29,11 @@ def assert_trajectories_equal(sim, ref, steps):
 @pytest.mark.parametrize("period", [1, 3, 8])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("nesterov", [False, True], ids=["polyak", "nesterov"])
-def test_simulator_matches_per_worker_sgd_loop(sync, period, weight_decay, nesterov):
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_simulator_matches_per_worker_sgd_loop(sync, period, weight_decay, nesterov, compute):
     kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay, period=period, sync=sync)
     model = mlp()
-    sim = prsgd.Simulator(model, num_workers=N, **kw)
+    sim = prsgd.Simulator(model, num_workers=N, compute=compute, **kw)
     ref = ReferenceWorkers(model, N, **kw)
     assert_trajectories_equal(sim, ref, batches(N, STEPS))
     if kw["sync"] != "none":
@@ -40,10 +41,11 @@ def test_simulator_matches_per_worker_sgd_loop(sync, period, weight_decay, neste
 
 
 @pytest.mark.parametrize("sync", ["params_and_momentum", "params_clear_momentum", "params_only"])
-def test_batchnorm_running_statistics_are_averaged_like_the_reference(sync):
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_batchnorm_running_statistics_are_averaged_like_the_reference(sync, compute):
     kw = dict(lr=0.05, momentum=0.9, period=3, sync=sync)
     model = mlp(batchnorm=True)
-    sim = prsgd.Simulator(model, num_workers=N, **kw)
+    sim = prsgd.Simulator(model, num_workers=N, compute=compute, **kw)
     ref = ReferenceWorkers(model, N, **kw)
     assert_trajectories_equal(sim, ref, batches(N, 7))  # ends one step after a sync: buffers differ again
     for name, b in ref.buffers().items():
@@ -168,3 +170,34 @@ def test_averaged_model_holds_node_averages():
     for n, p in avg.named_parameters():
         torch.testing.assert_close(p.detach(), sim.params()[n].mean(0))
     torch.testing.assert_close(avg.get_buffer("1.running_var"), sim.buffers()["1.running_var"].mean(0))
+
+
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_conv_resnet_with_batchnorm_matches_the_reference(compute):
+    """A CIFAR ResNet-8 (convolutions, BatchNorm2d, parameter-free shortcuts) on both gradient paths."""
+    from prsgd.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", (3, 8, 8), 5)
+    kw = dict(lr=0.05, momentum=0.9, period=2)
+    sim = prsgd.Simulator(model, num_workers=3, compute=compute, **kw)
+    ref = ReferenceWorkers(model, 3, **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(3, 4, 3, 8, 8, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+        torch.testing.assert_close(
+            sim.step(x, y, F.cross_entropy), ref.step(x, y, F.cross_entropy), rtol=1e-4, atol=1e-5
+        )
+    for name, p in ref.params().items():
+        torch.testing.assert_close(sim.params()[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    for name, b in ref.buffers().items():
+        torch.testing.assert_close(sim.buffers()[name], b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_compute_picks_loop_for_convolutions_on_cpu():
+    from prsgd.models import build_model
+
+    assert prsgd.Simulator(build_model("cnn", (1, 28, 28), 10), num_workers=2, lr=0.1).compute == "loop"
+    assert prsgd.Simulator(mlp(), num_workers=2, lr=0.1).compute == "vmap"
+    with pytest.raises(ValueError, match=r"compute='jit' is not known"):
+        prsgd.Simulator(mlp(), num_workers=2, lr=0.1, compute="jit")

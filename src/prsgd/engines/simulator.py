@@ -117,6 +117,10 @@ class Simulator:
         num_workers: N >= 1.
         lr, momentum, nesterov, weight_decay, period, sync, topology: as in :class:`prsgd.LocalSGD`.
         device: where the stacked workers live.
+        compute: how the N gradients are computed: ``"vmap"`` (one vectorized call), ``"loop"`` (plain autograd
+            per worker on views of the stacked tensors: on CPU, convolutions run faster per worker than as the
+            grouped convolution vmap makes of them; see ``benchmarks/simulator_throughput.py``) or ``"auto"``
+            (loop for models with convolutions on CPU, vmap otherwise). Update and sync are vectorized either way.
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -135,6 +139,7 @@ class Simulator:
         sync: str = "params_and_momentum",
         device: str | torch.device = "cpu",
         topology: object = None,
+        compute: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
@@ -146,6 +151,11 @@ class Simulator:
         check_topology(self.rule, topology)
         self.num_workers = num_workers
         self.device = torch.device(device)
+        if compute not in ("auto", "vmap", "loop"):
+            raise ValueError(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
+        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        self.compute = compute if compute != "auto" else ("loop" if has_conv and self.device.type == "cpu" else "vmap")
+        self._grad_buffers: dict[str, Tensor] = {}
         self.topology = make_topology(topology, num_workers) if topology is not None else None
         self.mix = StackedMixer(self.topology, self.device) if self.topology is not None else None
 
@@ -173,6 +183,23 @@ class Simulator:
 
         return loss
 
+    def _loop_gradients(self, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Every worker's gradient by plain autograd, one worker at a time, on views of the stacked tensors
+        (BatchNorm statistics update the stacked buffers in place); written into stacked gradient buffers."""
+        if not self._grad_buffers:
+            self._grad_buffers = {name: torch.empty_like(p) for name, p in self._params.items()}
+        losses = []
+        names = list(self._params)
+        for i in range(self.num_workers):
+            params = {name: p[i].detach().requires_grad_() for name, p in self._params.items()}
+            buffers = {name: b[i] for name, b in self._buffers.items()}
+            loss = loss_fn(functional_call(self._base, (params, buffers), (inputs[i],)), targets[i])
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            for name, g in zip(names, grads, strict=True):
+                self._grad_buffers[name][i].copy_(g) if g is not None else self._grad_buffers[name][i].zero_()
+            losses.append(loss.detach())
+        return self._grad_buffers, torch.stack(losses)
+
     def step(self, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
         """One step of every worker on its own batch ``inputs[i], targets[i]``; returns the losses, shape (N,).
 
@@ -187,8 +214,11 @@ class Simulator:
                 )
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
-        per_worker = vmap(grad_and_value(self._worker_loss(loss_fn)), randomness="different")
-        grads, losses = per_worker(self._params, self._buffers, inputs, targets)
+        if self.compute == "vmap":
+            per_worker = vmap(grad_and_value(self._worker_loss(loss_fn)), randomness="different")
+            grads, losses = per_worker(self._params, self._buffers, inputs, targets)
+        else:
+            grads, losses = self._loop_gradients(loss_fn, inputs, targets)
         group = UpdateGroup(
             params=list(self._params.values()),
             grads=[grads[name] for name in self._params],
