@@ -1,0 +1,129 @@
+"""The cost of one prsgd.LocalSGD sync in 4 gloo processes on loopback, against its limit and naive code (issue 6).
+
+    .venv/bin/python benchmarks/sync_cost.py [--workers 4] [--repeats 30] [--model resnet20]
+
+For a ResNet-20-sized model (parameters, BatchNorm buffers and momentum: what params_and_momentum averages),
+each process times, after warm-up and a barrier, the median over repeats of:
+  limit      one bare all_reduce of a flat tensor of the same number of bytes;
+  prsgd      one LocalSGD sync round (the optimizer's own averaging call, as step() makes it every period);
+  naive      one all_reduce per parameter, per buffer and per momentum tensor;
+  torch      PyTorch's PeriodicModelAverager.average_parameters (parameters only, so fewer bytes).
+Also the peak memory a sync adds (RSS growth over a sync, after warm-up) relative to the model's size.
+Rank 0 prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import prsgd
+from prsgd.algorithm import synchronize
+from prsgd.models import build_model
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    torch.manual_seed(0)
+    model = build_model(args.model, (3, 32, 32), 10)
+    opt = prsgd.LocalSGD(model, lr=0.1, momentum=0.9, period=1, sync="params_and_momentum")
+    tensors = opt.sync_tensors
+    every = [*tensors.params, *tensors.model_buffers, *tensors.momentum_buffers]
+    nbytes = sum(t.numel() * t.element_size() for t in every)
+    flat = torch.randn(nbytes // 4)
+
+    def limit():
+        dist.all_reduce(flat)
+
+    def prsgd_sync():
+        synchronize(opt.rule, tensors, opt.average, opt.comm)
+
+    def naive():
+        with torch.no_grad():
+            for t in every:
+                dist.all_reduce(t)
+                t.div_(world)
+
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    averager = PeriodicModelAverager(period=1, warmup_steps=0)
+
+    def torch_averager():
+        averager.average_parameters(model.parameters())
+
+    results = {
+        name: timed(fn, args.repeats)
+        for name, fn in [("limit", limit), ("prsgd", prsgd_sync), ("naive", naive), ("torch", torch_averager)]
+    }
+    before = rss_bytes()
+    prsgd_sync()
+    grown = rss_bytes() - before
+    if rank == 0:
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(
+            f"torch {torch.__version__}, {world} gloo processes on loopback, {args.model}: "
+            f"{sum(p.numel() for p in model.parameters())} parameters; one sync reduces {nbytes / 1e6:.2f} MB "
+            f"({len(every)} tensors)"
+        )
+        print("| what | median time (ms) | / limit |")
+        print("|---|---:|---:|")
+        for name, label in [
+            ("limit", "one bare all_reduce, same bytes (limit)"),
+            ("prsgd", "prsgd.LocalSGD sync"),
+            ("naive", f"one all_reduce per tensor ({len(every)})"),
+            ("torch", "PyTorch PeriodicModelAverager (params only)"),
+        ]:
+            print(f"| {label} | {results[name] * 1e3:.2f} | {results[name] / results['limit']:.2f}x |")
+        print(
+            f"memory: RSS grew by {grown / 1e6:.3f} MB over a sync = {grown / model_bytes:.3f}x the model's "
+            f"{model_bytes / 1e6:.2f} MB of parameters"
+        )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--model", default="resnet20")
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args.workers, port, args), nprocs=args.workers, join=True)
+
+
+if __name__ == "__main__":
+    main()
