@@ -109,8 +109,8 @@ class LocalSGD(torch.optim.Optimizer):
             else None
         )
         self.process_group = process_group
-        self.average = AllReduceAverage(self.storage, process_group)
-        self.mix = NeighbourMix(self.storage, self.topology, process_group) if self.topology is not None else None
+        self.average = AllReduceAverage(process_group)
+        self.mix = NeighbourMix(self.topology, process_group) if self.topology is not None else None
         broadcast_from_first(
             self.storage.flat[: self._param_numel + sum(b.numel() for b in model_buffers)], process_group
         )

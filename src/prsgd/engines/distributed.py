@@ -60,32 +60,43 @@ class FlatStorage:
 
     def span(self, tensors: Sequence[Tensor]) -> Tensor | None:
         """The 1-D view of the flat tensor covering exactly ``tensors`` if they lie back to back in it, else None."""
-        if not tensors:
+        span = contiguous_span(tensors)
+        if span is None or span.untyped_storage().data_ptr() != self.flat.untyped_storage().data_ptr():
             return None
-        storage = self.flat.untyped_storage().data_ptr()
-        start = tensors[0].storage_offset()
-        expected = start
-        for t in tensors:
-            if t.untyped_storage().data_ptr() != storage or t.storage_offset() != expected or not t.is_contiguous():
-                return None
-            expected += t.numel()
-        return self.flat[start:expected]
+        return span
+
+
+def contiguous_span(tensors: Sequence[Tensor]) -> Tensor | None:
+    """A 1-D view over ``tensors`` when they lie back to back, in order, in one storage (e.g. views of a flat
+    buffer), so that one collective can work on them in place; None otherwise."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage()
+    start = expected = first.storage_offset()
+    for t in tensors:
+        same = t.untyped_storage().data_ptr() == storage.data_ptr() and t.dtype == first.dtype
+        if not same or t.storage_offset() != expected or not t.is_contiguous():
+            return None
+        expected += t.numel()
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, (expected - start,))
 
 
 class AllReduceAverage:
     """``average(tensors)`` for :mod:`prsgd.algorithm`: one ``all_reduce`` (sum, then divide by the group size).
 
-    Tensors lying back to back in ``storage`` are reduced in place as one span; any other list goes through
-    :func:`all_reduce_mean` (packed into a temporary, reduced, copied back: still one collective).
+    Tensors lying back to back in one storage (the optimizer's flat storage, or its flat gradient buffer) are
+    reduced in place as one span; any other list goes through :func:`all_reduce_mean` (packed into a temporary,
+    reduced, copied back: still one collective). Something that rebinds ``p.data`` (as PyTorch's
+    ``PeriodicModelAverager`` does) takes parameters out of the flat storage: syncs stay correct but pack a copy.
     """
 
-    def __init__(self, storage: FlatStorage, process_group: dist.ProcessGroup | None = None) -> None:
-        self.storage = storage
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.process_group = process_group
         self.world_size = group_size(process_group)
 
     def __call__(self, tensors: list[Tensor]) -> int:
-        span = self.storage.span(tensors)
+        span = contiguous_span(tensors)
         if span is None:
             return all_reduce_mean(tensors, self.process_group)
         if self.world_size > 1:
@@ -118,11 +129,10 @@ def _unpack(flat: Tensor, tensors: list[Tensor]) -> None:
 class NeighbourMix:
     """``mix(tensors, step)`` for :mod:`prsgd.algorithm`: x_i <- W_ii x_i + sum_j W_ij x_j (eq. 18) with
     point-to-point messages to and from this worker's neighbours only (``batch_isend_irecv``), never a collective
-    over all workers. The tensors are sent as one flat span of ``storage`` (or one packed copy); receive buffers
-    (in-degree x payload) are kept between steps. Returns out-degree x payload bytes."""
+    over all workers. The tensors are sent as one flat span of the optimizer's storage (or one packed copy);
+    receive buffers (in-degree x payload) are kept between steps. Returns out-degree x payload bytes."""
 
-    def __init__(self, storage: FlatStorage, topology: Topology, process_group: dist.ProcessGroup | None = None):
-        self.storage = storage
+    def __init__(self, topology: Topology, process_group: dist.ProcessGroup | None = None):
         self.topology = topology
         self.process_group = process_group
         self.rank = group_rank(process_group)
@@ -136,7 +146,7 @@ class NeighbourMix:
     def __call__(self, tensors: list[Tensor], step: int) -> int:
         if not tensors:
             return 0
-        span = self.storage.span(tensors)
+        span = contiguous_span(tensors)
         flat = span if span is not None else torch.cat([t.reshape(-1) for t in tensors])
         nbrs = self.topology.neighbours(self.rank, step)
         if len(self._receive) < len(nbrs.sources) or (self._receive and self._receive[0].numel() != flat.numel()):

@@ -1,0 +1,50 @@
+"""Smoke tests: each benchmark script runs end to end at a tiny size and prints its table (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_mixing_benchmark():
+    out = run_script("mixing.py", "--workers", "16", "--numel", "2000", "--repeats", "1")
+    assert "| ring | 2 |" in out and "dense / sparse" in out
+
+
+def test_simulator_throughput_benchmark():
+    out = run_script("simulator_throughput.py", "--models", "mlp", "--workers", "2", "--repeats", "1")
+    assert "| mlp | 2 | 64 |" in out
+
+
+def test_sync_cost_benchmark():
+    out = run_script("sync_cost.py", "--workers", "2", "--repeats", "2", "--model", "resnet8")
+    assert "prsgd.LocalSGD sync" in out and "torch allocated" in out
+
+
+def test_time_to_target_benchmark(tmp_path):
+    out = run_script("time_to_target.py", "--workers", "2", "--periods", "4", "--epochs", "2", "--out", str(tmp_path))
+    assert "| params_and_momentum I=4 |" in out
+    assert (tmp_path / "loss_vs_wall_clock.png").is_file()
+
+
+@pytest.mark.parametrize("rate", ["100mbit", "1gbit"])
+def test_rate_parsing(rate):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import time_to_target
+    finally:
+        sys.path.pop(0)
+    assert time_to_target.bits_per_second(rate) in (1e8, 1e9)
