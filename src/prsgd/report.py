@@ -8,6 +8,7 @@ plot is drawn.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]
         if (folder / "log.jsonl").is_file():
             groups[label] = [read_log(folder)]
             return
-        children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        children = sorted((p for p in folder.iterdir() if p.is_dir()), key=_natural) if folder.is_dir() else []
         runs = [c for c in children if (c / "log.jsonl").is_file()]
         if runs and all(c.name.startswith("seed") for c in runs):
             groups[label] = [read_log(c) for c in runs]
@@ -54,6 +55,11 @@ def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]
     if not groups:
         raise FileNotFoundError(f"no log.jsonl under {', '.join(map(str, paths))}")
     return groups
+
+
+def _natural(path: Path) -> list:
+    """Sort key that orders period=2 before period=16."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _stack(runs: Sequence[Records], key: str) -> np.ndarray:
