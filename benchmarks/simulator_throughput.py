@@ -33,23 +33,27 @@ def model_for(name: str):
     return build_model(name, shape, 10)
 
 
-def seconds_per_step(step, repeats: int) -> float:
-    step()
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_seconds(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each function, timed in interleaved rounds (A B C A B C ...) after two warm-up
+    steps each, so that drifts of this shared machine's speed hit every method alike."""
+    for step in steps.values():
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(name: str, n: int, repeats: int) -> dict[str, float]:
+def measure(name: str, n: int, repeats: int) -> tuple[dict[str, float], str]:
+    """Samples per second of each method, and the compute mode "auto" picked."""
     shape, b = SHAPES[name]
     x = torch.randn(n, b, *shape)
     y = torch.randint(0, 10, (n, b))
     kw = dict(lr=0.01, momentum=0.9)
-    out = {}
 
     model = model_for(name)
     opt = torch.optim.SGD(model.parameters(), **kw)
@@ -60,8 +64,6 @@ def measure(name: str, n: int, repeats: int) -> dict[str, float]:
         F.cross_entropy(model(xs), ys).backward()
         opt.step()
 
-    out["limit"] = seconds_per_step(limit, repeats)
-
     models = [copy.deepcopy(model_for(name)) for _ in range(n)]
     opts = [torch.optim.SGD(m.parameters(), **kw) for m in models]
 
@@ -71,20 +73,20 @@ def measure(name: str, n: int, repeats: int) -> dict[str, float]:
             F.cross_entropy(m(x[i]), y[i]).backward()
             o.step()
 
-    out["loop"] = seconds_per_step(loop, repeats)
-    for compute in ("vmap", "loop", "auto"):
-        sim = prsgd.Simulator(model_for(name), num_workers=n, period=8, compute=compute, **kw)
-        out[f"prsgd {compute}" + (f" ({sim.compute})" if compute == "auto" else "")] = seconds_per_step(
-            lambda s=sim: s.step(x, y, F.cross_entropy), repeats
-        )
-    return {k: n * b / v for k, v in out.items()}  # samples per second
+    steps = {"limit": limit, "loop": loop}
+    sims = {c: prsgd.Simulator(model_for(name), num_workers=n, period=8, compute=c, **kw) for c in ("vmap", "loop")}
+    for compute, sim in sims.items():
+        steps[f"prsgd {compute}"] = lambda s=sim: s.step(x, y, F.cross_entropy)
+    auto = prsgd.Simulator(model_for(name), num_workers=n, lr=0.01, compute="auto").compute
+    seconds = interleaved_seconds(steps, repeats)
+    return {k: n * b / v for k, v in seconds.items()}, auto
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mlp,resnet20")
     parser.add_argument("--workers", default="4,8,16,64")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     print(
@@ -95,11 +97,11 @@ def main() -> None:
         for n in map(int, args.workers.split(",")):
             if name == "resnet20" and n > 16:
                 continue  # minutes per step on 2 cores; the issue's targets stop at N = 16 for ResNet-20
-            r = measure(name, n, args.repeats)
-            auto = next(v for k, v in r.items() if k.startswith("prsgd auto"))
+            r, mode = measure(name, n, args.repeats)
+            auto = r[f"prsgd {mode}"]
             print(
                 f"| {name} | {n} | {SHAPES[name][1]} | {r['limit']:.0f} | {r['loop']:.0f} | {r['prsgd vmap']:.0f} "
-                f"| {r['prsgd loop']:.0f} | {auto:.0f} ({next(k for k in r if k.startswith('prsgd auto'))[11:]}) "
+                f"| {r['prsgd loop']:.0f} | {auto:.0f} ({mode}) "
                 f"| {auto / r['limit']:.2f}x | {auto / r['loop']:.2f}x |",
                 flush=True,
             )
