@@ -155,3 +155,14 @@ def test_learning_rate_schedules():
 def test_overrides_by_leaf_or_dotted_key_are_typed():
     c = RunConfig().with_overrides({"period": "4", "training.milestones": "3,6", "nesterov": "true"})
     assert (c.algorithm.period, c.training.milestones, c.algorithm.nesterov) == (4, (3.0, 6.0), True)
+
+
+def test_period_theory_is_resolved_from_the_corollary(tmp_path):
+    config = write_config(tmp_path / "digits.toml", DIGITS + '\n[algorithm]\nperiod = "theory"\n')
+    run_main([str(config), "--out", str(tmp_path / "out"), "--set", "progress=false", "--set", "training.epochs=8"])
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    steps = read_log(tmp_path / "out")[-1]["step"]
+    from prsgd.theory import recommended_period
+
+    assert saved["algorithm"]["period"] == recommended_period(4, steps, identical=True) == 2
+    assert read_log(tmp_path / "out")[-1]["comm_rounds"] == steps // 2

@@ -1,14 +1,12 @@
-"""The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``train`` (flags), ``demo``."""
+"""The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``train`` (flags), ``demo``, ``theory``."""
 
 from __future__ import annotations
 
 import sys
 
-from prsgd import demo, plot, runner, train
-from prsgd.config import ConfigError
-from prsgd.data import DataError
+from prsgd import demo, plot, runner, theory, train
 
-COMMANDS = {"run": runner.main, "plot": plot.main, "train": train.main, "demo": demo.main}
+COMMANDS = {"run": runner.main, "plot": plot.main, "train": train.main, "demo": demo.main, "theory": theory.main}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: prsgd {{{','.join(COMMANDS)}}} [options]; got {given}")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # ConfigError, DataError, bad theory inputs
         sys.exit(f"prsgd {argv[0]}: error: {error}")
 
 

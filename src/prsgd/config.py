@@ -65,7 +65,7 @@ class AlgorithmConfig:
     """The sync rule and local update (see :class:`prsgd.LocalSGD`)."""
 
     sync: str = "params_and_momentum"
-    period: int = 8
+    period: int = 8  # or "theory": the paper's corollary for this N, T and data case (prsgd.theory)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -74,7 +74,8 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         try:
             rule = sync_rule(self.sync)
-            check_period(self.period)
+            if self.period != "theory":
+                check_period(self.period)
             check_topology(rule, self.topology or None)
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
@@ -186,6 +187,8 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
     """``value`` checked (or, from a string, parsed) against the field type ``annotation``."""
+    if key == "algorithm.period" and value == "theory":
+        return value
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")

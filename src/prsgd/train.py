@@ -35,6 +35,7 @@ from prsgd.engines import distributed
 from prsgd.engines.simulator import Simulator
 from prsgd.models import build_model
 from prsgd.optim import LocalSGD
+from prsgd.theory import recommended_period
 
 Record = dict[str, Any]
 
@@ -176,6 +177,11 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
     )
     examples_per_step = num_workers * t.batch_size
     total_steps = max(1, math.ceil(t.epochs * len(data.train) / examples_per_step))
+    if config.algorithm.period == "theory":
+        period = recommended_period(num_workers, total_steps, identical=config.data.split == "identical")
+        config = config.with_overrides({"algorithm.period": period})
+        if is_main:
+            tqdm.write(f"algorithm.period = 'theory': I = {period} for N = {num_workers}, T = {total_steps}")
     if config.algorithm.period > total_steps and config.algorithm.sync not in ("gradients", "none"):
         raise ConfigError(
             f"algorithm.period={config.algorithm.period} is larger than the run's {total_steps} steps: "

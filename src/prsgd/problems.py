@@ -1,0 +1,139 @@
+"""Synthetic non-convex problems whose constants are known, to watch the paper's theorems hold (or not).
+
+:class:`NonConvexRegression` gives N workers the objectives
+
+    f_i(x) = 1/(2m) ||A x - b_i||^2 + lam * sum_k x_k^2 / (1 + x_k^2),      f = (1/N) sum_i f_i
+
+with a shared A (m x d) and worker targets b_i = b + delta_i (sum_i delta_i = 0). The regulariser
+r(t) = t^2 / (1 + t^2) has r'' in [-1/2, 2], so f is non-convex once lam exceeds twice the smallest eigenvalue of
+A^T A / m, and L-smooth with L = lambda_max(A^T A / m) + 2 lam (attained at x = 0). Stochastic gradients add
+Gaussian noise of exactly sigma^2 expected squared norm: G_i = grad f_i(x) + (sigma / sqrt(d)) xi, xi ~ N(0, I).
+Heterogeneity is exact too: grad f_i(x) - grad f(x) = -A^T delta_i / m for every x, and the delta_i are scaled so
+that (1/N) sum_i ||grad f_i - grad f||^2 = zeta^2.
+
+:func:`run` drives the workers with prsgd's own algorithm (:func:`prsgd.algorithm.run_step` on stacked (N, d)
+tensors, as the simulator does) and returns the paper's convergence measure (1/T) sum_t ||grad f(x_bar^t)||^2,
+computed exactly along the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prsgd.algorithm import CommStats, Hyperparameters, SyncTensors, UpdateGroup, check_period, run_step, sync_rule
+from prsgd.engines.simulator import StackedMixer, average_over_workers
+from prsgd.topology import make_topology
+
+
+class NonConvexRegression:
+    """N workers' objectives with known L, sigma^2 and zeta^2 (see the module docstring). float64 throughout."""
+
+    def __init__(
+        self,
+        num_workers: int,
+        dim: int = 20,
+        samples: int = 40,
+        lam: float = 1.0,
+        sigma: float = 1.0,
+        zeta: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        for name, value, low in (("num_workers", num_workers, 1), ("dim", dim, 1), ("samples", samples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
+        for name, value in (("lam", lam), ("sigma", sigma), ("zeta", zeta)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number >= 0")
+        g = torch.Generator().manual_seed(seed)
+        self.num_workers, self.dim, self.samples = num_workers, dim, samples
+        self.lam, self.sigma, self.zeta = float(lam), float(sigma), float(zeta)
+        self.A = torch.randn(samples, dim, generator=g, dtype=torch.float64)
+        self.b = torch.randn(samples, generator=g, dtype=torch.float64) + self.A @ torch.randn(
+            dim, generator=g, dtype=torch.float64
+        )
+        self.AtA = self.A.T @ self.A / samples
+        shifts = torch.randn(num_workers, samples, generator=g, dtype=torch.float64)
+        shifts -= shifts.mean(0)
+        spread = (shifts @ self.A / samples).pow(2).sum(1).mean()
+        scale = self.zeta / spread.sqrt() if num_workers > 1 and spread > 0 else 0.0
+        self.delta = shifts * scale  # (N, m), sum over workers is 0
+        self.x0 = torch.full((dim,), 1.5, dtype=torch.float64)  # start in the non-convex region (|x_k| > 1/sqrt 3)
+
+    @property
+    def L(self) -> float:
+        """Smoothness constant of every f_i and of f: lambda_max(A^T A / m) + 2 lam."""
+        return float(torch.linalg.eigvalsh(self.AtA)[-1]) + 2 * self.lam
+
+    @property
+    def sigma2(self) -> float:
+        return self.sigma**2
+
+    @property
+    def zeta2(self) -> float:
+        return self.zeta**2
+
+    def _regulariser_grad(self, x: Tensor) -> Tensor:
+        return self.lam * 2 * x / (1 + x * x) ** 2
+
+    def full_gradient(self, x: Tensor) -> Tensor:
+        """grad f at x, shape (..., d)."""
+        return (x @ self.A.T - self.b) @ self.A / self.samples + self._regulariser_grad(x)
+
+    def worker_gradients(self, xs: Tensor) -> Tensor:
+        """grad f_i at worker i's point xs[i], shape (N, d)."""
+        residual = xs @ self.A.T - (self.b + self.delta)
+        return residual @ self.A / self.samples + self._regulariser_grad(xs)
+
+    def stochastic_gradients(self, xs: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(xs.shape, generator=generator, dtype=torch.float64)
+        return self.worker_gradients(xs) + self.sigma / math.sqrt(self.dim) * noise
+
+    def value(self, x: Tensor) -> Tensor:
+        """f(x) (up to the constant mean_i ||delta_i||^2 / 2m that does not move the gradient)."""
+        residual = x @ self.A.T - self.b
+        return 0.5 * residual.pow(2).sum(-1) / self.samples + self.lam * (x * x / (1 + x * x)).sum(-1)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    measure: float  # (1/T) sum_{t<T} ||grad f(x_bar^t)||^2
+    grad_norms: Tensor  # ||grad f(x_bar^t)||^2 for t = 0 .. T-1
+    rounds: int
+    bytes: int
+
+
+def run(
+    problem: NonConvexRegression,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    period: int = 1,
+    sync: str = "params_and_momentum",
+    topology: object = None,
+    seed: int = 0,
+) -> RunResult:
+    """T = ``steps`` steps of every worker from x^0 with prsgd's algorithm; the exact convergence measure."""
+    hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov)
+    rule = sync_rule(sync)
+    check_period(period)
+    n = problem.num_workers
+    xs = problem.x0.repeat(n, 1)
+    us = torch.zeros_like(xs)
+    mix = StackedMixer(make_topology(topology, n), xs.device) if rule.mixes else None
+    tensors = SyncTensors(params=[xs], model_buffers=[], momentum_buffers=[us] if momentum > 0 else [])
+    comm = CommStats()
+    g = torch.Generator().manual_seed(seed)
+    norms = torch.empty(steps, dtype=torch.float64)
+    done = 0
+    for t in range(steps):
+        xs = tensors.params[0]  # gossip mixing may have swapped the storage
+        norms[t] = problem.full_gradient(xs.mean(0)).pow(2).sum()
+        grads = problem.stochastic_gradients(xs, g)
+        group = UpdateGroup([xs], [grads], tensors.momentum_buffers, hyper)
+        done, _ = run_step(rule, period, done, [group], tensors, average_over_workers, comm, mix=mix)
+    return RunResult(float(norms.mean()), norms, comm.rounds, comm.bytes)

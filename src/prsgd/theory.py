@@ -1,0 +1,123 @@
+"""What the paper's corollaries prescribe: learning rate, communication period and rounds (Yu, Jin & Yang 2019).
+
+With N workers and T iterations, Algorithm 1 (either momentum option) reaches O(1 / sqrt(N T)) with
+
+    gamma = lr_scale * sqrt(N / T)                    (capped at the stability bound (1 - beta)^2 / (c L), if L given)
+    I = period_scale * T^(1/2) / N^(3/2)              identical data across workers (zeta = 0)
+    I = period_scale * T^(1/4) / N^(3/4)              non-identical data
+
+so O(N^(3/2) T^(1/2)) rounds (identical) or O(N^(3/4) T^(3/4)) rounds (non-identical) instead of T. The corollaries
+fix only orders of magnitude; the constants are arguments, 1 by default (the text we have lost the paper's
+numbers). The period is rounded down and is at least 1.
+
+    prsgd theory --workers 16 --steps 100000 [--non-identical] [--momentum 0.9 --smoothness 2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    workers: int
+    steps: int
+    identical: bool
+    lr: float
+    period: int
+    rounds: int  # ceil(T / I)
+
+    @property
+    def rounds_saved(self) -> int:
+        """Rounds saved against communicating every step (period 1)."""
+        return self.steps - self.rounds
+
+
+def _check(name: str, value: object, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a number >= {low:g}")
+
+
+def recommended_period(workers: int, steps: int, identical: bool = True, period_scale: float = 1.0) -> int:
+    """I = period_scale * T^(1/2) / N^(3/2) (identical) or T^(1/4) / N^(3/4) (non-identical), at least 1."""
+    _check("workers", workers, 1)
+    _check("steps", steps, 1)
+    _check("period_scale", period_scale, 0)
+    exponent_t, exponent_n = (0.5, 1.5) if identical else (0.25, 0.75)
+    return max(1, math.floor(period_scale * steps**exponent_t / workers**exponent_n))
+
+
+def recommended_lr(
+    workers: int,
+    steps: int,
+    lr_scale: float = 1.0,
+    momentum: float = 0.0,
+    smoothness: float | None = None,
+    c: float = 1.0,
+) -> float:
+    """gamma = lr_scale * sqrt(N / T), capped at (1 - beta)^2 / (c L) when the smoothness L is given."""
+    _check("workers", workers, 1)
+    _check("steps", steps, 1)
+    _check("lr_scale", lr_scale, 0)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
+    lr = lr_scale * math.sqrt(workers / steps)
+    if smoothness is not None:
+        _check("smoothness", smoothness, 0)
+        _check("c", c, 0)
+        if smoothness > 0:
+            lr = min(lr, (1 - momentum) ** 2 / (c * smoothness))
+    return lr
+
+
+def recommend(
+    workers: int,
+    steps: int,
+    identical: bool = True,
+    *,
+    lr_scale: float = 1.0,
+    period_scale: float = 1.0,
+    momentum: float = 0.0,
+    smoothness: float | None = None,
+    c: float = 1.0,
+) -> Recommendation:
+    period = recommended_period(workers, steps, identical, period_scale)
+    lr = recommended_lr(workers, steps, lr_scale, momentum, smoothness, c)
+    return Recommendation(workers, steps, identical, lr, period, math.ceil(steps / period))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="prsgd theory", description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, required=True, help="N")
+    parser.add_argument("--steps", type=int, required=True, help="T, iterations of every worker")
+    parser.add_argument("--non-identical", action="store_true", help="workers' data differ (zeta > 0)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="beta (enters the learning-rate cap)")
+    parser.add_argument("--smoothness", type=float, default=None, help="L, to cap gamma at (1 - beta)^2 / (c L)")
+    parser.add_argument("--lr-scale", type=float, default=1.0)
+    parser.add_argument("--period-scale", type=float, default=1.0)
+    parser.add_argument("--c", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    r = recommend(
+        args.workers,
+        args.steps,
+        not args.non_identical,
+        lr_scale=args.lr_scale,
+        period_scale=args.period_scale,
+        momentum=args.momentum,
+        smoothness=args.smoothness,
+        c=args.c,
+    )
+    case = "identical" if r.identical else "non-identical"
+    print(f"N = {r.workers} workers, T = {r.steps} iterations, {case} data")
+    print(f"learning rate gamma = {r.lr:.6g}")
+    print(f"period I = {r.period}")
+    print(
+        f"communication rounds = {r.rounds} (vs {r.steps} at period 1: {r.rounds_saved} saved, "
+        f"{r.steps / r.rounds:.1f}x fewer)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The synthetic problems' constants are what they claim; prsgd.theory's formulas; a seeded speedup check."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prsgd import cli
+from prsgd.problems import NonConvexRegression, run
+from prsgd.theory import recommend, recommended_lr, recommended_period
+
+
+def test_smoothness_constant_is_a_tight_bound():
+    p = NonConvexRegression(4, dim=10, samples=30, lam=1.0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(200):
+        x = 2 * torch.randn(10, generator=g, dtype=torch.float64)
+        y = x + 0.1 * torch.randn(10, generator=g, dtype=torch.float64)
+        ratios.append(((p.full_gradient(x) - p.full_gradient(y)).norm() / (x - y).norm()).item())
+    assert max(ratios) <= p.L * (1 + 1e-9)
+    top = torch.linalg.eigh(p.AtA).eigenvectors[:, -1]  # at x = 0 the Hessian's top eigenvalue is L
+    h = 1e-5
+    finite = (p.full_gradient(h * top) - p.full_gradient(-h * top)).norm().item() / (2 * h)
+    assert finite == pytest.approx(p.L, rel=1e-6)
+
+
+def test_the_problem_is_non_convex():
+    p = NonConvexRegression(2, dim=10, samples=30, lam=1.0, seed=0)
+    x = torch.ones(10, dtype=torch.float64)  # r''(1) = -1/2 on every coordinate
+    hessian = torch.autograd.functional.hessian(lambda z: p.value(z), x)
+    assert torch.linalg.eigvalsh(hessian)[0] < 0
+
+
+def test_gradient_noise_variance_is_sigma_squared():
+    p = NonConvexRegression(8, dim=20, sigma=1.7, seed=1)
+    xs = torch.randn(8, 20, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    samples = torch.stack([p.stochastic_gradients(xs, g) - p.worker_gradients(xs) for _ in range(2000)])
+    assert samples.pow(2).sum(-1).mean().item() == pytest.approx(1.7**2, rel=0.03)
+    assert samples.mean(0).abs().max().item() < 0.05  # unbiased
+
+
+@pytest.mark.parametrize("zeta", [0.0, 0.5, 3.0])
+def test_heterogeneity_is_zeta_squared_everywhere(zeta):
+    p = NonConvexRegression(6, dim=12, zeta=zeta, seed=3)
+    for scale in (0.0, 1.0, 5.0):
+        x = scale * torch.randn(12, dtype=torch.float64)
+        per_worker = p.worker_gradients(x.repeat(6, 1))
+        torch.testing.assert_close(per_worker.mean(0), p.full_gradient(x))  # f = mean of the f_i
+        assert (per_worker - p.full_gradient(x)).pow(2).sum(-1).mean().item() == pytest.approx(zeta**2, abs=1e-9)
+
+
+def test_corollary_formulas_by_hand():
+    assert recommended_period(4, 10_000, identical=True) == math.floor(100 / 8)  # T^1/2 / N^3/2 = 12.5
+    assert recommended_period(16, 100_000, identical=False) == math.floor(100_000**0.25 / 8)  # 17.78 / 8 = 2.2
+    assert recommended_period(64, 100, identical=True) == 1  # never below 1
+    assert recommended_period(4, 10_000, period_scale=2.0) == 25
+    assert recommended_lr(16, 10_000) == pytest.approx(0.04)
+    assert recommended_lr(16, 10_000, momentum=0.9, smoothness=2.0) == pytest.approx(0.01**1 / 2.0)  # capped
+    r = recommend(4, 10_000)
+    assert (r.period, r.rounds, r.rounds_saved) == (12, 834, 9166)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: recommended_period(0, 100), r"workers=0 is not allowed"),
+        (lambda: recommended_period(4, 0), r"steps=0 is not allowed"),
+        (lambda: recommended_lr(4, 100, momentum=1.0), r"momentum=1\.0 is not allowed"),
+        (lambda: NonConvexRegression(0), r"num_workers=0 is not allowed"),
+        (lambda: NonConvexRegression(2, sigma=-1.0), r"sigma=-1\.0 is not allowed"),
+    ],
+)
+def test_bad_inputs_raise_clearly(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_theory_cli(capsys):
+    cli.main(["theory", "--workers", "16", "--steps", "100000", "--non-identical"])
+    out = capsys.readouterr().out
+    assert "period I = 2" in out and "communication rounds = 50000" in out
+    with pytest.raises(SystemExit, match=r"workers=0 is not allowed"):
+        cli.main(["theory", "--workers", "0", "--steps", "10"])
+
+
+def test_the_measure_decreases_with_more_workers():
+    """A seeded small run of the linear-speedup experiment: at fixed T, more workers give a smaller measure."""
+    steps = 1500
+    values = []
+    for n in (1, 4, 16):
+        runs = []
+        for seed in range(2):
+            p = NonConvexRegression(n, sigma=2.0, seed=seed)
+            lr = min(0.3 * np.sqrt(n / steps), 0.25 / p.L)
+            runs.append(run(p, steps, lr=lr, momentum=0.5, period=recommended_period(n, steps), seed=seed).measure)
+        values.append(np.mean(runs))
+    assert values[0] > values[1] > values[2]
+    assert values[0] / values[2] > 2.0
+
+
+def test_run_counts_rounds_and_matches_gossip_node_average_dynamics():
+    p = NonConvexRegression(8, zeta=1.0, seed=0)
+    a = run(p, 64, lr=0.05, momentum=0.5, period=8, seed=1)
+    assert a.rounds == 8 and a.bytes == 8 * 2 * 20 * 8  # params + momentum, float64
+    complete = run(p, 64, lr=0.05, momentum=0.5, sync="gossip", topology="complete", seed=1)
+    every_step = run(p, 64, lr=0.05, momentum=0.5, period=1, seed=1)
+    torch.testing.assert_close(complete.grad_norms, every_step.grad_norms)
