@@ -194,22 +194,14 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, bool):
             return value
-    elif annotation is int:
+    elif annotation in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return annotation(value)
             except ValueError:
                 pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        elif isinstance(value, int if annotation is int else int | float) and not isinstance(value, bool):
+            return annotation(value)
     elif annotation is str:
         if isinstance(value, str):
             return value

@@ -50,6 +50,15 @@ def slope(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
+def save(fig, axes, path: Path, plt) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fmt(values: np.ndarray) -> str:
     return f"{values.mean():.4g} ({values.min():.3g}-{values.max():.3g})"
 
@@ -91,12 +100,7 @@ def linear_speedup(seeds: int, steps: int, workers: list[int], plt, fig_dir: Pat
             axes[1].loglog(workers, steps_to, "o-", label=label)
     axes[0].set(xlabel="workers N", ylabel="(1/T) sum ||grad f(x_bar)||^2", title=f"measure at T = {steps}")
     axes[1].set(xlabel="workers N", ylabel="steps to reach eps", title="steps to eps")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "theory_speedup.png", dpi=110)
-    plt.close(fig)
+    save(fig, axes, fig_dir / "theory_speedup.png", plt)
     lines += [
         "",
         "| case | slope of measure vs N | theory | slope of steps to eps vs N | theory |",
@@ -144,11 +148,7 @@ def communication(seeds: int, lengths: list[int], n: int, plt, fig_dir: Path) ->
             lengths, rounds, "o-", label=f"{'identical' if identical else 'non-identical'} (slope {exponent:.2f})"
         )
     ax.set(xlabel="iterations T", ylabel="rounds needed (T / largest I)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "theory_rounds.png", dpi=110)
-    plt.close(fig)
+    save(fig, [ax], fig_dir / "theory_rounds.png", plt)
     lines += [
         "",
         "| data | fitted exponent of rounds in T | theory |",

@@ -76,8 +76,8 @@ class SimulatedWorkers:
     def set_lr(self, lr: float) -> None:
         self.sim.set_lr(lr)
 
-    def step(self, indices: Tensor, step: int) -> None:
-        x, y = worker_batches(self.data, indices, range(self.num_workers), step, self.config)
+    def step(self, sampler: WorkerSampler, step: int) -> None:
+        x, y = worker_batches(self.data, sampler.indices(step), range(self.num_workers), step, self.config)
         self.sim.step(x.to(self.device), y.to(self.device), F.cross_entropy)
 
     def averaged_model(self) -> nn.Module:
@@ -103,10 +103,9 @@ class DistributedWorker:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def step(self, indices: Tensor, step: int) -> None:
-        x, y = worker_batches(
-            self.data, indices[self.rank : self.rank + 1], range(self.rank, self.rank + 1), step, self.config
-        )
+    def step(self, sampler: WorkerSampler, step: int) -> None:
+        own = sampler.worker_indices(step, self.rank).unsqueeze(0)  # only this worker's batch is drawn
+        x, y = worker_batches(self.data, own, range(self.rank, self.rank + 1), step, self.config)
         self.model.train()
         self.opt.zero_grad()
         F.cross_entropy(self.model(x[0].to(self.device)), y[0].to(self.device)).backward()
@@ -251,7 +250,7 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
         if t.lr_at(joint_epoch) != lr:
             lr = t.lr_at(joint_epoch)
             workers.set_lr(lr)
-        workers.step(sampler.indices(step), step)
+        workers.step(sampler, step)
         wall += time.perf_counter() - started
         bar.update(1)
     bar.close()
