@@ -10,7 +10,20 @@ engines that share one definition of the algorithm (:mod:`prsgd.algorithm`):
 
 from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, SyncRule
 from prsgd.engines.simulator import Simulator
+from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, PrsgdError, WorkerFailure
 from prsgd.optim import LocalSGD
 
-__all__ = ["SYNC_RULES", "CommStats", "Hyperparameters", "LocalSGD", "Simulator", "SyncRule"]
+__all__ = [
+    "SYNC_RULES",
+    "CheckpointError",
+    "CommStats",
+    "Hyperparameters",
+    "InvalidArgument",
+    "LocalSGD",
+    "NonFiniteError",
+    "PrsgdError",
+    "Simulator",
+    "SyncRule",
+    "WorkerFailure",
+]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from prsgd.errors import InvalidArgument
 from prsgd.functional import momentum_sgd_
 
 Average = Callable[[list[Tensor]], int]
@@ -94,7 +95,7 @@ SYNC_RULES: dict[str, SyncRule] = {
 def sync_rule(name: str) -> SyncRule:
     """The :class:`SyncRule` called ``name``; ``ValueError`` naming the allowed ones otherwise."""
     if not isinstance(name, str) or name not in SYNC_RULES:
-        raise ValueError(f"sync={name!r} is not a known sync rule; allowed: {', '.join(SYNC_RULES)}")
+        raise InvalidArgument(f"sync={name!r} is not a known sync rule; allowed: {', '.join(SYNC_RULES)}")
     return SYNC_RULES[name]
 
 
@@ -110,17 +111,17 @@ class Hyperparameters:
     def __post_init__(self) -> None:
         _check_real("lr", self.lr)
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} is not allowed; the learning rate must be > 0")
+            raise InvalidArgument(f"lr={self.lr!r} is not allowed; the learning rate must be > 0")
         _check_real("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
+            raise InvalidArgument(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
         if not isinstance(self.nesterov, bool):
-            raise ValueError(f"nesterov={self.nesterov!r} is not allowed; it must be True or False")
+            raise InvalidArgument(f"nesterov={self.nesterov!r} is not allowed; it must be True or False")
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
+            raise InvalidArgument("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
         _check_real("weight_decay", self.weight_decay)
         if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; it must be >= 0")
+            raise InvalidArgument(f"weight_decay={self.weight_decay!r} is not allowed; it must be >= 0")
 
     def as_kwargs(self) -> dict[str, float | bool]:
         return {
@@ -134,13 +135,13 @@ class Hyperparameters:
 def check_period(period: int) -> int:
     """``period`` (I, eq. 6) must be an integer >= 1."""
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"period={period!r} is not allowed; it must be an integer >= 1")
+        raise InvalidArgument(f"period={period!r} is not allowed; it must be an integer >= 1")
     return period
 
 
 def _check_real(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number")
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a finite number")
 
 
 @dataclass
@@ -183,9 +184,9 @@ def is_sync_step(rule: SyncRule, steps_done: int, period: int) -> bool:
 def check_topology(rule: SyncRule, topology: object) -> None:
     """Gossip rules need a topology; the others take none."""
     if rule.mixes and topology is None:
-        raise ValueError(f"sync={rule.name!r} needs topology= (a name such as 'ring', a mixing matrix or a graph)")
+        raise InvalidArgument(f"sync={rule.name!r} needs topology= (a name such as 'ring', a mixing matrix or a graph)")
     if not rule.mixes and topology is not None:
-        raise ValueError(
+        raise InvalidArgument(
             f"topology={topology!r} is only used by sync='gossip' or 'gossip_params_only', not sync={rule.name!r}"
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from prsgd import demo, plot, runner, theory, train
+from prsgd.errors import PrsgdError
 
 COMMANDS = {"run": runner.main, "plot": plot.main, "train": train.main, "demo": demo.main, "theory": theory.main}
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: prsgd {{{','.join(COMMANDS)}}} [options]; got {given}")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as error:  # ConfigError, DataError, bad theory inputs
+    except (PrsgdError, FileNotFoundError) as error:
         sys.exit(f"prsgd {argv[0]}: error: {error}")
 
 

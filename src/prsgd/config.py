@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
+from prsgd.errors import InvalidArgument
 from prsgd.topology import BUILT_IN
 
 ENGINES = ("simulator", "distributed")
@@ -25,7 +26,7 @@ SPLITS = ("identical", "disjoint", "dirichlet", "classes")
 SCHEDULES = ("constant", "step")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidArgument):
     """A bad configuration value; the message names the key."""
 
 

@@ -30,6 +30,7 @@ from prsgd.engines.distributed import (
     broadcast_from_first,
     group_size,
 )
+from prsgd.errors import InvalidArgument
 from prsgd.topology import make_topology
 
 
@@ -125,7 +126,7 @@ class LocalSGD(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_built", False):
-            raise ValueError(
+            raise InvalidArgument(
                 "LocalSGD keeps all parameters in one flat buffer fixed at construction; "
                 "add_param_group after construction is not allowed: pass every group to the constructor"
             )
@@ -147,7 +148,7 @@ class LocalSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             hyper = _group_hyperparameters(group)
             if hyper.momentum > 0 and not self.has_momentum:
-                raise ValueError(
+                raise InvalidArgument(
                     f"momentum={hyper.momentum!r} was set after LocalSGD was built with momentum 0 everywhere; "
                     "momentum buffers are allocated at construction: construct it with momentum > 0"
                 )
@@ -162,7 +163,7 @@ class LocalSGD(torch.optim.Optimizer):
                 else:
                     grad = p.grad
                 if grad.is_sparse:
-                    raise ValueError("LocalSGD does not support sparse gradients")
+                    raise InvalidArgument("LocalSGD does not support sparse gradients")
                 params.append(p)
                 grads.append(grad)
             if grad_scale is not None and grads:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from prsgd.algorithm import CommStats, Hyperparameters, SyncTensors, UpdateGroup, check_period, run_step, sync_rule
 from prsgd.engines.simulator import StackedMixer, average_over_workers
+from prsgd.errors import InvalidArgument
 from prsgd.topology import make_topology
 
 
@@ -44,10 +45,10 @@ class NonConvexRegression:
     ) -> None:
         for name, value, low in (("num_workers", num_workers, 1), ("dim", dim, 1), ("samples", samples, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
+                raise InvalidArgument(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
         for name, value in (("lam", lam), ("sigma", sigma), ("zeta", zeta)):
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number >= 0")
+                raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a finite number >= 0")
         g = torch.Generator().manual_seed(seed)
         self.num_workers, self.dim, self.samples = num_workers, dim, samples
         self.lam, self.sigma, self.zeta = float(lam), float(sigma), float(zeta)

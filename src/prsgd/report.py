@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from prsgd.errors import InvalidArgument
+
 Records = Sequence[Mapping[str, Any]]
 Groups = Mapping[str, Sequence[Records]]
 
@@ -102,7 +104,7 @@ def plot_groups(
 
     for x in x_axes:
         if x not in X_AXES:
-            raise ValueError(f"x axis {x!r} is not known; allowed: {', '.join(X_AXES)}")
+            raise InvalidArgument(f"x axis {x!r} is not known; allowed: {', '.join(X_AXES)}")
     fig, axes = plt.subplots(len(metrics), len(x_axes), figsize=(5.5 * len(x_axes), 3.6 * len(metrics)), squeeze=False)
     for row, metric in enumerate(metrics):
         for col, x in enumerate(x_axes):

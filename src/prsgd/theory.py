@@ -19,6 +19,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from prsgd.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -37,7 +39,7 @@ class Recommendation:
 
 def _check(name: str, value: object, low: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a number >= {low:g}")
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a number >= {low:g}")
 
 
 def recommended_period(workers: int, steps: int, identical: bool = True, period_scale: float = 1.0) -> int:
@@ -62,7 +64,7 @@ def recommended_lr(
     _check("steps", steps, 1)
     _check("lr_scale", lr_scale, 0)
     if not 0 <= momentum < 1:
-        raise ValueError(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
+        raise InvalidArgument(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
     lr = lr_scale * math.sqrt(workers / steps)
     if smoothness is not None:
         _check("smoothness", smoothness, 0)

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prsgd.errors import InvalidArgument
+
 TOLERANCE = 1e-6
 """Row and column sums of W must be 1 within this absolute tolerance; symmetry is checked to the same."""
 
 WEIGHTS = ("uniform", "metropolis")
 
 
-class TopologyError(ValueError):
+class TopologyError(InvalidArgument):
     """An invalid graph or mixing matrix; the message names the offending entry or property."""
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prsgd.errors import InvalidArgument
 
-class DataError(ValueError):
+
+class DataError(InvalidArgument):
     """A dataset that cannot be read; the message names the path and what was expected there."""
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prsgd.errors import InvalidArgument
+
 
 class WorkerSampler:
     """Every worker reshuffles its pool of examples once per local epoch with its own seeded permutation and reads
@@ -21,12 +23,12 @@ class WorkerSampler:
     ) -> None:
         smallest = min(len(s) for s in shards) if shards is not None else num_examples
         if batch_size < 1 or batch_size > smallest:
-            raise ValueError(
+            raise InvalidArgument(
                 f"batch_size={batch_size!r} is not allowed; it must be between 1 and the {smallest} "
                 "training examples of the smallest worker"
             )
         if shards is not None and len(shards) != num_workers:
-            raise ValueError(f"{len(shards)} shards for num_workers={num_workers}")
+            raise InvalidArgument(f"{len(shards)} shards for num_workers={num_workers}")
         self.num_examples = num_examples
         self.num_workers = num_workers
         self.batch_size = batch_size

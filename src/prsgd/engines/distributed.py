@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from prsgd.errors import InvalidArgument
 from prsgd.topology import Topology
 
 
@@ -28,11 +29,11 @@ class FlatStorage:
 
     def __init__(self, tensors: Sequence[Tensor], extra_numels: Sequence[int] = ()) -> None:
         if not tensors:
-            raise ValueError("FlatStorage needs at least one tensor")
+            raise InvalidArgument("FlatStorage needs at least one tensor")
         dtypes = {t.dtype for t in tensors}
         devices = {t.device for t in tensors}
         if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(
+            raise InvalidArgument(
                 "all parameters and floating-point buffers must share one dtype and device to live in one flat "
                 f"buffer; got dtypes {sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}"
             )
@@ -194,7 +195,7 @@ def init_from_torchrun(device: str) -> torch.device:
     Returns this process's device (``cuda:LOCAL_RANK`` for CUDA)."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ValueError(
+        raise InvalidArgument(
             f"engine='distributed' needs the environment torchrun sets up (missing {', '.join(missing)}); "
             "launch with: torchrun --nproc-per-node 4 -m prsgd.train --engine distributed ..."
         )

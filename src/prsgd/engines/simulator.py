@@ -27,6 +27,7 @@ from prsgd.algorithm import (
     run_step,
     sync_rule,
 )
+from prsgd.errors import InvalidArgument
 from prsgd.topology import Topology, make_topology
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -59,7 +60,7 @@ class StackedMixer:
 
     def __init__(self, topology: Topology, device: torch.device, mode: str = "auto") -> None:
         if mode not in ("auto", "sparse", "dense"):
-            raise ValueError(f"mode={mode!r} is not known; allowed: auto, sparse, dense")
+            raise InvalidArgument(f"mode={mode!r} is not known; allowed: auto, sparse, dense")
         self.topology = topology
         self.device = device
         self.mode = mode
@@ -142,9 +143,9 @@ class Simulator:
         compute: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
+            raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 1")
+            raise InvalidArgument(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 1")
         self.hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)
@@ -152,7 +153,7 @@ class Simulator:
         self.num_workers = num_workers
         self.device = torch.device(device)
         if compute not in ("auto", "vmap", "loop"):
-            raise ValueError(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
+            raise InvalidArgument(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self.compute = compute if compute != "auto" else ("loop" if has_conv and self.device.type == "cpu" else "vmap")
         self._grad_buffers: dict[str, Tensor] = {}
@@ -208,7 +209,7 @@ class Simulator:
         for name, t in (("inputs", inputs), ("targets", targets)):
             if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != self.num_workers:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
+                raise InvalidArgument(
                     f"{name} has shape {shape}; its leading dimension must be num_workers={self.num_workers} "
                     "(one batch per worker, shape (N, b, ...))"
                 )

@@ -6,6 +6,7 @@ import math
 
 from torch import nn
 
+from prsgd.errors import InvalidArgument
 from prsgd.models.cnn import SmallCNN
 from prsgd.models.mlp import MLP
 from prsgd.models.resnet import CifarResNet, ResNet50
@@ -19,9 +20,11 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, hidden=hidden)
     if name not in MODEL_NAMES:
-        raise ValueError(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
+        raise InvalidArgument(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
     if len(input_shape) != 3:
-        raise ValueError(f"model={name!r} needs image inputs (C, H, W); this dataset's inputs have shape {input_shape}")
+        raise InvalidArgument(
+            f"model={name!r} needs image inputs (C, H, W); this dataset's inputs have shape {input_shape}"
+        )
     channels = input_shape[0]
     if name == "cnn":
         return SmallCNN(channels, num_classes, image_size=input_shape[1])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prsgd.errors import InvalidArgument
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
@@ -38,7 +40,9 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth={depth} is not allowed; it must be 6n + 2 (8, 20, 32, 44, 56, 110)")
+            raise InvalidArgument(
+                f"CIFAR ResNet depth={depth} is not allowed; it must be 6n + 2 (8, 20, 32, 44, 56, 110)"
+            )
         n = (depth - 2) // 6
         self.conv = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(16)
