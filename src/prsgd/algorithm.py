@@ -181,6 +181,17 @@ def is_sync_step(rule: SyncRule, steps_done: int, period: int) -> bool:
     return (rule.averages_params or rule.mixes) and steps_done % period == 0
 
 
+def in_consensus(rule: SyncRule, steps_done: int, period: int, has_momentum: bool) -> bool:
+    """Whether every worker holds the same parameters, model buffers and momentum after ``steps_done`` steps
+    (all start equal; afterwards only right after a round that averages everything, or always when gradients are
+    averaged). A checkpoint taken then may be resumed with a different number of workers."""
+    if steps_done == 0 or rule.averages_gradients:
+        return True
+    if not rule.averages_params or steps_done % period:
+        return False
+    return rule.momentum_at_sync != "keep" or not has_momentum
+
+
 def check_topology(rule: SyncRule, topology: object) -> None:
     """Gossip rules need a topology; the others take none."""
     if rule.mixes and topology is None:

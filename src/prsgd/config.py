@@ -100,6 +100,9 @@ class TrainingConfig:
     evals: int = 20  # evaluations over the run, plus one at step 0
     eval_train_examples: int = 10_000  # training loss is measured on this many (seeded) training examples
     seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (with ``out``); 0: at every evaluation. Always at the end
+    keep_checkpoints: int = 2  # the newest this many complete checkpoints are kept
+    check_finite: bool = True  # stop with an error naming the step and worker at the first NaN/inf
 
     def __post_init__(self) -> None:
         _at_least("training.workers", self.workers, 1)
@@ -115,6 +118,10 @@ class TrainingConfig:
         _at_least("training.warmup_epochs", self.warmup_epochs, 0)
         _at_least("training.evals", self.evals, 1)
         _at_least("training.eval_train_examples", self.eval_train_examples, 1)
+        _at_least("training.checkpoint_every", self.checkpoint_every, 0)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"training.seed={self.seed!r} is not allowed; it must be in [0, 2**63)")
+        _at_least("training.keep_checkpoints", self.keep_checkpoints, 1)
 
     def lr_at(self, joint_epoch: float) -> float:
         """The learning rate after ``joint_epoch`` joint epochs: warm-up, then constant or step decay."""
@@ -134,6 +141,8 @@ class RunConfig:
     progress: bool = True
     seeds: int = 1  # prsgd run: seeds training.seed, +1, ... (each into OUT/seed<k>)
     sweep: str = ""  # prsgd run: "KEY=V1,V2,..." runs once per value (each into OUT/<key>=<value>)
+    resume: bool = False  # continue from the newest intact checkpoint in OUT/checkpoints (if there is one)
+    worker_timeout: float = 300.0  # distributed: seconds a collective waits before the run fails naming the rank
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -143,6 +152,7 @@ class RunConfig:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
         _at_least("seeds", self.seeds, 1)
+        _positive("worker_timeout", self.worker_timeout)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys (``algorithm.period``) or unique leaf names (``period``) replaced."""

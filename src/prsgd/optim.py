@@ -20,6 +20,7 @@ from prsgd.algorithm import (
     UpdateGroup,
     check_period,
     check_topology,
+    in_consensus,
     run_step,
     sync_rule,
 )
@@ -28,9 +29,10 @@ from prsgd.engines.distributed import (
     FlatStorage,
     NeighbourMix,
     broadcast_from_first,
+    group_rank,
     group_size,
 )
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, NonFiniteError
 from prsgd.topology import make_topology
 
 
@@ -55,6 +57,9 @@ class LocalSGD(torch.optim.Optimizer):
             :class:`prsgd.topology.Topology`, an N x N mixing matrix or an adjacency list (see
             :func:`prsgd.topology.make_topology`); worker i of the topology is rank i of the group. Each
             worker then exchanges only with its neighbours, point to point.
+        check_finite: check this worker's gradients before the step (unless a GradScaler handles them) and its
+            parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
+            naming the step and this worker's rank. One pass over the flat storage per step, no communication.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
@@ -79,7 +84,11 @@ class LocalSGD(torch.optim.Optimizer):
         sync: str = "params_and_momentum",
         process_group: Any = None,
         topology: object = None,
+        check_finite: bool = False,
     ) -> None:
+        if not isinstance(check_finite, bool):
+            raise InvalidArgument(f"check_finite={check_finite!r} is not allowed; it must be True or False")
+        self.check_finite = check_finite
         Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)
@@ -170,6 +179,9 @@ class LocalSGD(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, float(grad_scale.double().reciprocal()))
             buffers = [self.state[p]["momentum_buffer"] for p in params] if hyper.momentum > 0 else []
             groups.append(UpdateGroup(params, grads, buffers, hyper))
+        if self.check_finite and found_inf is None:
+            gradients = [self._grads_flat] if self._grads_flat is not None else [g for u in groups for g in u.grads]
+            self._raise_if_nonfinite("gradient", gradients, self.steps_done)
 
         self.steps_done, _ = run_step(
             self.rule,
@@ -182,7 +194,21 @@ class LocalSGD(torch.optim.Optimizer):
             mix=self.mix,
             found_inf=found_inf,
         )
+        if self.check_finite:
+            self._raise_if_nonfinite("parameter, buffer or momentum", [self.storage.flat], self.steps_done - 1)
         return loss
+
+    def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise NonFiniteError(
+                f"non-finite {what} (NaN or inf) at step {step} on rank {group_rank(self.process_group)} "
+                f"of {self.num_workers}"
+            )
+
+    @property
+    def in_consensus(self) -> bool:
+        """Whether all workers hold the same state now (see :func:`prsgd.algorithm.in_consensus`)."""
+        return in_consensus(self.rule, self.steps_done, self.period, self.has_momentum)
 
     def state_dict(self) -> dict[str, Any]:
         """Like ``Optimizer.state_dict`` plus prsgd's counters; momentum buffers are copied out of flat storage."""

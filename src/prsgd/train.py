@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from prsgd import checkpoint
 from prsgd.algorithm import CommStats
 from prsgd.config import ConfigError, RunConfig, add_flat_arguments, from_flat_arguments
 from prsgd.data import Dataset, WorkerSampler, label_distribution, load_dataset, partition
 from prsgd.data.augment import random_crop_flip
 from prsgd.engines import distributed
 from prsgd.engines.simulator import Simulator
+from prsgd.errors import CheckpointError, NonFiniteError, PrsgdError
 from prsgd.models import build_model
 from prsgd.optim import LocalSGD
 from prsgd.theory import recommended_period
@@ -64,10 +67,33 @@ class SimulatedWorkers:
     """All N workers in this process (:class:`prsgd.Simulator`)."""
 
     def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, num_workers: int) -> None:
-        self.sim = Simulator(model, num_workers=num_workers, device=config.device, **algorithm_kwargs(config))
+        self.sim = Simulator(
+            model,
+            num_workers=num_workers,
+            device=config.device,
+            check_finite=config.training.check_finite,
+            **algorithm_kwargs(config),
+        )
         self.data, self.config = data, config
         self.device = torch.device(config.device)
         self.num_workers = num_workers
+        self.shard_rank = 0  # all workers live in this process: one checkpoint shard
+
+    @property
+    def in_consensus(self) -> bool:
+        return self.sim.in_consensus
+
+    def state(self) -> dict[str, Any]:
+        return self.sim.state_dict()
+
+    def load(self, state: dict[str, Any], steps_done: int | None = None) -> None:
+        """Restore ``state``; with ``steps_done``, ``state`` is a consensus state of another number of workers:
+        every worker starts from its worker 0 and the step counter becomes ``steps_done``."""
+        if steps_done is not None:
+            state = dict(state, num_workers=self.num_workers, steps_done=steps_done)
+            for kind in ("params", "buffers", "momentum"):
+                state[kind] = {n: t[:1].expand(self.num_workers, *t.shape[1:]) for n, t in state[kind].items()}
+        self.sim.load_state_dict(state)
 
     @property
     def comm(self) -> CommStats:
@@ -89,11 +115,25 @@ class DistributedWorker:
 
     def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, device: torch.device) -> None:
         self.model = model.to(device)
-        self.opt = LocalSGD(self.model, **algorithm_kwargs(config))
+        self.opt = LocalSGD(self.model, check_finite=config.training.check_finite, **algorithm_kwargs(config))
         self.data, self.config = data, config
         self.device = device
         self.rank = distributed.group_rank()
         self.num_workers = distributed.group_size()
+        self.shard_rank = self.rank
+
+    @property
+    def in_consensus(self) -> bool:
+        return self.opt.in_consensus
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load(self, state: dict[str, Any], steps_done: int | None = None) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if steps_done is not None:
+            self.opt.steps_done = steps_done
 
     @property
     def comm(self) -> CommStats:
@@ -108,7 +148,10 @@ class DistributedWorker:
         x, y = worker_batches(self.data, own, range(self.rank, self.rank + 1), step, self.config)
         self.model.train()
         self.opt.zero_grad()
-        F.cross_entropy(self.model(x[0].to(self.device)), y[0].to(self.device)).backward()
+        loss = F.cross_entropy(self.model(x[0].to(self.device)), y[0].to(self.device))
+        if self.config.training.check_finite and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step} on rank {self.rank}")
+        loss.backward()
         self.opt.step()
 
     def averaged_model(self) -> nn.Module:
@@ -155,7 +198,7 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
         image_size=config.data.image_size,
     )
     if config.engine == "distributed":
-        device = distributed.init_from_torchrun(config.device)
+        device = distributed.init_from_torchrun(config.device, config.worker_timeout)
         num_workers = distributed.group_size()
         if t.workers != num_workers:
             raise ConfigError(
@@ -202,59 +245,186 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
     test_eval = torch.arange(len(data.test))
 
     out = Path(config.out) if config.out and is_main else None
+    resolved = config.to_dict()
+    resolved["training"]["workers"] = num_workers
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = config.to_dict()
-        resolved["training"]["workers"] = num_workers
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         (out / "split.json").write_text(json.dumps({"split": config.data.split, **heterogeneity}) + "\n")
-        (out / "log.jsonl").write_text("")
     if is_main and config.data.split != "identical":
         tqdm.write(
             f"split={config.data.split}: mean total-variation distance of worker label distributions "
             f"from the whole set = {heterogeneity['mean_total_variation']:.3f}"
         )
 
-    records: list[Record] = []
-    wall, lr = 0.0, None
+    saver = Checkpoints(config, resolved, workers, is_main) if config.out else None
+    start, wall, records = 0, 0.0, []
+    if saver is not None and (config.resume or distributed.restarted_by_torchrun()):
+        start, wall, records = saver.resume(examples_per_step, len(data.train))
+    if out is not None:
+        checkpoint.atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    lr = None
     desc = f"{config.algorithm.sync} I={config.algorithm.period}"
-    bar = tqdm(total=total_steps, desc=desc, disable=not (config.progress and is_main), leave=False, dynamic_ncols=True)
-    for step in range(total_steps + 1):
-        joint_epoch = step * examples_per_step / len(data.train)
-        if step in eval_steps:
-            avg = workers.averaged_model()
-            train_loss, train_acc = evaluate(avg, data.train, train_eval, device)
-            test_loss, test_acc = evaluate(avg, data.test, test_eval, device)
-            record = {
-                "joint_epoch": joint_epoch,
-                "step": step,
-                "lr": t.lr_at(joint_epoch),
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "wall_clock": wall,
-                "comm_rounds": workers.comm.rounds,
-                "comm_bytes": workers.comm.bytes,
-            }
-            records.append(record)
-            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{test_acc:.3f}")
-            if out is not None:
-                with (out / "log.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if on_record is not None:
-                on_record(record)
-        if step == total_steps:
-            break
-        started = time.perf_counter()
-        if t.lr_at(joint_epoch) != lr:
-            lr = t.lr_at(joint_epoch)
-            workers.set_lr(lr)
-        workers.step(sampler, step)
-        wall += time.perf_counter() - started
-        bar.update(1)
-    bar.close()
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=desc,
+        disable=not (config.progress and is_main),
+        leave=False,
+        dynamic_ncols=True,
+    )
+    step = start
+    try:
+        for step in range(start, total_steps + 1):
+            joint_epoch = step * examples_per_step / len(data.train)
+            resumed_here = step == start and start > 0
+            if step in eval_steps and not resumed_here:
+                avg = workers.averaged_model()
+                train_loss, train_acc = evaluate(avg, data.train, train_eval, device)
+                test_loss, test_acc = evaluate(avg, data.test, test_eval, device)
+                record = {
+                    "joint_epoch": joint_epoch,
+                    "step": step,
+                    "lr": t.lr_at(joint_epoch),
+                    "train_loss": train_loss,
+                    "train_accuracy": train_acc,
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "wall_clock": wall,
+                    "comm_rounds": workers.comm.rounds,
+                    "comm_bytes": workers.comm.bytes,
+                }
+                records.append(record)
+                bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{test_acc:.3f}")
+                if out is not None:
+                    with (out / "log.jsonl").open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if on_record is not None:
+                    on_record(record)
+            if saver is not None and not resumed_here and saver.due(step, eval_steps, total_steps):
+                saver.save(step, wall, records)
+            if step == total_steps:
+                break
+            started = time.perf_counter()
+            if t.lr_at(joint_epoch) != lr:
+                lr = t.lr_at(joint_epoch)
+                workers.set_lr(lr)
+            workers.step(sampler, step)
+            wall += time.perf_counter() - started
+            bar.update(1)
+    except (PrsgdError, RuntimeError) as error:
+        failure: BaseException = error
+        if isinstance(error, NonFiniteError):
+            kept = saver.last if saver is not None and saver.last else "none was written"
+            failure = NonFiniteError(f"{error}; training stopped, the last good checkpoint is kept: {kept}")
+        if config.engine == "distributed":
+            failure = distributed.explain_failure(failure, f"training step {step}")
+        if failure is error:
+            raise
+        raise failure from error
+    finally:
+        bar.close()
     return records
+
+
+class Checkpoints:
+    """The run's checkpoints in ``OUT/checkpoints`` (:mod:`prsgd.checkpoint`): every rank's full state (its
+    workers' parameters, buffers, momentum, step counter, learning rate and communication counters; the torch RNG
+    states; the wall clock and the records so far). The data order and augmentation are functions of (seed, step,
+    worker), so the step is their position."""
+
+    IGNORED = frozenset({"out", "progress", "resume", "worker_timeout", "seeds", "sweep", "device"})
+    IGNORED_TRAINING = frozenset({"epochs", "evals", "checkpoint_every", "keep_checkpoints", "workers"})
+
+    def __init__(self, config: RunConfig, resolved: dict[str, Any], workers, is_main: bool) -> None:
+        self.root = Path(config.out) / "checkpoints"
+        self.config, self.resolved, self.workers, self.is_main = config, resolved, workers, is_main
+        self.last: Path | None = None
+
+    def due(self, step: int, eval_steps: list[int], total_steps: int) -> bool:
+        every = self.config.training.checkpoint_every
+        if step == 0:
+            return False
+        return step == total_steps or (step % every == 0 if every else step in eval_steps)
+
+    def _rng(self) -> dict[str, Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.device(self.config.device).type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return rng
+
+    def save(self, step: int, wall: float, records: list[Record]) -> None:
+        shard = {"engine": self.workers.state(), "rng": self._rng(), "step": step, "wall": wall, "records": records}
+        entry = checkpoint.save_shard(self.root, step, self.workers.shard_rank, shard)
+        entries = distributed.all_gather_objects(entry) if self.config.engine == "distributed" else [entry]
+        meta = {
+            "engine": self.config.engine,
+            "workers": self.workers.num_workers,
+            "consensus": self.workers.in_consensus,
+            "config": self.resolved,
+        }
+        if self.is_main:
+            self.last = checkpoint.write_manifest(self.root, step, entries, meta, self.config.training.keep_checkpoints)
+
+    def _mismatch(self, saved: dict[str, Any]) -> list[str]:
+        ours = self.resolved
+        keys = [k for k in set(ours) | set(saved) if k not in self.IGNORED and not isinstance(ours.get(k), dict)]
+        diffs = [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(keys) if saved.get(k) != ours.get(k)]
+        for section in ("data", "model", "algorithm", "training"):
+            a, b = saved.get(section, {}), ours.get(section, {})
+            for key in sorted(set(a) | set(b)):
+                ignored = section == "training" and key in self.IGNORED_TRAINING
+                if not ignored and a.get(key) != b.get(key):
+                    diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        return diffs
+
+    def resume(self, examples_per_step: int, train_size: int) -> tuple[int, float, list[Record]]:
+        """Load the newest intact checkpoint; return (step to continue from, wall clock, records so far)."""
+        found = distributed.broadcast_object(checkpoint.latest(self.root) if self.is_main else None)
+        if found is None:
+            if self.is_main:
+                tqdm.write(f"resume: no complete checkpoint in {self.root}; starting from step 0")
+            return 0, 0.0, []
+        manifest = found.manifest
+        if manifest["engine"] != self.config.engine:
+            raise CheckpointError(
+                f"{found.folder} was written by engine={manifest['engine']!r}; this run uses "
+                f"engine={self.config.engine!r}: resume with the same engine"
+            )
+        diffs = self._mismatch(manifest["config"])
+        if diffs:
+            raise CheckpointError(
+                f"{found.folder} belongs to a run with another config ({'; '.join(diffs)}); "
+                "resume with the config it was written with, or use another out folder"
+            )
+        n, saved_n = self.workers.num_workers, manifest["workers"]
+        steps_done = None
+        if saved_n != n:
+            if not manifest["consensus"]:
+                raise CheckpointError(
+                    f"{found.folder} was taken with {saved_n} workers in the middle of a period (the workers "
+                    f"hold different states), so it can only be resumed with {saved_n} workers, not {n}; only a "
+                    "checkpoint taken right after a full sync can change the number of workers"
+                )
+            steps_done = round(found.step * saved_n / n)
+        state = found.load(self.workers.shard_rank if steps_done is None else 0)
+        self.workers.load(state["engine"], steps_done)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.device(self.config.device).type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        self.last = found.folder
+        start = found.step if steps_done is None else steps_done
+        if self.is_main:
+            change = (
+                ""
+                if steps_done is None
+                else f"; it was taken right after a sync with {saved_n} workers, so all {n} workers start from its "
+                f"common state at joint epoch {start * examples_per_step / train_size:.3f} (step {start}); the "
+                "data order differs from an uninterrupted run"
+            )
+            tqdm.write(f"resume: continuing from {found.folder} (step {found.step}){change}")
+        return start, float(state["wall"]), list(state["records"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,14 +433,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
         args.workers = os.environ["WORLD_SIZE"]
-    config = from_flat_arguments(args)
     try:
+        config = from_flat_arguments(args)
         records = run(config)
         if distributed.group_rank() == 0:
             print(json.dumps(records[-1]))
+    except PrsgdError as error:
+        sys.exit(f"prsgd train: error: {error}")
     finally:
-        if config.engine == "distributed":
-            distributed.shutdown()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,15 +8,20 @@ initialized (or has one member) averaging does nothing, so the same code runs in
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import os
+import threading
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, PrsgdError, WorkerFailure
 from prsgd.topology import Topology
 
 
@@ -189,8 +194,27 @@ def broadcast_from_first(tensor: Tensor, process_group: dist.ProcessGroup | None
         dist.broadcast(tensor, src=src, group=process_group)
 
 
-def init_from_torchrun(device: str) -> torch.device:
-    """Join the process group torchrun described in the environment (gloo on CPU, NCCL on CUDA).
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if group_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * group_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if group_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def init_from_torchrun(device: str, timeout: float = 300.0) -> torch.device:
+    """Join the process group torchrun described in the environment (gloo on CPU, NCCL on CUDA), with collectives
+    that give up after ``timeout`` seconds, and start this rank's :class:`Heartbeat`.
 
     Returns this process's device (``cuda:LOCAL_RANK`` for CUDA)."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -207,13 +231,122 @@ def init_from_torchrun(device: str) -> torch.device:
         local = torch.device(device)
         backend = "gloo"
     if not is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        start_heartbeat(timeout)
     return local
 
 
+class Heartbeat:
+    """Each rank bumps a counter in the rendezvous store (a TCPStore at MASTER_ADDR:MASTER_PORT: torchrun's agent,
+    or rank 0 without torchrun) every ``interval`` seconds from a daemon thread. When a collective fails,
+    :meth:`unresponsive` reads the counters twice, ``2.5 interval`` apart: a rank whose counter did not move is
+    dead or hung. A rank that stops because of an error of its own says so under its key first."""
+
+    def __init__(self, timeout: float, rank: int, world_size: int) -> None:
+        self.interval = min(5.0, max(0.1, timeout / 20))
+        self.rank, self.world_size = rank, world_size
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}"
+        self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        self._store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=max(5.0, 4 * self.interval)),
+        )
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beats = 0
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="prsgd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self._beats += 1
+        with self._lock:
+            self._store.set(f"{self.prefix}/beat/{self.rank}", str(self._beats))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # the store is gone: the failure is reported by the collective that notices it
+                return
+
+    def _read(self, kind: str) -> dict[int, str]:
+        keys = [f"{self.prefix}/{kind}/{r}" for r in range(self.world_size)]
+        with self._lock:
+            return {r: self._store.get(k).decode() for r, k in enumerate(keys) if self._store.check([k])}
+
+    def say_stopping(self, reason: str) -> None:
+        with contextlib.suppress(Exception), self._lock:
+            self._store.set(f"{self.prefix}/stopped/{self.rank}", reason[:500])
+
+    def unresponsive(self) -> tuple[list[int], dict[int, str]]:
+        """(ranks that stopped beating, {rank: the reason a rank gave for stopping}); raises if no store."""
+        first = self._read("beat")
+        time.sleep(2.5 * self.interval)
+        second = self._read("beat")
+        stopped = self._read("stopped")
+        silent = [r for r in range(self.world_size) if r != self.rank and first.get(r) == second.get(r)]
+        return [r for r in silent if r not in stopped], {r: why for r, why in stopped.items() if r != self.rank}
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+_HEARTBEAT: Heartbeat | None = None
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun (``--max-restarts``) restarted this job after a failure: then it resumes by itself."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def start_heartbeat(timeout: float) -> None:
+    global _HEARTBEAT
+    if _HEARTBEAT is None and group_size() > 1:
+        _HEARTBEAT = Heartbeat(timeout, group_rank(), group_size())
+
+
+def explain_failure(error: BaseException, doing: str) -> PrsgdError:
+    """The error to raise on this rank after ``error`` stopped a collective (or this rank's own work)."""
+    if isinstance(error, PrsgdError):  # this rank's own, e.g. non-finite values: tell the others why it stops
+        if _HEARTBEAT is not None:
+            _HEARTBEAT.say_stopping(f"{type(error).__name__}: {error}")
+        return error
+    me = group_rank()
+    cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    if _HEARTBEAT is None:
+        return WorkerFailure(f"rank {me}: a collective failed while {doing}: {cause}")
+    try:
+        silent, stopped = _HEARTBEAT.unresponsive()
+    except Exception:
+        failure = WorkerFailure(
+            f"rank {me}: lost the rendezvous store at {_HEARTBEAT.address} while {doing}; it runs in torchrun's "
+            f"agent or, without torchrun, in rank 0, which is then unresponsive (cause: {cause})"
+        )
+    else:
+        parts = []
+        if silent:
+            listed = ", ".join(map(str, silent))
+            parts.append(f"rank {listed} {'is' if len(silent) == 1 else 'are'} unresponsive (died or hung)")
+        parts += [f"rank {r} stopped ({why})" for r, why in sorted(stopped.items())]
+        if not parts:
+            parts.append("every other rank still responds")
+        failure = WorkerFailure(f"rank {me}: a collective failed while {doing}: {'; '.join(parts)} (cause: {cause})")
+    _HEARTBEAT.say_stopping(f"gave up after another rank's failure while {doing}")
+    return failure
+
+
 def shutdown() -> None:
+    global _HEARTBEAT
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.close()
+        _HEARTBEAT = None
     if is_initialized():
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # peers may be gone already; the process is ending anyway
+            dist.destroy_process_group()
 
 
 def averaged_copy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:

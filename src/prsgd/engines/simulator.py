@@ -24,10 +24,11 @@ from prsgd.algorithm import (
     UpdateGroup,
     check_period,
     check_topology,
+    in_consensus,
     run_step,
     sync_rule,
 )
-from prsgd.errors import InvalidArgument
+from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError
 from prsgd.topology import Topology, make_topology
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -122,6 +123,10 @@ class Simulator:
             per worker on views of the stacked tensors: on CPU, convolutions run faster per worker than as the
             grouped convolution vmap makes of them; see ``benchmarks/simulator_throughput.py``) or ``"auto"``
             (loop for models with convolutions on CPU, vmap otherwise). Update and sync are vectorized either way.
+        check_finite: after computing the gradients and after the update, check every worker's loss, gradients,
+            parameters, buffers and momentum and raise :class:`prsgd.NonFiniteError` naming the step and the
+            first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
+            so the worker named is the one where it arose). Costs one pass over the tensors per step.
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -141,6 +146,7 @@ class Simulator:
         device: str | torch.device = "cpu",
         topology: object = None,
         compute: str = "auto",
+        check_finite: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
@@ -151,6 +157,9 @@ class Simulator:
         self.rule = sync_rule(sync)
         check_topology(self.rule, topology)
         self.num_workers = num_workers
+        if not isinstance(check_finite, bool):
+            raise InvalidArgument(f"check_finite={check_finite!r} is not allowed; it must be True or False")
+        self.check_finite = check_finite
         self.device = torch.device(device)
         if compute not in ("auto", "vmap", "loop"):
             raise InvalidArgument(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
@@ -220,6 +229,9 @@ class Simulator:
             grads, losses = per_worker(self._params, self._buffers, inputs, targets)
         else:
             grads, losses = self._loop_gradients(loss_fn, inputs, targets)
+        if self.check_finite:
+            self._raise_if_nonfinite("loss", [losses.detach()])
+            self._raise_if_nonfinite("gradient", list(grads.values()))
         group = UpdateGroup(
             params=list(self._params.values()),
             grads=[grads[name] for name in self._params],
@@ -236,7 +248,58 @@ class Simulator:
             self.comm,
             mix=self.mix,
         )
+        if self.check_finite:
+            self._raise_if_nonfinite("parameter", self.sync_tensors.params, after_update=True)
+            self._raise_if_nonfinite("buffer", self.sync_tensors.model_buffers, after_update=True)
+            self._raise_if_nonfinite("momentum buffer", self.sync_tensors.momentum_buffers, after_update=True)
         return losses.detach()
+
+    def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], after_update: bool = False) -> None:
+        if not tensors:
+            return
+        finite = torch.stack([torch.isfinite(t.reshape(self.num_workers, -1)).all(1) for t in tensors]).all(0)
+        if bool(finite.all()):
+            return
+        bad = torch.nonzero(~finite).flatten().tolist()
+        step = self.steps_done - 1 if after_update else self.steps_done
+        raise NonFiniteError(
+            f"non-finite {what} (NaN or inf) at step {step} on worker {bad[0]} of {self.num_workers}"
+            + (f" (also workers {', '.join(map(str, bad[1:]))})" if len(bad) > 1 else "")
+        )
+
+    @property
+    def in_consensus(self) -> bool:
+        """Whether all workers hold the same state now (see :func:`prsgd.algorithm.in_consensus`)."""
+        return in_consensus(self.rule, self.steps_done, self.period, bool(self._momentum))
+
+    def state_dict(self) -> dict[str, object]:
+        """Everything needed to continue bit-identically: every worker's parameters, model buffers and momentum
+        buffers, the step counter (hence the position within the period), the learning rate and ``comm``."""
+        return {
+            "num_workers": self.num_workers,
+            "params": self.params(),
+            "buffers": self.buffers(),
+            "momentum": self.momentum(),
+            "steps_done": self.steps_done,
+            "lr": self.hyper.lr,
+            "comm": [self.comm.rounds, self.comm.bytes],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output of a simulator of the same model and number of workers."""
+        if state.get("num_workers") != self.num_workers:
+            raise CheckpointError(
+                f"the state holds {state.get('num_workers')} workers; this simulator has {self.num_workers}"
+            )
+        for kind, ours in (("params", self._params), ("buffers", self._buffers), ("momentum", self._momentum)):
+            theirs = state[kind]
+            if set(theirs) != set(ours) or any(theirs[n].shape != t.shape for n, t in ours.items()):
+                raise CheckpointError(f"the state's {kind} do not match this model's (names or shapes differ)")
+            for name, t in ours.items():
+                t.copy_(theirs[name])
+        self.steps_done = int(state["steps_done"])
+        self.set_lr(float(state["lr"]))
+        self.comm = CommStats(*state["comm"])
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate gamma for the following steps (e.g. from a schedule)."""
