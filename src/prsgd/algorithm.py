@@ -18,7 +18,6 @@ communicated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, check_int, check_number
 from prsgd.functional import momentum_sgd_
 
 Average = Callable[[list[Tensor]], int]
@@ -134,14 +133,11 @@ class Hyperparameters:
 
 def check_period(period: int) -> int:
     """``period`` (I, eq. 6) must be an integer >= 1."""
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise InvalidArgument(f"period={period!r} is not allowed; it must be an integer >= 1")
-    return period
+    return check_int("period", period, 1)
 
 
 def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a finite number")
+    check_number(name, value)
 
 
 @dataclass

@@ -206,13 +206,13 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif annotation in (int, float):
-        if isinstance(value, str):
-            try:
-                return annotation(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int if annotation is int else int | float) and not isinstance(value, bool):
-            return annotation(value)
+        numeric = isinstance(value, int if annotation is int else int | float) and not isinstance(value, bool)
+        try:
+            converted = annotation(value) if isinstance(value, str) or numeric else None
+        except (ValueError, OverflowError):
+            converted = None
+        if converted is not None and (annotation is float or -(2**63) <= converted < 2**63):
+            return converted
     elif annotation is str:
         if isinstance(value, str):
             return value

@@ -3,6 +3,9 @@ bad value (or the failed worker, step or file) and what is allowed, so that call
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 
 class PrsgdError(Exception):
     """Base class of every error prsgd raises on purpose."""
@@ -22,3 +25,38 @@ class WorkerFailure(PrsgdError, RuntimeError):
 
 class NonFiniteError(PrsgdError, FloatingPointError):
     """A NaN or infinity appeared in a worker's loss, gradients or parameters."""
+
+
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool) in [low, high]; :class:`InvalidArgument` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be an integer{_range(low, high)}")
+    if high is not None and value > high:
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be an integer{_range(low, high)}")
+    return value
+
+
+def check_number(name: str, value: object, low: float | None = None, *, positive: bool = False) -> float:
+    """``value`` if it is a finite real number (not a bool), > 0 with ``positive``, >= ``low`` otherwise."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if ok and low is not None:
+        ok = value >= low
+    if not ok:
+        bound = " > 0" if positive else (f" >= {low:g}" if low is not None else "")
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a finite number{bound}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidArgument(f"{name}={value!r} is not known; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _range(low: int | None, high: int | None) -> str:
+    if low is not None and high is not None:
+        return f" in [{low}, {high}]"
+    return f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")

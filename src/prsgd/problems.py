@@ -26,7 +26,7 @@ from torch import Tensor
 
 from prsgd.algorithm import CommStats, Hyperparameters, SyncTensors, UpdateGroup, check_period, run_step, sync_rule
 from prsgd.engines.simulator import StackedMixer, average_over_workers
-from prsgd.errors import InvalidArgument
+from prsgd.errors import check_int, check_number
 from prsgd.topology import make_topology
 
 
@@ -43,12 +43,11 @@ class NonConvexRegression:
         zeta: float = 0.0,
         seed: int = 0,
     ) -> None:
-        for name, value, low in (("num_workers", num_workers, 1), ("dim", dim, 1), ("samples", samples, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidArgument(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
+        for name, value in (("num_workers", num_workers), ("dim", dim), ("samples", samples)):
+            check_int(name, value, 1)
         for name, value in (("lam", lam), ("sigma", sigma), ("zeta", zeta)):
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a finite number >= 0")
+            check_number(name, value, 0)
+        check_int("seed", seed, 0)
         g = torch.Generator().manual_seed(seed)
         self.num_workers, self.dim, self.samples = num_workers, dim, samples
         self.lam, self.sigma, self.zeta = float(lam), float(sigma), float(zeta)

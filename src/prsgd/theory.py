@@ -19,7 +19,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, check_number
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,7 @@ class Recommendation:
 
 
 def _check(name: str, value: object, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
-        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be a number >= {low:g}")
+    check_number(name, value, low)
 
 
 def recommended_period(workers: int, steps: int, identical: bool = True, period_scale: float = 1.0) -> int:
@@ -63,7 +62,7 @@ def recommended_lr(
     _check("workers", workers, 1)
     _check("steps", steps, 1)
     _check("lr_scale", lr_scale, 0)
-    if not 0 <= momentum < 1:
+    if not 0 <= check_number("momentum", momentum, 0) < 1:
         raise InvalidArgument(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
     lr = lr_scale * math.sqrt(workers / steps)
     if smoothness is not None:

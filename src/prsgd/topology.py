@@ -354,31 +354,42 @@ BUILT_IN = {
 def make_topology(spec: object, num_workers: int) -> Topology:
     """A topology for ``num_workers`` from a name (``"ring"``, ``"torus"``, ...), a :class:`Topology`, a mixing
     matrix (N x N floats), or a graph as a list of neighbour lists / dict (Metropolis-Hastings weights)."""
+    _check_size(num_workers)
+    try:
+        topology = _topology_from(spec, num_workers)
+    except TopologyError:
+        raise
+    except (TypeError, ValueError, IndexError, OverflowError) as error:
+        raise TopologyError(
+            f"topology={spec!r} is not a valid mixing matrix or adjacency list ({type(error).__name__}: {error})"
+        ) from None
+    if topology.num_workers != num_workers:
+        raise TopologyError(
+            f"topology {topology.name} has {topology.num_workers} workers but num_workers={num_workers}"
+        )
+    return topology
+
+
+def _topology_from(spec: object, num_workers: int) -> Topology:
     if isinstance(spec, Topology):
-        topology = spec
-    elif isinstance(spec, str):
+        return spec
+    if isinstance(spec, str):
         if spec not in BUILT_IN:
             raise TopologyError(f"topology={spec!r} is not known; allowed: {', '.join(BUILT_IN)}")
-        topology = BUILT_IN[spec](num_workers)
-    elif isinstance(spec, Mapping):
-        topology = from_graph(spec)
-    elif hasattr(spec, "shape") or (
+        return BUILT_IN[spec](num_workers)
+    if isinstance(spec, Mapping):
+        return from_graph(spec)
+    if hasattr(spec, "shape") or (
         isinstance(spec, Sequence)
         and spec
         and isinstance(spec[0], Sequence)
         and spec[0]
         and isinstance(spec[0][0], float)
     ):
-        topology = from_matrix(np.asarray(spec, dtype=np.float64))
-    elif isinstance(spec, Sequence):
-        topology = from_graph(spec)
-    else:
-        raise TopologyError(
-            f"topology={spec!r} is not allowed; give a name ({', '.join(BUILT_IN)}), a Topology, "
-            "an N x N mixing matrix or an adjacency list"
-        )
-    if topology.num_workers != num_workers:
-        raise TopologyError(
-            f"topology {topology.name} has {topology.num_workers} workers but num_workers={num_workers}"
-        )
-    return topology
+        return from_matrix(np.asarray(spec, dtype=np.float64))
+    if isinstance(spec, Sequence) and not isinstance(spec, bytes):
+        return from_graph(spec)
+    raise TopologyError(
+        f"topology={spec!r} is not allowed; give a name ({', '.join(BUILT_IN)}), a Topology, "
+        "an N x N mixing matrix or an adjacency list"
+    )

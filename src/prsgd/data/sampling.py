@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, check_int
 
 
 class WorkerSampler:
@@ -21,6 +21,12 @@ class WorkerSampler:
     def __init__(
         self, num_examples: int, num_workers: int, batch_size: int, seed: int = 0, shards: list[Tensor] | None = None
     ) -> None:
+        check_int("num_examples", num_examples, 1)
+        check_int("num_workers", num_workers, 1)
+        check_int("seed", seed, 0)
+        check_int("batch_size", batch_size, 1)
+        if shards is not None and (not isinstance(shards, list | tuple) or len(shards) != num_workers):
+            raise InvalidArgument(f"shards must be a list of num_workers={num_workers} index tensors")
         smallest = min(len(s) for s in shards) if shards is not None else num_examples
         if batch_size < 1 or batch_size > smallest:
             raise InvalidArgument(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from prsgd.data.datasets import DataError
+from prsgd.errors import check_choice, check_int, check_number
 
 
 def partition(
@@ -32,6 +33,12 @@ def partition(
 
     Every shard holds at least ``min_size`` examples (the per-worker batch size): a Dirichlet draw that leaves a
     worker with fewer is redrawn (up to 100 times) before giving up with an error."""
+    check_int("num_workers", num_workers, 1)
+    check_choice("split", kind, ("identical", "disjoint", "dirichlet", "classes"))
+    check_int("seed", seed, 0)
+    check_number("alpha", alpha, positive=True)
+    check_int("classes_per_worker", classes_per_worker, 1)
+    check_int("min_size", min_size, 1)
     rng = np.random.default_rng(seed)
     labels = targets.numpy()
     n = len(labels)

@@ -28,7 +28,7 @@ from prsgd.algorithm import (
     run_step,
     sync_rule,
 )
-from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError
+from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_int
 from prsgd.topology import Topology, make_topology
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -150,8 +150,7 @@ class Simulator:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise InvalidArgument(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 1")
+        check_int("num_workers", num_workers, 1)
         self.hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from prsgd.errors import InvalidArgument
+from prsgd.errors import InvalidArgument, check_choice, check_int
 from prsgd.models.cnn import SmallCNN
 from prsgd.models.mlp import MLP
 from prsgd.models.resnet import CifarResNet, ResNet50
@@ -17,10 +17,15 @@ MODEL_NAMES = ("mlp", "cnn", *(f"resnet{d}" for d in CIFAR_DEPTHS), "resnet50")
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
     """``mlp`` (any input), ``cnn`` (square images), ``resnet8``...``resnet110`` (CIFAR ResNets), ``resnet50``."""
+    check_choice("model", name, MODEL_NAMES)
+    if not isinstance(input_shape, tuple | list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape
+    ):
+        raise InvalidArgument(f"input_shape={input_shape!r} is not allowed; it must be a tuple of integers >= 1")
+    check_int("num_classes", num_classes, 1)
+    check_int("hidden", hidden, 1)
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, hidden=hidden)
-    if name not in MODEL_NAMES:
-        raise InvalidArgument(f"model={name!r} is not known; allowed: {', '.join(MODEL_NAMES)}")
     if len(input_shape) != 3:
         raise InvalidArgument(
             f"model={name!r} needs image inputs (C, H, W); this dataset's inputs have shape {input_shape}"
