@@ -112,10 +112,12 @@ class TrainingConfig:
         if self.lr_schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
             raise ConfigError(f"training.lr_schedule={self.lr_schedule!r} is not known; allowed: {allowed}")
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+        if list(self.milestones) != sorted(self.milestones) or not all(0 < m < math.inf for m in self.milestones):
             raise ConfigError(f"training.milestones={self.milestones!r} must be increasing joint epochs > 0")
         _positive("training.lr_decay", self.lr_decay)
         _at_least("training.warmup_epochs", self.warmup_epochs, 0)
+        if not math.isfinite(self.warmup_epochs):
+            raise ConfigError(f"training.warmup_epochs={self.warmup_epochs!r} is not allowed; it must be finite")
         _at_least("training.evals", self.evals, 1)
         _at_least("training.eval_train_examples", self.eval_train_examples, 1)
         _at_least("training.checkpoint_every", self.checkpoint_every, 0)

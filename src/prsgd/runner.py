@@ -1,7 +1,7 @@
 """``prsgd run CONFIG.toml``: run an experiment config (one run, several seeds, or a sweep over one key).
 
     prsgd run configs/cpu/periods.toml [--set training.epochs=2 ...] [--seeds 3]
-              [--sweep algorithm.period=1,2,4,8,16] [--out runs/periods] [--engine distributed]
+              [--sweep algorithm.period=1,2,4,8,16] [--out runs/periods] [--engine distributed] [--resume]
 
 ``--seeds`` and ``--sweep`` default to the config's top-level ``seeds`` and ``sweep`` keys, so a paper figure's
 config carries its own comparison.
@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", metavar="KEY=V1,V2,...", help="run once per value of one key")
     parser.add_argument("--out", help="output folder (default runs/<config name>)")
     parser.add_argument("--engine", choices=["simulator", "distributed"], help="override the config's engine")
+    parser.add_argument("--resume", action="store_true", help="continue each run from its newest intact checkpoint")
     args = parser.parse_args(argv)
     overrides = parse_assignments(args.set)
+    if args.resume:
+        overrides["resume"] = "true"
     if args.engine:
         overrides["engine"] = args.engine
     config = load(args.config, overrides)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = plan_runs(config, out, args.seeds or config.seeds, args.sweep or config.sweep or None)
     try:
         if config.engine == "distributed":
-            distributed.init_from_torchrun(config.device)  # once, so that only rank 0 reports
+            distributed.init_from_torchrun(config.device, config.worker_timeout)  # once, so that only rank 0 reports
         for index, run_config in enumerate(plan, start=1):
             if distributed.group_rank() == 0 and len(plan) > 1:
                 print(f"[{index}/{len(plan)}] {run_config.out}", flush=True)
