@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_command(workers: int, *args: str, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """``python -m torch.distributed.run`` on loopback with a free port (or ``--standalone``: c10d rendezvous, which
+    starts each restart attempt with fresh keys), running ``python -m prsgd.train ARGS``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers)]
+    if "--standalone" not in torchrun_args:
+        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return [*launcher, *torchrun_args, "-m", "prsgd.train", *args]
 
 
 def per_worker_gradients(params, x, y):

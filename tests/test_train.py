@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from helpers import LOG_FIELDS, free_port
+from helpers import LOG_FIELDS, torchrun_command
 
 from prsgd.config import ConfigError, RunConfig
 from prsgd.train import main, run
@@ -43,24 +42,7 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algor
     main([*flags, "--workers", str(workers), "--out", str(sim_dir)])  # sync flags given last win in argparse
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(workers),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "prsgd.train",
-            "--engine",
-            "distributed",
-            *flags,
-            "--out",
-            str(dist_dir),
-        ],
+        torchrun_command(workers, "--engine", "distributed", *flags, "--out", str(dist_dir)),
         check=True,
         env=env,
         timeout=300,

@@ -219,6 +219,7 @@ def communication(seeds: int, lengths: list[int], n: int, plt, fig_dir: Path) ->
             best = 1
             for period in grid[1:]:
                 if period > steps // 4:
+                    capped += 1  # every period up to T / 4 passed: the search hit its cap
                     break
                 if measures(n, steps, identical, seeds, period=period)[0].mean() > 1.1 * base:
                     break  # the measure grows with I: the first period that fails ends the search

@@ -231,7 +231,19 @@ def init_from_torchrun(device: str, timeout: float = 300.0) -> torch.device:
         local = torch.device(device)
         backend = "gloo"
     if not is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        wait = datetime.timedelta(seconds=timeout)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart: give each attempt its own keys, so that a restarted rank never
+            # reads the address a dead rank of the previous attempt published (gloo then waits on it until timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait
+            )
+            store = dist.PrefixStore(f"prsgd/attempt_{attempt}", agent)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
+        else:
+            dist.init_process_group(backend, timeout=wait)
         start_heartbeat(timeout)
     return local
 
