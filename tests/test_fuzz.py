@@ -27,8 +27,9 @@ from prsgd.problems import NonConvexRegression
 from prsgd.theory import recommend
 from prsgd.topology import BUILT_IN, make_topology
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
-SMALL = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+# derandomized: CI runs the same examples every time; explore new ones locally with derandomize=False
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+SMALL = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 junk = st.one_of(
     st.none(),
@@ -192,7 +193,7 @@ def test_partition_and_sampler(num_workers, kind, seed, alpha, classes, min_size
 @SMALL
 @given(
     st.one_of(st.sampled_from(MODEL_NAMES), st.text(max_size=6)),
-    st.sampled_from([(64,), (1, 8, 8), (3, 8, 8), (3, 2, 2), ()]),
+    st.sampled_from([(64,), (1, 8, 8), (3, 8, 8), (3, 2, 2), (3, 4, 6), ()]),
     st.one_of(st.integers(-1, 12), small_ints),
     st.one_of(st.integers(-1, 32), small_ints),
 )

@@ -18,10 +18,14 @@ MODEL_NAMES = ("mlp", "cnn", *(f"resnet{d}" for d in CIFAR_DEPTHS), "resnet50")
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
     """``mlp`` (any input), ``cnn`` (square images), ``resnet8``...``resnet110`` (CIFAR ResNets), ``resnet50``."""
     check_choice("model", name, MODEL_NAMES)
-    if not isinstance(input_shape, tuple | list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape
+    if (
+        not isinstance(input_shape, tuple | list)
+        or not input_shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)
     ):
-        raise InvalidArgument(f"input_shape={input_shape!r} is not allowed; it must be a tuple of integers >= 1")
+        raise InvalidArgument(
+            f"input_shape={input_shape!r} is not allowed; it must be a non-empty tuple of integers >= 1"
+        )
     check_int("num_classes", num_classes, 1)
     check_int("hidden", hidden, 1)
     if name == "mlp":
@@ -32,6 +36,10 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
         )
     channels = input_shape[0]
     if name == "cnn":
+        if input_shape[1] != input_shape[2] or input_shape[1] < 4:
+            raise InvalidArgument(
+                f"model='cnn' needs square images of at least 4 x 4 pixels (two 2 x 2 poolings); got {input_shape}"
+            )
         return SmallCNN(channels, num_classes, image_size=input_shape[1])
     if name == "resnet50":
         return ResNet50(num_classes, in_channels=channels)
