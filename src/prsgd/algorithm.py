@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from prsgd.errors import InvalidArgument, check_int, check_number
+from prsgd.errors import InvalidArgument, check_bool, check_int, check_number
 from prsgd.functional import momentum_sgd_
 
 Average = Callable[[list[Tensor]], int]
@@ -108,17 +108,16 @@ class Hyperparameters:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_real("lr", self.lr)
+        check_number("lr", self.lr)
         if not self.lr > 0:
             raise InvalidArgument(f"lr={self.lr!r} is not allowed; the learning rate must be > 0")
-        _check_real("momentum", self.momentum)
+        check_number("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
             raise InvalidArgument(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
-        if not isinstance(self.nesterov, bool):
-            raise InvalidArgument(f"nesterov={self.nesterov!r} is not allowed; it must be True or False")
+        check_bool("nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise InvalidArgument("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
-        _check_real("weight_decay", self.weight_decay)
+        check_number("weight_decay", self.weight_decay)
         if not self.weight_decay >= 0:
             raise InvalidArgument(f"weight_decay={self.weight_decay!r} is not allowed; it must be >= 0")
 
@@ -134,10 +133,6 @@ class Hyperparameters:
 def check_period(period: int) -> int:
     """``period`` (I, eq. 6) must be an integer >= 1."""
     return check_int("period", period, 1)
-
-
-def _check_real(name: str, value: object) -> None:
-    check_number(name, value)
 
 
 @dataclass

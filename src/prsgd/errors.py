@@ -49,6 +49,12 @@ def check_number(name: str, value: object, low: float | None = None, *, positive
     return float(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be True or False")
+    return value
+
+
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
     allowed = list(allowed)
     if not isinstance(value, str) or value not in allowed:

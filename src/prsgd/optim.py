@@ -32,7 +32,7 @@ from prsgd.engines.distributed import (
     group_rank,
     group_size,
 )
-from prsgd.errors import InvalidArgument, NonFiniteError
+from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
 from prsgd.topology import make_topology
 
 
@@ -86,9 +86,7 @@ class LocalSGD(torch.optim.Optimizer):
         topology: object = None,
         check_finite: bool = False,
     ) -> None:
-        if not isinstance(check_finite, bool):
-            raise InvalidArgument(f"check_finite={check_finite!r} is not allowed; it must be True or False")
-        self.check_finite = check_finite
+        self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)

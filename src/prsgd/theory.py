@@ -37,15 +37,11 @@ class Recommendation:
         return self.steps - self.rounds
 
 
-def _check(name: str, value: object, low: float) -> None:
-    check_number(name, value, low)
-
-
 def recommended_period(workers: int, steps: int, identical: bool = True, period_scale: float = 1.0) -> int:
     """I = period_scale * T^(1/2) / N^(3/2) (identical) or T^(1/4) / N^(3/4) (non-identical), at least 1."""
-    _check("workers", workers, 1)
-    _check("steps", steps, 1)
-    _check("period_scale", period_scale, 0)
+    check_number("workers", workers, 1)
+    check_number("steps", steps, 1)
+    check_number("period_scale", period_scale, 0)
     exponent_t, exponent_n = (0.5, 1.5) if identical else (0.25, 0.75)
     return max(1, math.floor(period_scale * steps**exponent_t / workers**exponent_n))
 
@@ -59,15 +55,15 @@ def recommended_lr(
     c: float = 1.0,
 ) -> float:
     """gamma = lr_scale * sqrt(N / T), capped at (1 - beta)^2 / (c L) when the smoothness L is given."""
-    _check("workers", workers, 1)
-    _check("steps", steps, 1)
-    _check("lr_scale", lr_scale, 0)
+    check_number("workers", workers, 1)
+    check_number("steps", steps, 1)
+    check_number("lr_scale", lr_scale, 0)
     if not 0 <= check_number("momentum", momentum, 0) < 1:
         raise InvalidArgument(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
     lr = lr_scale * math.sqrt(workers / steps)
     if smoothness is not None:
-        _check("smoothness", smoothness, 0)
-        _check("c", c, 0)
+        check_number("smoothness", smoothness, 0)
+        check_number("c", c, 0)
         if smoothness > 0:
             lr = min(lr, (1 - momentum) ** 2 / (c * smoothness))
     return lr

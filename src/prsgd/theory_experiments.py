@@ -64,16 +64,17 @@ def load_plan(path: str | Path) -> Plan:
         values = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"theory plan {str(path)!r} cannot be read: {error}") from None
-    fields = {f.name: f for f in dataclasses.fields(Plan)}
+    fields = [f.name for f in dataclasses.fields(Plan)]
     plan = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown key {key!r} in {path}; known keys: {', '.join(fields)}")
+        wants_list = isinstance(getattr(Plan(), key), tuple)
         items = value if isinstance(value, list) else [value]
-        if isinstance(value, list) != (fields[key].type == "tuple[int, ...]") or not all(
+        if isinstance(value, list) != wants_list or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
         ):
-            kind = "a list of integers >= 1" if fields[key].type == "tuple[int, ...]" else "an integer >= 1"
+            kind = "a list of integers >= 1" if wants_list else "an integer >= 1"
             raise ConfigError(f"{key}={value!r} in {path} is not allowed; it must be {kind}")
         plan[key] = tuple(value) if isinstance(value, list) else value
     return Plan(**plan)

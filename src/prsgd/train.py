@@ -334,8 +334,11 @@ class Checkpoints:
     states; the wall clock and the records so far). The data order and augmentation are functions of (seed, step,
     worker), so the step is their position."""
 
-    IGNORED = frozenset({"out", "progress", "resume", "worker_timeout", "seeds", "sweep", "device"})
-    IGNORED_TRAINING = frozenset({"epochs", "evals", "checkpoint_every", "keep_checkpoints", "workers"})
+    # keys that may change between the run that wrote a checkpoint and the one resuming it
+    MAY_CHANGE = frozenset(
+        {"out", "progress", "resume", "worker_timeout", "seeds", "sweep", "device"}
+        | {f"training.{k}" for k in ("epochs", "evals", "checkpoint_every", "keep_checkpoints", "workers")}
+    )
 
     def __init__(self, config: RunConfig, resolved: dict[str, Any], workers, is_main: bool) -> None:
         self.root = Path(config.out) / "checkpoints"
@@ -368,16 +371,10 @@ class Checkpoints:
             self.last = checkpoint.write_manifest(self.root, step, entries, meta, self.config.training.keep_checkpoints)
 
     def _mismatch(self, saved: dict[str, Any]) -> list[str]:
-        ours = self.resolved
-        keys = [k for k in set(ours) | set(saved) if k not in self.IGNORED and not isinstance(ours.get(k), dict)]
-        diffs = [f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in sorted(keys) if saved.get(k) != ours.get(k)]
-        for section in ("data", "model", "algorithm", "training"):
-            a, b = saved.get(section, {}), ours.get(section, {})
-            for key in sorted(set(a) | set(b)):
-                ignored = section == "training" and key in self.IGNORED_TRAINING
-                if not ignored and a.get(key) != b.get(key):
-                    diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-        return diffs
+        """``key: saved -> ours`` for every dotted config key that differs and may not change."""
+        a, b = _dotted_items(saved), _dotted_items(self.resolved)
+        keys = sorted((set(a) | set(b)) - self.MAY_CHANGE)
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
     def resume(self, examples_per_step: int, train_size: int) -> tuple[int, float, list[Record]]:
         """Load the newest intact checkpoint; return (step to continue from, wall clock, records so far)."""
@@ -425,6 +422,16 @@ class Checkpoints:
             )
             tqdm.write(f"resume: continuing from {found.folder} (step {found.step}){change}")
         return start, float(state["wall"]), list(state["records"])
+
+
+def _dotted_items(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _dotted_items(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

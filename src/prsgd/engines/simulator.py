@@ -28,7 +28,7 @@ from prsgd.algorithm import (
     run_step,
     sync_rule,
 )
-from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_int
+from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool, check_int
 from prsgd.topology import Topology, make_topology
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -156,9 +156,7 @@ class Simulator:
         self.rule = sync_rule(sync)
         check_topology(self.rule, topology)
         self.num_workers = num_workers
-        if not isinstance(check_finite, bool):
-            raise InvalidArgument(f"check_finite={check_finite!r} is not allowed; it must be True or False")
-        self.check_finite = check_finite
+        self.check_finite = check_bool("check_finite", check_finite)
         self.device = torch.device(device)
         if compute not in ("auto", "vmap", "loop"):
             raise InvalidArgument(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
@@ -228,9 +226,8 @@ class Simulator:
             grads, losses = per_worker(self._params, self._buffers, inputs, targets)
         else:
             grads, losses = self._loop_gradients(loss_fn, inputs, targets)
-        if self.check_finite:
-            self._raise_if_nonfinite("loss", [losses.detach()])
-            self._raise_if_nonfinite("gradient", list(grads.values()))
+        if self.check_finite:  # before the update and the averaging, so the worker named is where it arose
+            self._raise_if_nonfinite([("loss", [losses.detach()]), ("gradient", list(grads.values()))], self.steps_done)
         group = UpdateGroup(
             params=list(self._params.values()),
             grads=[grads[name] for name in self._params],
@@ -248,21 +245,25 @@ class Simulator:
             mix=self.mix,
         )
         if self.check_finite:
-            self._raise_if_nonfinite("parameter", self.sync_tensors.params, after_update=True)
-            self._raise_if_nonfinite("buffer", self.sync_tensors.model_buffers, after_update=True)
-            self._raise_if_nonfinite("momentum buffer", self.sync_tensors.momentum_buffers, after_update=True)
+            t = self.sync_tensors
+            kinds = [("parameter", t.params), ("buffer", t.model_buffers), ("momentum buffer", t.momentum_buffers)]
+            self._raise_if_nonfinite(kinds, self.steps_done - 1)
         return losses.detach()
 
-    def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], after_update: bool = False) -> None:
-        if not tensors:
+    def _raise_if_nonfinite(self, kinds: list[tuple[str, list[Tensor]]], step: int) -> None:
+        """One device sync for all ``kinds`` (what, stacked tensors); the first bad kind and worker are named."""
+        n = self.num_workers
+        finite = [
+            (what, torch.stack([torch.isfinite(t.reshape(n, -1)).all(1) for t in ts]).all(0))
+            for what, ts in kinds
+            if ts
+        ]
+        if not finite or bool(torch.stack([ok for _, ok in finite]).all()):
             return
-        finite = torch.stack([torch.isfinite(t.reshape(self.num_workers, -1)).all(1) for t in tensors]).all(0)
-        if bool(finite.all()):
-            return
-        bad = torch.nonzero(~finite).flatten().tolist()
-        step = self.steps_done - 1 if after_update else self.steps_done
+        what, ok = next((what, ok) for what, ok in finite if not bool(ok.all()))
+        bad = torch.nonzero(~ok).flatten().tolist()
         raise NonFiniteError(
-            f"non-finite {what} (NaN or inf) at step {step} on worker {bad[0]} of {self.num_workers}"
+            f"non-finite {what} (NaN or inf) at step {step} on worker {bad[0]} of {n}"
             + (f" (also workers {', '.join(map(str, bad[1:]))})" if len(bad) > 1 else "")
         )
 
