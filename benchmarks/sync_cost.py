@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 import prsgd
 from prsgd.algorithm import synchronize
+from prsgd.engines.distributed import import_dynamo_first
 from prsgd.models import build_model
 
 
@@ -50,6 +51,7 @@ def timed(fn, repeats: int) -> float:
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
+    import_dynamo_first()  # else the group outlives destroy_process_group (see its docstring)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -41,13 +41,14 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algor
     flags = [*FLAGS, *algorithm]
     main([*flags, "--workers", str(workers), "--out", str(sim_dir)])  # sync flags given last win in argparse
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(
+    launched = subprocess.run(
         torchrun_command(workers, "--engine", "distributed", *flags, "--out", str(dist_dir)),
-        check=True,
         env=env,
         timeout=300,
         capture_output=True,
+        text=True,
     )
+    assert launched.returncode == 0, launched.stderr[-4000:]
     sim, dist = read_log(sim_dir), read_log(dist_dir)
     assert len(sim) == len(dist) == 5
     for a, b in zip(sim, dist, strict=True):
