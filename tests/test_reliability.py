@@ -384,3 +384,20 @@ def test_shutdown_frees_the_process_group_and_its_threads_before_python_exits():
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+@pytest.mark.parametrize("where", [0, 2])
+def test_all_finite_finds_any_non_finite_value_and_leaves_values_unchanged(bad, where):
+    from prsgd.functional import all_finite
+
+    tensors = [torch.randn(5, 3), torch.randn(7, dtype=torch.float64), torch.randn(4).to(torch.bfloat16)]
+    tensors[0][1, 2] = 1e-40  # a denormal and a negative zero must come back bit for bit
+    tensors[1][3] = -0.0
+    if bad is not None:
+        tensors[where].view(-1)[-1] = bad
+    before = [t.clone() for t in tensors]
+    assert all_finite([*tensors, torch.arange(3)]) is (bad is None)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
+    for a, b in zip(tensors, before, strict=True):
+        assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))

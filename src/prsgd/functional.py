@@ -44,3 +44,24 @@ def momentum_sgd_(
     torch._foreach_add_(momentum_buffers, grads)
     direction = torch._foreach_add(grads, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
     torch._foreach_add_(params, direction, alpha=-lr)
+
+
+@torch.no_grad()
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (no NaN or inf): one fused pass per device, one host sync.
+
+    AMP's check (what ``GradScaler`` runs on gradients), with a unit scale that leaves every value unchanged; on
+    one CPU thread it is 10-25x faster than ``isfinite(t).all()`` per tensor, which cost a third of a small model's
+    step when the run checks every step. Integer tensors are always finite and are skipped."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            by_device.setdefault(t.device, []).append(t)
+    flags = []
+    for device, group in by_device.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+        flags.append(found)
+    if not flags:
+        return True
+    return not bool(flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).any())

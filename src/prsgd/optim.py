@@ -33,6 +33,7 @@ from prsgd.engines.distributed import (
     group_size,
 )
 from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
+from prsgd.functional import all_finite
 from prsgd.topology import make_topology
 
 
@@ -197,7 +198,7 @@ class LocalSGD(torch.optim.Optimizer):
         return loss
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if not all_finite(tensors):
             raise NonFiniteError(
                 f"non-finite {what} (NaN or inf) at step {step} on rank {group_rank(self.process_group)} "
                 f"of {self.num_workers}"
