@@ -173,16 +173,23 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, indices: Tensor, device: torch.device, batch: int = 1000) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``split[indices]``, in eval mode."""
+    """(mean cross-entropy, accuracy) of ``model`` on ``split[indices]``, in eval mode.
+
+    Under torchrun every rank holds the same (averaged) model: each evaluates every world-size-th example and one
+    all-reduce adds up the sums, so evaluation takes 1/N of the time it would on one rank."""
     model.eval()
+    rank, world = distributed.group_rank(), distributed.group_size()
     loss_sum, correct = 0.0, 0
-    for chunk in indices.split(batch):
+    for chunk in indices[rank::world].split(batch):
         x, y = split.batch(chunk)
         logits = model(x.to(device))
         y = y.to(device)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(dim=1) == y).sum().item()
-    return loss_sum / len(indices), correct / len(indices)
+    sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=device)  # NCCL reduces CUDA only
+    distributed.all_reduce_mean([sums])
+    loss_sum, correct = (world * sums).tolist()
+    return loss_sum / len(indices), round(correct) / len(indices)
 
 
 def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) -> list[Record]:
