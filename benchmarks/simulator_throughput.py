@@ -6,7 +6,8 @@ For each model and N, in one run, samples per second of one training step (forwa
 Algorithm 1 with period 8, so most steps do not sync) for:
   limit   ONE model stepping on a batch of N*b (same arithmetic; torch.optim.SGD);
   loop    what a user writes without prsgd: N model copies, N torch.optim.SGD, a Python loop;
-  vmap    prsgd.Simulator(compute="vmap");  loop-compute  prsgd.Simulator(compute="loop");
+  vmap    prsgd.Simulator(compute="vmap");  loop  prsgd.Simulator(compute="loop"), workers in threads (default)
+          and with threads=1 (one worker after another, all intra-op threads each);
   auto    the simulator's default choice.
 Models: the digits MLP (64-64-10, b = 64, random inputs) and the CIFAR ResNet-20 (BatchNorm, b = 32, random 32x32).
 """
@@ -74,9 +75,10 @@ def measure(name: str, n: int, repeats: int) -> tuple[dict[str, float], str]:
             o.step()
 
     steps = {"limit": limit, "loop": loop}
-    sims = {c: prsgd.Simulator(model_for(name), num_workers=n, period=8, compute=c, **kw) for c in ("vmap", "loop")}
-    for compute, sim in sims.items():
-        steps[f"prsgd {compute}"] = lambda s=sim: s.step(x, y, F.cross_entropy)
+    variants = {"vmap": ("vmap", None), "loop 1 thread": ("loop", 1), "loop": ("loop", None)}
+    for label, (compute, threads) in variants.items():
+        sim = prsgd.Simulator(model_for(name), num_workers=n, period=8, compute=compute, threads=threads, **kw)
+        steps[f"prsgd {label}"] = lambda s=sim: s.step(x, y, F.cross_entropy)
     auto = prsgd.Simulator(model_for(name), num_workers=n, lr=0.01, compute="auto").compute
     seconds = interleaved_seconds(steps, repeats)
     return {k: n * b / v for k, v in seconds.items()}, auto
@@ -90,9 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     print(
-        "| model | N | b | limit (samples/s) | loop | prsgd vmap | prsgd loop | prsgd auto | auto/limit | auto/loop |"
+        "| model | N | b | limit (samples/s) | loop | prsgd vmap | prsgd loop 1 thread | prsgd loop | prsgd auto "
+        "| auto/limit | auto/loop |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         for n in map(int, args.workers.split(",")):
             if name == "resnet20" and n > 16:
@@ -101,7 +104,7 @@ def main() -> None:
             auto = r[f"prsgd {mode}"]
             print(
                 f"| {name} | {n} | {SHAPES[name][1]} | {r['limit']:.0f} | {r['loop']:.0f} | {r['prsgd vmap']:.0f} "
-                f"| {r['prsgd loop']:.0f} | {auto:.0f} ({mode}) "
+                f"| {r['prsgd loop 1 thread']:.0f} | {r['prsgd loop']:.0f} | {auto:.0f} ({mode}) "
                 f"| {auto / r['limit']:.2f}x | {auto / r['loop']:.2f}x |",
                 flush=True,
             )

@@ -172,15 +172,17 @@ def test_averaged_model_holds_node_averages():
     torch.testing.assert_close(avg.get_buffer("1.running_var"), sim.buffers()["1.running_var"].mean(0))
 
 
-@pytest.mark.parametrize("compute", ["vmap", "loop"])
-def test_conv_resnet_with_batchnorm_matches_the_reference(compute):
-    """A CIFAR ResNet-8 (convolutions, BatchNorm2d, parameter-free shortcuts) on both gradient paths."""
+@pytest.mark.parametrize(("compute", "threads"), [("vmap", 1), ("loop", 1), ("loop", 2), ("loop", 3)])
+def test_conv_resnet_with_batchnorm_matches_the_reference(compute, threads):
+    """A CIFAR ResNet-8 (convolutions, BatchNorm2d, parameter-free shortcuts) on both gradient paths; the loop
+    path also with workers computed in 2 threads (3 workers: uneven parts) and one thread per worker."""
     from prsgd.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet8", (3, 8, 8), 5)
     kw = dict(lr=0.05, momentum=0.9, period=2)
-    sim = prsgd.Simulator(model, num_workers=3, compute=compute, **kw)
+    sim = prsgd.Simulator(model, num_workers=3, compute=compute, threads=threads, **kw)
+    assert sim.threads == threads
     ref = ReferenceWorkers(model, 3, **kw)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -197,7 +199,16 @@ def test_conv_resnet_with_batchnorm_matches_the_reference(compute):
 def test_auto_compute_picks_loop_for_convolutions_on_cpu():
     from prsgd.models import build_model
 
-    assert prsgd.Simulator(build_model("cnn", (1, 28, 28), 10), num_workers=2, lr=0.1).compute == "loop"
+    cnn = prsgd.Simulator(build_model("cnn", (1, 28, 28), 10), num_workers=8, lr=0.1)
+    assert cnn.compute == "loop"
+    assert cnn.threads == min(8, torch.get_num_threads())
+    dropout = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Dropout(0.5))
+    assert prsgd.Simulator(dropout, num_workers=4, lr=0.1).threads == 1  # reproducible random draws
+    assert prsgd.Simulator(mlp(), num_workers=8, lr=0.1).threads == 1  # vmap: one call
+    with pytest.raises(ValueError, match=r"threads=0 .*>= 1"):
+        prsgd.Simulator(cnn._template, num_workers=2, lr=0.1, threads=0)
+    with pytest.raises(ValueError, match=r"threads=2 needs compute='loop'"):
+        prsgd.Simulator(mlp(), num_workers=2, lr=0.1, compute="vmap", threads=2)
     assert prsgd.Simulator(mlp(), num_workers=2, lr=0.1).compute == "vmap"
     with pytest.raises(ValueError, match=r"compute='jit' is not known"):
         prsgd.Simulator(mlp(), num_workers=2, lr=0.1, compute="jit")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -112,6 +114,12 @@ class StackedMixer:
         return round(out_degree * nbytes)
 
 
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per size, shared by all simulators in the process (threads keep their per-thread library state)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="prsgd-worker")
+
+
 class Simulator:
     """N simulated workers running Algorithm 1 (or a baseline) with per-worker batches.
 
@@ -124,6 +132,11 @@ class Simulator:
             per worker on views of the stacked tensors: on CPU, convolutions run faster per worker than as the
             grouped convolution vmap makes of them; see ``benchmarks/simulator_throughput.py``) or ``"auto"``
             (loop for models with convolutions on CPU, vmap otherwise). Update and sync are vectorized either way.
+        threads: with ``compute="loop"``, how many workers compute their gradients at once, each in its own thread
+            with 1/threads of torch's intra-op threads. Default: on CPU, ``min(num_workers,
+            torch.get_num_threads())`` (small per-worker batches use one core each better than they share two), 1
+            for models with dropout modules and elsewhere. With threads > 1, random ops inside the model draw from
+            torch's global generator in an order that varies between runs: use 1 for bit-reproducible runs then.
         check_finite: after computing the gradients and after the update, check every worker's loss, gradients,
             parameters, buffers and momentum and raise :class:`prsgd.NonFiniteError` naming the step and the
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
@@ -147,6 +160,7 @@ class Simulator:
         device: str | torch.device = "cpu",
         topology: object = None,
         compute: str = "auto",
+        threads: int | None = None,
         check_finite: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -170,6 +184,15 @@ class Simulator:
         self._template = copy.deepcopy(model).to(self.device)
         self._base = copy.deepcopy(model).to("meta")
         self._base.train()
+        if threads is None:
+            stochastic = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+            serial = self.compute != "loop" or self.device.type != "cpu" or stochastic
+            threads = 1 if serial else min(num_workers, torch.get_num_threads())
+        check_int("threads", threads, 1)
+        if threads > 1 and self.compute != "loop":
+            raise InvalidArgument(f"threads={threads} needs compute='loop' (compute={self.compute!r} is one call)")
+        self.threads = threads
+        self._bases = [self._base] + [copy.deepcopy(self._base) for _ in range(threads - 1)]
 
         def stack(t: Tensor) -> Tensor:
             return t.detach().to(self.device).unsqueeze(0).repeat(num_workers, *([1] * t.dim())).contiguous()
@@ -192,20 +215,39 @@ class Simulator:
         return loss
 
     def _loop_gradients(self, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Every worker's gradient by plain autograd, one worker at a time, on views of the stacked tensors
-        (BatchNorm statistics update the stacked buffers in place); written into stacked gradient buffers."""
+        """Every worker's gradient by plain autograd on views of the stacked tensors (BatchNorm statistics update
+        the stacked buffers in place), written into stacked gradient buffers. With ``threads`` T > 1, thread k
+        computes workers k, k + T, ... with 1/T of the intra-op threads (workers touch disjoint memory)."""
         if not self._grad_buffers:
             self._grad_buffers = {name: torch.empty_like(p) for name, p in self._params.items()}
-        losses = []
+        losses: list[Tensor] = [inputs.new_empty(())] * self.num_workers
         names = list(self._params)
-        for i in range(self.num_workers):
-            params = {name: p[i].detach().requires_grad_() for name, p in self._params.items()}
-            buffers = {name: b[i] for name, b in self._buffers.items()}
-            loss = loss_fn(functional_call(self._base, (params, buffers), (inputs[i],)), targets[i])
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            for name, g in zip(names, grads, strict=True):
-                self._grad_buffers[name][i].copy_(g) if g is not None else self._grad_buffers[name][i].zero_()
-            losses.append(loss.detach())
+
+        def workers(part: int, intra_op_threads: int | None) -> None:
+            if intra_op_threads is not None:
+                torch.set_num_threads(intra_op_threads)
+            base = self._bases[part]  # functional_call swaps tensors into the module: one module per thread
+            for i in range(part, self.num_workers, len(self._bases)):
+                params = {name: p[i].detach().requires_grad_() for name, p in self._params.items()}
+                buffers = {name: b[i] for name, b in self._buffers.items()}
+                with torch.enable_grad():
+                    loss = loss_fn(functional_call(base, (params, buffers), (inputs[i],)), targets[i])
+                    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                for name, g in zip(names, grads, strict=True):
+                    self._grad_buffers[name][i].copy_(g) if g is not None else self._grad_buffers[name][i].zero_()
+                losses[i] = loss.detach()
+
+        if len(self._bases) == 1:
+            workers(0, None)
+        else:
+            total, parts = torch.get_num_threads(), len(self._bases)
+            try:
+                futures = [_thread_pool(parts).submit(workers, k, max(1, total // parts)) for k in range(parts)]
+                errors = [future.exception() for future in futures]  # all finished before anything is raised
+                if any(errors):
+                    raise next(e for e in errors if e is not None)
+            finally:
+                torch.set_num_threads(total)  # what the pool threads set is also the default for new threads
         return self._grad_buffers, torch.stack(losses)
 
     def step(self, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
