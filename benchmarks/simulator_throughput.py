@@ -8,7 +8,8 @@ Algorithm 1 with period 8, so most steps do not sync) for:
   loop    what a user writes without prsgd: N model copies, N torch.optim.SGD, a Python loop;
   vmap    prsgd.Simulator(compute="vmap");  loop  prsgd.Simulator(compute="loop"), workers in threads (default)
           and with threads=1 (one worker after another, all intra-op threads each);
-  auto    the simulator's default choice.
+  auto    the simulator's default choice;
+  vmap compiled  prsgd.Simulator(compute="vmap", compile=True) (MLP only; compiled during the warm-up steps).
 Models: the digits MLP (64-64-10, b = 64, random inputs) and the CIFAR ResNet-20 (BatchNorm, b = 32, random 32x32).
 """
 
@@ -75,9 +76,13 @@ def measure(name: str, n: int, repeats: int) -> tuple[dict[str, float], str]:
             o.step()
 
     steps = {"limit": limit, "loop": loop}
-    variants = {"vmap": ("vmap", None), "loop 1 thread": ("loop", 1), "loop": ("loop", None)}
-    for label, (compute, threads) in variants.items():
-        sim = prsgd.Simulator(model_for(name), num_workers=n, period=8, compute=compute, threads=threads, **kw)
+    variants = {"vmap": ("vmap", None, False), "loop 1 thread": ("loop", 1, False), "loop": ("loop", None, False)}
+    if name == "mlp":
+        variants["vmap compiled"] = ("vmap", None, True)  # compiled in the warm-up steps (seconds)
+    for label, (compute, threads, compile_) in variants.items():
+        sim = prsgd.Simulator(
+            model_for(name), num_workers=n, period=8, compute=compute, threads=threads, compile=compile_, **kw
+        )
         steps[f"prsgd {label}"] = lambda s=sim: s.step(x, y, F.cross_entropy)
     auto = prsgd.Simulator(model_for(name), num_workers=n, lr=0.01, compute="auto").compute
     seconds = interleaved_seconds(steps, repeats)
@@ -93,19 +98,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     print(
         "| model | N | b | limit (samples/s) | loop | prsgd vmap | prsgd loop 1 thread | prsgd loop | prsgd auto "
-        "| auto/limit | auto/loop |"
+        "| auto/limit | auto/loop | prsgd vmap compiled | compiled/limit | compiled/loop |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         for n in map(int, args.workers.split(",")):
             if name == "resnet20" and n > 16:
                 continue  # minutes per step on 2 cores; the issue's targets stop at N = 16 for ResNet-20
             r, mode = measure(name, n, args.repeats)
             auto = r[f"prsgd {mode}"]
+            c = r.get("prsgd vmap compiled")
+            compiled = f"{c:.0f} | {c / r['limit']:.2f}x | {c / r['loop']:.2f}x" if c else "- | - | -"
             print(
                 f"| {name} | {n} | {SHAPES[name][1]} | {r['limit']:.0f} | {r['loop']:.0f} | {r['prsgd vmap']:.0f} "
                 f"| {r['prsgd loop 1 thread']:.0f} | {r['prsgd loop']:.0f} | {auto:.0f} ({mode}) "
-                f"| {auto / r['limit']:.2f}x | {auto / r['loop']:.2f}x |",
+                f"| {auto / r['limit']:.2f}x | {auto / r['loop']:.2f}x | {compiled} |",
                 flush=True,
             )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,18 @@ def test_simulator_matches_per_worker_sgd_loop(sync, period, weight_decay, neste
     assert_trajectories_equal(sim, ref, batches(N, STEPS))
     if kw["sync"] != "none":
         assert sim.comm.rounds > 0
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_vmap_step_matches_per_worker_sgd_loop():
+    """compile=True (torch.compile of the vmapped gradient step; one compilation, a few seconds) changes nothing."""
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, period=3, sync="params_and_momentum")
+    model = mlp()
+    sim = prsgd.Simulator(model, num_workers=N, compile=True, **kw)
+    assert sim.compute == "vmap"
+    assert_trajectories_equal(sim, ReferenceWorkers(model, N, **kw), batches(N, STEPS))
+    with pytest.raises(ValueError, match=r"compile=True .*needs compute='vmap' \(got 'loop'\)"):
+        prsgd.Simulator(model, num_workers=N, lr=0.1, compute="loop", compile=True)
 
 
 @pytest.mark.parametrize("sync", ["params_and_momentum", "params_clear_momentum", "params_only"])
