@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -55,6 +56,21 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algor
         assert (a["step"], a["comm_rounds"], a["comm_bytes"]) == (b["step"], b["comm_rounds"], b["comm_bytes"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1.5 / 360)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_simulator_run_logs_the_same_losses(tmp_path):
+    main([*FLAGS, "--workers", "4", "--out", str(tmp_path / "eager")])
+    main([*FLAGS, "--workers", "4", "--compile", "--out", str(tmp_path / "compiled")])
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [r["step"] for r in eager] == [r["step"] for r in compiled]
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_compile_with_the_distributed_engine_is_refused():
+    with pytest.raises(ConfigError, match=r"training\.compile=True .*engine='distributed'"):
+        run(RunConfig(engine="distributed", progress=False).with_overrides({"epochs": 1.0, "compile": True}))
 
 
 def test_distributed_engine_without_torchrun_says_how_to_launch():

@@ -103,6 +103,7 @@ class TrainingConfig:
     checkpoint_every: int = 0  # steps between checkpoints (with ``out``); 0: at every evaluation. Always at the end
     keep_checkpoints: int = 2  # the newest this many complete checkpoints are kept
     check_finite: bool = True  # stop with an error naming the step and worker at the first NaN/inf
+    compile: bool = False  # simulator engine: torch.compile the vmapped gradient step (prsgd.Simulator(compile=True))
 
     def __post_init__(self) -> None:
         _at_least("training.workers", self.workers, 1)

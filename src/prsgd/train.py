@@ -72,6 +72,7 @@ class SimulatedWorkers:
             num_workers=num_workers,
             device=config.device,
             check_finite=config.training.check_finite,
+            compile=config.training.compile,
             **algorithm_kwargs(config),
         )
         self.data, self.config = data, config
@@ -197,6 +198,8 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
 
     Everything that can be wrong with the config or the data is checked before the first step."""
     t = config.training
+    if config.engine == "distributed" and t.compile:
+        raise ConfigError("training.compile=True compiles the simulator's vmapped step; engine='distributed' has none")
     data = load_dataset(
         config.data.dataset,
         config.data.path,
