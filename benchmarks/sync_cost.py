@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 import prsgd
 from prsgd.algorithm import synchronize
-from prsgd.engines.distributed import import_dynamo_first
+from prsgd.engines.distributed import init_process_group
 from prsgd.models import build_model
 
 
@@ -51,8 +51,7 @@ def timed(fn, repeats: int) -> float:
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    import_dynamo_first()  # else the group outlives destroy_process_group (see its docstring)
-    dist.init_process_group(
+    init_process_group(  # prsgd's: torch._dynamo imported first (see its docstring)
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from helpers import batches, mlp
 
 import prsgd
-from prsgd.engines.distributed import import_dynamo_first
+from prsgd.engines.distributed import init_process_group
 
 
 def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], steps: int) -> None:
     torch.set_num_threads(1)
-    import_dynamo_first()  # else the group outlives destroy_process_group (see its docstring)
-    dist.init_process_group(
+    init_process_group(  # prsgd's: torch._dynamo imported first (see its docstring)
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,

@@ -60,7 +60,8 @@ class LocalSGD(torch.optim.Optimizer):
             worker then exchanges only with its neighbours, point to point.
         check_finite: check this worker's gradients before the step (unless a GradScaler handles them) and its
             parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
-            naming the step and this worker's rank. One pass over the flat storage per step, no communication.
+            naming the step and this worker's rank. Two fused passes per step (gradients, then the flat storage), no
+            communication.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the

@@ -188,8 +188,7 @@ def evaluate(model: nn.Module, split, indices: Tensor, device: torch.device, bat
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(dim=1) == y).sum().item()
     sums = torch.tensor([loss_sum, float(correct)], dtype=torch.float64, device=device)  # NCCL reduces CUDA only
-    distributed.all_reduce_mean([sums])
-    loss_sum, correct = (world * sums).tolist()
+    loss_sum, correct = distributed.all_reduce_sum_(sums).tolist()
     return loss_sum / len(indices), round(correct) / len(indices)
 
 

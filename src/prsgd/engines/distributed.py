@@ -111,6 +111,13 @@ class AllReduceAverage:
         return span.numel() * span.element_size()
 
 
+def all_reduce_sum_(tensor: Tensor, process_group: dist.ProcessGroup | None = None) -> Tensor:
+    """``tensor`` summed over the group, in place (unchanged without a group); returns it."""
+    if group_size(process_group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    return tensor
+
+
 def all_reduce_mean(tensors: list[Tensor], process_group: dist.ProcessGroup | None = None) -> int:
     """Average ``tensors`` over the group in place with one all-reduce of a packed temporary copy.
 
@@ -231,33 +238,33 @@ def init_from_torchrun(device: str, timeout: float = 300.0) -> torch.device:
         local = torch.device(device)
         backend = "gloo"
     if not is_initialized():
-        import_dynamo_first()
         wait = datetime.timedelta(seconds=timeout)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun's store outlives a restart: give each attempt its own keys, so that a restarted rank never
             # reads the address a dead rank of the previous attempt published (gloo then waits on it until timeout)
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             agent = dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait
             )
-            store = dist.PrefixStore(f"prsgd/attempt_{attempt}", agent)
+            store = dist.PrefixStore(f"prsgd/attempt_{torchrun_attempt()}", agent)
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
+            init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
         else:
-            dist.init_process_group(backend, timeout=wait)
+            init_process_group(backend, timeout=wait)
         start_heartbeat(timeout)
     return local
 
 
-def import_dynamo_first() -> None:
-    """Import ``torch._dynamo`` before a process group exists.
+def init_process_group(*args: Any, **kwargs: Any) -> None:
+    """``torch.distributed.init_process_group(*args, **kwargs)``, after importing ``torch._dynamo``.
 
-    torch.optim imports it lazily, on the first optimizer built; when that happens after ``init_process_group``, it
-    keeps references to the default group, so ``destroy_process_group`` cannot free the group: gloo's worker threads
-    then outlive the interpreter, and one that drops the last reference to a finished collective's tensors while
-    Python finalizes aborts the process ("terminate called without an active exception", about 1 run in 50 here).
-    Call this before ``init_process_group`` when you create the group yourself."""
+    torch.optim imports ``torch._dynamo`` lazily, on the first optimizer built; when that happens after the group
+    exists, it keeps references to the default group, so ``destroy_process_group`` cannot free it: gloo's worker
+    threads then outlive the interpreter, and one that drops the last reference to a finished collective's tensors
+    while Python finalizes aborts the process ("terminate called without an active exception", about 1 run in 50
+    here). Use this instead of ``dist.init_process_group`` when you create the group yourself."""
     import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(*args, **kwargs)
 
 
 class Heartbeat:
@@ -269,8 +276,7 @@ class Heartbeat:
     def __init__(self, timeout: float, rank: int, world_size: int) -> None:
         self.interval = min(5.0, max(0.1, timeout / 20))
         self.rank, self.world_size = rank, world_size
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}"
+        self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{torchrun_attempt()}"
         self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         self._store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
@@ -323,9 +329,14 @@ class Heartbeat:
 _HEARTBEAT: Heartbeat | None = None
 
 
+def torchrun_attempt() -> int:
+    """How many times torchrun (``--max-restarts``) restarted this job after a failure (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def restarted_by_torchrun() -> bool:
-    """Whether torchrun (``--max-restarts``) restarted this job after a failure: then it resumes by itself."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    """Whether torchrun restarted this job after a failure: then it resumes by itself."""
+    return torchrun_attempt() > 0
 
 
 def start_heartbeat(timeout: float) -> None:
