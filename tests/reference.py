@@ -52,9 +52,12 @@ class ReferenceWorkers:
             loss = loss_fn(model(inputs[i]), targets[i])
             loss.backward()
             losses.append(loss.item())
-        if self.sync == "gradients":
+        if self.sync == "gradients":  # and BatchNorm statistics, so that all workers stay identical
             for params in zip(*(m.parameters() for m in self.models), strict=True):
                 self._mean_into([p.grad for p in params])
+            for bufs in zip(*(m.buffers() for m in self.models), strict=True):
+                if bufs[0].is_floating_point():
+                    self._mean_into(list(bufs))
         for opt in self.opts:
             opt.step()
         self.t += 1

@@ -72,6 +72,51 @@ def test_batchnorm_running_statistics_are_averaged_like_the_reference(sync, comp
     torch.testing.assert_close(running_mean, running_mean[:1].expand_as(running_mean), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_gradient_averaging_averages_batchnorm_statistics_every_step(compute):
+    """sync="gradients": BatchNorm statistics are averaged with the gradients at every step, so all workers hold
+    the same state after every step (checked against the reference loop, which averages them by hand)."""
+    kw = dict(lr=0.05, momentum=0.9, sync="gradients")
+    model = mlp(batchnorm=True)
+    sim = prsgd.Simulator(model, num_workers=N, compute=compute, **kw)
+    ref = ReferenceWorkers(model, N, **kw)
+    for x, y in batches(N, 5):
+        sim.step(x, y, F.cross_entropy)
+        ref.step(x, y, F.cross_entropy)
+        for name, b in ref.buffers().items():
+            torch.testing.assert_close(sim.buffers()[name], b, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(b, b[:1].expand_as(b), rtol=0, atol=0)
+        assert sim.in_consensus
+
+
+@pytest.mark.parametrize("sync", ["params_and_momentum", "params_clear_momentum", "params_only", "gossip"])
+def test_synchronize_averages_now_and_in_consensus_follows_the_state(sync):
+    """synchronize() is one exact round outside the schedule (counted); in_consensus is true exactly when every
+    worker's parameters, float buffers and momentum are equal."""
+    extra = {"topology": "ring"} if sync == "gossip" else {}
+    sim = prsgd.Simulator(mlp(batchnorm=True), num_workers=N, lr=0.05, momentum=0.9, period=4, sync=sync, **extra)
+
+    def all_equal():
+        stacks = [*sim.params().values(), *sim.momentum().values()]
+        stacks += [b for b in sim.buffers().values() if b.is_floating_point()]
+        return all(torch.equal(t, t[:1].expand_as(t)) for t in stacks)
+
+    assert sim.in_consensus and all_equal()
+    for x, y in batches(N, 3):
+        sim.step(x, y, F.cross_entropy)
+        assert not sim.in_consensus and not all_equal()
+    rounds, params = sim.comm.rounds, sim.params()
+    sim.synchronize()
+    assert sim.comm.rounds == rounds + 1
+    for name, p in sim.params().items():
+        torch.testing.assert_close(p, params[name].mean(0, keepdim=True).expand_as(p), rtol=1e-6, atol=1e-7)
+    assert sim.in_consensus == all_equal() == (sync != "params_only")
+    sim.step(*batches(N, 1, seed=5)[0], F.cross_entropy)  # step 4: the scheduled round still comes
+    assert sim.comm.rounds == rounds + 2 and sim.in_consensus == (
+        sync in ("params_and_momentum", "params_clear_momentum")
+    )
+
+
 def test_period_one_params_and_momentum_equals_gradient_averaging():
     """The paper's remark: with I = 1, Algorithm 1 is parallel mini-batch momentum SGD."""
     model = mlp()
@@ -167,7 +212,7 @@ def test_comm_counts_rounds_and_exact_bytes(sync, period):
         "params_and_momentum": 2 * n_params + n_buffers,
         "params_clear_momentum": n_params + n_buffers,
         "params_only": n_params + n_buffers,
-        "gradients": n_params,
+        "gradients": n_params + n_buffers,  # BatchNorm statistics travel with the gradients
         "none": 0,
     }[sync]
     rounds = {"gradients": steps, "none": 0}.get(sync, steps // period)

@@ -12,8 +12,9 @@ over workers and returns the payload bytes one worker contributed. The simulator
 dimension; :class:`prsgd.LocalSGD` does one ``all_reduce`` over flat storage.
 
 Floating-point model buffers (BatchNorm running statistics) are averaged together with the parameters at every
-sync. Integer buffers (BatchNorm's ``num_batches_tracked``) are equal on all workers by construction and are not
-communicated.
+sync; with ``sync="gradients"`` they are averaged at every step, in the gradients' collective, so that all workers
+stay identical (DDP instead broadcasts rank 0's buffers before every forward; see :func:`run_step`). Integer
+buffers (BatchNorm's ``num_batches_tracked``) are equal on all workers by construction and are not communicated.
 """
 
 from __future__ import annotations
@@ -143,8 +144,10 @@ class CommStats:
     bytes: int = 0
 
     def record(self, nbytes: int) -> None:
-        self.rounds += 1
-        self.bytes += nbytes
+        """Count one round that sent ``nbytes``; a round that sent nothing (a single worker) is not counted."""
+        if nbytes > 0:
+            self.rounds += 1
+            self.bytes += nbytes
 
 
 @dataclass
@@ -172,15 +175,21 @@ def is_sync_step(rule: SyncRule, steps_done: int, period: int) -> bool:
     return (rule.averages_params or rule.mixes) and steps_done % period == 0
 
 
-def in_consensus(rule: SyncRule, steps_done: int, period: int, has_momentum: bool) -> bool:
-    """Whether every worker holds the same parameters, model buffers and momentum after ``steps_done`` steps
-    (all start equal; afterwards only right after a round that averages everything, or always when gradients are
-    averaged). A checkpoint taken then may be resumed with a different number of workers."""
+def in_consensus(
+    rule: SyncRule, steps_done: int, period: int, has_momentum: bool, synchronized_at: int | None = None
+) -> bool:
+    """Whether every worker holds the same parameters, float model buffers and momentum after ``steps_done``
+    steps: all start equal; afterwards only right after a round that averages all of them (a scheduled one, or
+    :func:`synchronize_now` after step ``synchronized_at``), or always with ``sync="gradients"`` (gradients and
+    buffers are averaged every step). A checkpoint taken then may be resumed with a different number of workers."""
     if steps_done == 0 or rule.averages_gradients:
         return True
+    full_round = rule.momentum_at_sync != "keep" or not has_momentum
+    if synchronized_at == steps_done:
+        return full_round
     if not rule.averages_params or steps_done % period:
         return False
-    return rule.momentum_at_sync != "keep" or not has_momentum
+    return full_round
 
 
 def check_topology(rule: SyncRule, topology: object) -> None:
@@ -208,6 +217,14 @@ def synchronize(rule: SyncRule, tensors: SyncTensors, average: Average, comm: Co
         torch._foreach_zero_(tensors.momentum_buffers)
 
 
+def synchronize_now(rule: SyncRule, tensors: SyncTensors, average: Average, comm: CommStats) -> None:
+    """One round now, outside the schedule (before evaluation, export or the end of training): the rule's round
+    with an exact average over all workers. Gossip rules average instead of mixing (the point is one common
+    model); momentum is averaged, cleared or kept as the rule's own rounds do (``params_only``,
+    ``gossip_params_only``, ``gradients`` and ``none`` keep each worker's; with ``gradients`` they are equal)."""
+    synchronize(rule, tensors, average, comm)
+
+
 def run_step(
     rule: SyncRule,
     period: int,
@@ -227,11 +244,15 @@ def run_step(
     one). A step whose update is skipped for it still counts towards the period, so every worker agrees on when
     the next round happens (the failure of PyTorch issue 76282 is a worker that does not). With
     ``sync="gradients"`` the skip is decided on the averaged gradients, which are identical on every worker.
+
+    With ``sync="gradients"`` the float model buffers (updated by this step's forward) are averaged in the same
+    collective as the gradients, listed first (an engine keeping buffers and then gradients back to back in one
+    flat storage reduces one contiguous span): every worker then holds identical parameters, buffers and momentum.
     """
     apply_update = not found_inf
     if rule.averages_gradients:
         grads = [g for group in groups for g in group.grads]
-        comm.record(average(grads))
+        comm.record(average([*sync_tensors.model_buffers, *grads]))
         if found_inf is not None:
             apply_update = all(bool(g.isfinite().all()) for g in grads)
     if apply_update:

@@ -7,6 +7,7 @@ step, the sync round; averaging is one ``all_reduce`` over flat storage (:mod:`p
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,8 +22,10 @@ from prsgd.algorithm import (
     check_period,
     check_topology,
     in_consensus,
+    is_sync_step,
     run_step,
     sync_rule,
+    synchronize_now,
 )
 from prsgd.engines.distributed import (
     AllReduceAverage,
@@ -32,6 +35,7 @@ from prsgd.engines.distributed import (
     group_rank,
     group_size,
 )
+from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
 from prsgd.functional import all_finite
 from prsgd.topology import make_topology
@@ -42,18 +46,21 @@ class LocalSGD(torch.optim.Optimizer):
 
     Args:
         params: the model (an ``nn.Module``, so that its BatchNorm running statistics are averaged at each sync
-            too) or, as for any torch optimizer, an iterable of parameters or param-group dicts (then only
-            parameters and momentum are averaged). Every tensor must share one dtype and device.
-        lr: learning rate gamma (> 0).
+            too) or, as for any torch optimizer, an iterable of parameters or param-group dicts; then pass
+            ``model=`` as well to have the model's float buffers averaged (a warning says so at the first forward
+            when a model with float buffers is trained without it). Every tensor must share one dtype and device.
+        lr: learning rate gamma (> 0), positional or keyword as in ``torch.optim.SGD``.
         momentum: beta in [0, 1); 0 gives local SGD.
         nesterov: option II (eq. 5) instead of Polyak's option I (eq. 4), in ``torch.optim.SGD``'s form.
         weight_decay: L2 penalty added to the gradient, as ``torch.optim.SGD`` does.
         period: I >= 1, local steps between sync rounds (eq. 6). 1 gives parallel mini-batch momentum SGD.
         sync: ``"params_and_momentum"`` (Algorithm 1), ``"params_clear_momentum"``, ``"params_only"``,
-            ``"gradients"`` (all-reduce gradients every step; ignores ``period``), ``"gossip"`` (Algorithm 2:
-            mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or ``"none"``.
+            ``"gradients"`` (all-reduce gradients, and float buffers, every step; ignores ``period``), ``"gossip"``
+            (Algorithm 2: mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or
+            ``"none"``.
         process_group: the workers that average together; default: the whole world. Without an initialized
-            process group the optimizer runs as a single worker (averaging is a no-op).
+            process group the optimizer runs as a single worker: averaging is a no-op and ``comm`` counts nothing.
+            ``WORLD_SIZE > 1`` in the environment (torchrun) without an initialized group is refused.
         topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
             :class:`prsgd.topology.Topology`, an N x N mixing matrix or an adjacency list (see
             :func:`prsgd.topology.make_topology`); worker i of the topology is rank i of the group. Each
@@ -62,14 +69,23 @@ class LocalSGD(torch.optim.Optimizer):
             parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
             naming the step and this worker's rank. Two fused passes per step (gradients, then the flat storage), no
             communication.
+        model: with ``params`` given as parameters or param groups, the model they belong to: its float buffers
+            are averaged with the parameters, and its other tensors (frozen parameters, integer buffers) are
+            broadcast from the first worker at construction.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
-    first member's parameters and buffers are broadcast to all, so every worker starts at the same x^0.
-    ``comm`` counts rounds and payload bytes sent per worker (the size of what was reduced). Parameters that got
-    no gradient skip the local update, as in ``torch.optim.SGD``, but are still averaged; with
-    ``sync="gradients"`` a missing gradient counts as zero so that all workers stay identical. Works with AMP's
-    ``GradScaler``: a step it skips for inf/NaN gradients still counts towards the period on every worker.
+    first member's model is broadcast so every worker starts at the same x^0. ``comm`` counts rounds and payload
+    bytes sent per worker (the size of what was reduced). Parameters that got no gradient skip the local update,
+    as in ``torch.optim.SGD``, but are still averaged; with ``sync="gradients"`` a missing gradient counts as zero
+    so that all workers stay identical.
+
+    LocalSGD does all the communication itself: a model wrapped in ``DistributedDataParallel`` or FSDP (before or
+    after construction), or parameters moved out of its flat storage (``model.to(...)``, ``.half()``, a wrapper
+    that re-allocates them after construction), are refused with :class:`prsgd.InvalidArgument` before a step
+    trains on them. AMP: ``GradScaler`` works with or without ``scaler.unscale_(opt)`` and gradient clipping before
+    ``scaler.step(opt)``; a step it skips for inf/NaN gradients still counts towards the period on every worker, so
+    all workers keep syncing at the same steps (PyTorch issue 76282).
     """
 
     _step_supports_amp_scaling = True  # GradScaler then always calls step() and passes grad_scale/found_inf
@@ -77,8 +93,8 @@ class LocalSGD(torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-        *,
         lr: float,
+        *,
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
@@ -87,18 +103,27 @@ class LocalSGD(torch.optim.Optimizer):
         process_group: Any = None,
         topology: object = None,
         check_finite: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.period = check_period(period)
         self.rule = sync_rule(sync)
         check_topology(self.rule, topology)
+        check_process_group(process_group)
+        if isinstance(params, nn.Module):
+            if model is not None:
+                raise InvalidArgument(
+                    "LocalSGD got a model as params and model= as well: pass the model once (as params), or pass "
+                    "parameters / param groups as params and the model as model="
+                )
+            params, model = params.parameters(), params
+        if model is not None and not isinstance(model, nn.Module):
+            raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
+        if model is not None:
+            check_not_wrapped(model, "at construction")
         self.num_workers = group_size(process_group)
         self.topology = make_topology(topology, self.num_workers) if topology is not None else None
-        model_buffers: list[Tensor] = []
-        if isinstance(params, nn.Module):
-            model_buffers = [b for b in params.buffers() if b.is_floating_point()]
-            params = params.parameters()
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         self._built = False
         super().__init__(params, defaults)
@@ -106,32 +131,64 @@ class LocalSGD(torch.optim.Optimizer):
             _group_hyperparameters(group)
 
         all_params = [p for group in self.param_groups for p in group["params"]]
+        model_buffers: list[Tensor] = []
+        if model is not None:
+            model_buffers = [b for b in model.buffers() if b.is_floating_point()]
+            owned = {id(p) for p in model.parameters()}
+            strangers = [i for i, p in enumerate(all_params) if id(p) not in owned]
+            if strangers:
+                raise InvalidArgument(
+                    f"{len(strangers)} of the {len(all_params)} parameters given to LocalSGD are not parameters of "
+                    f"model= ({type(model).__name__}); pass the model they belong to"
+                )
         self.model_buffers = model_buffers
         self.has_momentum = any(group["momentum"] > 0 for group in self.param_groups)
+        self._param_numel = sum(p.numel() for p in all_params)
+        # layout: params | float buffers | gradients (sync="gradients" only) | momentum: a sync round reduces
+        # params + buffers (+ momentum) and a gradient round buffers + gradients, each one contiguous span
+        grads_numel = [self._param_numel] if self.rule.averages_gradients else []
         momentum_numels = [p.numel() for p in all_params] if self.has_momentum else []
-        self.storage = FlatStorage([*all_params, *model_buffers], extra_numels=momentum_numels)
+        self.storage = FlatStorage([*all_params, *model_buffers], extra_numels=[*grads_numel, *momentum_numels])
+        self._grads_flat = self.storage.allocate(torch.Size(grads_numel)) if grads_numel else None
         for p in all_params:
             self.state[p]["momentum_buffer"] = self.storage.allocate(p.shape) if self.has_momentum else None
-        self._param_numel = sum(p.numel() for p in all_params)
-        self._grads_flat = (
-            torch.zeros(self._param_numel, dtype=self.storage.dtype, device=self.storage.device)
-            if self.rule.averages_gradients
-            else None
-        )
         self.process_group = process_group
         self.average = AllReduceAverage(process_group)
         self.mix = NeighbourMix(self.topology, process_group) if self.topology is not None else None
-        broadcast_from_first(
-            self.storage.flat[: self._param_numel + sum(b.numel() for b in model_buffers)], process_group
-        )
+        model_numel = self._param_numel + sum(b.numel() for b in model_buffers)
+        broadcast_from_first(self.storage.flat[:model_numel], process_group)
+        if model is not None:  # frozen parameters and integer buffers: the same everywhere too
+            flat_ids = {id(t) for t in (*all_params, *model_buffers)}
+            for t in (*model.parameters(), *model.buffers()):
+                if id(t) not in flat_ids:
+                    broadcast_from_first(t.data, process_group)
         self.sync_tensors = SyncTensors(
             params=all_params,
             model_buffers=model_buffers,
             momentum_buffers=[self.state[p]["momentum_buffer"] for p in all_params] if self.has_momentum else [],
         )
+        self._placement = StoragePlacement(self.storage, [*all_params, *model_buffers])
+        self._first_forward = FirstForwardCheck(all_params, model_buffers, warn_buffers=model is None)
+        weakref.finalize(self, self._first_forward.close)  # an optimizer dropped before its first step
         self.steps_done = 0
+        self.synchronized_at: int | None = None
         self.comm = CommStats()
         self._built = True
+
+    def __repr__(self) -> str:
+        topology = self.topology.name if self.topology is not None else None
+        rank = group_rank(self.process_group)
+        head = (
+            f"LocalSGD(sync={self.rule.name!r}, period={self.period}, topology={topology!r}, "
+            f"workers={self.num_workers}, rank={rank}, steps_done={self.steps_done}, "
+            f"comm=(rounds={self.comm.rounds}, bytes={self.comm.bytes}))"
+        )
+        groups = "".join(
+            f"\n  group {i}: {len(g['params'])} tensors, lr={g['lr']}, momentum={g['momentum']}, "
+            f"nesterov={g['nesterov']}, weight_decay={g['weight_decay']}"
+            for i, g in enumerate(self.param_groups)
+        )
+        return head + groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_built", False):
@@ -148,6 +205,13 @@ class LocalSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._first_forward.close()
+        if (
+            self.steps_done == 0
+            or self.rule.averages_gradients
+            or is_sync_step(self.rule, self.steps_done + 1, self.period)
+        ):
+            self._placement.check()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf_tensor = getattr(self, "found_inf", None)
         found_inf = bool(found_inf_tensor.item()) if found_inf_tensor is not None else None
@@ -198,6 +262,18 @@ class LocalSGD(torch.optim.Optimizer):
             self._raise_if_nonfinite("parameter, buffer or momentum", [self.storage.flat], self.steps_done - 1)
         return loss
 
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """One round now, outside the schedule: before evaluation, export or the end of training, so that every
+        worker holds the average. Parameters and float buffers are averaged over all workers (gossip rules too:
+        an exact average, not a mixing step); momentum is averaged (``params_and_momentum``, ``gossip``), cleared
+        (``params_clear_momentum``) or kept per worker (``params_only``, ``gossip_params_only``, ``none``), as the
+        rule's own rounds do. Counted in ``comm``; the schedule of later rounds is unchanged. Every worker must
+        call it at the same point (it is a collective)."""
+        self._placement.check()
+        synchronize_now(self.rule, self.sync_tensors, self.average, self.comm)
+        self.synchronized_at = self.steps_done
+
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
         if not all_finite(tensors):
             raise NonFiniteError(
@@ -207,8 +283,10 @@ class LocalSGD(torch.optim.Optimizer):
 
     @property
     def in_consensus(self) -> bool:
-        """Whether all workers hold the same state now (see :func:`prsgd.algorithm.in_consensus`)."""
-        return in_consensus(self.rule, self.steps_done, self.period, self.has_momentum)
+        """Whether every worker holds the same parameters, float buffers and momentum now: at the start, right
+        after a round that averages all three (or :meth:`synchronize`), and always with ``sync="gradients"``
+        (see :func:`prsgd.algorithm.in_consensus`)."""
+        return in_consensus(self.rule, self.steps_done, self.period, self.has_momentum, self.synchronized_at)
 
     def state_dict(self) -> dict[str, Any]:
         """Like ``Optimizer.state_dict`` plus prsgd's counters; momentum buffers are copied out of flat storage."""
@@ -239,6 +317,7 @@ class LocalSGD(torch.optim.Optimizer):
         if counters is not None:
             self.steps_done = counters["steps_done"]
             self.comm = CommStats(counters["rounds"], counters["bytes"])
+            self.synchronized_at = None
 
 
 def _group_hyperparameters(group: dict[str, Any]) -> Hyperparameters:

@@ -93,8 +93,7 @@ class AllReduceAverage:
 
     Tensors lying back to back in one storage (the optimizer's flat storage, or its flat gradient buffer) are
     reduced in place as one span; any other list goes through :func:`all_reduce_mean` (packed into a temporary,
-    reduced, copied back: still one collective). Something that rebinds ``p.data`` (as PyTorch's
-    ``PeriodicModelAverager`` does) takes parameters out of the flat storage: syncs stay correct but pack a copy.
+    reduced, copied back: still one collective). A single worker sends nothing and reports 0 bytes.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
@@ -102,12 +101,13 @@ class AllReduceAverage:
         self.world_size = group_size(process_group)
 
     def __call__(self, tensors: list[Tensor]) -> int:
+        if self.world_size == 1:
+            return 0
         span = contiguous_span(tensors)
         if span is None:
             return all_reduce_mean(tensors, self.process_group)
-        if self.world_size > 1:
-            dist.all_reduce(span, op=dist.ReduceOp.SUM, group=self.process_group)
-            span.div_(self.world_size)
+        dist.all_reduce(span, op=dist.ReduceOp.SUM, group=self.process_group)
+        span.div_(self.world_size)
         return span.numel() * span.element_size()
 
 
@@ -121,15 +121,14 @@ def all_reduce_sum_(tensor: Tensor, process_group: dist.ProcessGroup | None = No
 def all_reduce_mean(tensors: list[Tensor], process_group: dist.ProcessGroup | None = None) -> int:
     """Average ``tensors`` over the group in place with one all-reduce of a packed temporary copy.
 
-    Returns the payload bytes reduced."""
-    if not tensors:
-        return 0
+    Returns the payload bytes reduced (0 for a single worker, which sends nothing)."""
     world_size = group_size(process_group)
+    if not tensors or world_size == 1:
+        return 0
     with torch.no_grad():
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        if world_size > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-            flat.div_(world_size)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        flat.div_(world_size)
         _unpack(flat, tensors)
     return flat.numel() * flat.element_size()
 

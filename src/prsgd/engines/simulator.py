@@ -29,6 +29,7 @@ from prsgd.algorithm import (
     in_consensus,
     run_step,
     sync_rule,
+    synchronize_now,
 )
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool, check_int
 from prsgd.functional import all_finite
@@ -38,9 +39,12 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def average_over_workers(tensors: list[Tensor]) -> int:
-    """Replace each stacked ``(N, ...)`` tensor by its mean over workers; return one worker's payload bytes."""
+    """Replace each stacked ``(N, ...)`` tensor by its mean over workers; return one worker's payload bytes (0 for
+    a single worker, which sends nothing)."""
     nbytes = 0
     for t in tensors:
+        if t.shape[0] == 1:
+            return 0
         t.copy_(t.mean(dim=0, keepdim=True).expand_as(t))
         nbytes += t[0].numel() * t.element_size()
     return nbytes
@@ -217,6 +221,7 @@ class Simulator:
             momentum_buffers=list(self._momentum.values()),
         )
         self.steps_done = 0
+        self.synchronized_at: int | None = None
         self.comm = CommStats()
 
     def _worker_loss(self, loss_fn: LossFn) -> Callable[..., Tensor]:
@@ -326,10 +331,17 @@ class Simulator:
             + (f" (also workers {', '.join(map(str, bad[1:]))})" if len(bad) > 1 else "")
         )
 
+    def synchronize(self) -> None:
+        """One round now, outside the schedule, as :meth:`prsgd.LocalSGD.synchronize` (see
+        :func:`prsgd.algorithm.synchronize_now`); counted in ``comm``. The schedule of later rounds is unchanged."""
+        synchronize_now(self.rule, self.sync_tensors, average_over_workers, self.comm)
+        self.synchronized_at = self.steps_done
+
     @property
     def in_consensus(self) -> bool:
-        """Whether all workers hold the same state now (see :func:`prsgd.algorithm.in_consensus`)."""
-        return in_consensus(self.rule, self.steps_done, self.period, bool(self._momentum))
+        """Whether all workers hold the same parameters, float buffers and momentum now (see
+        :func:`prsgd.algorithm.in_consensus`)."""
+        return in_consensus(self.rule, self.steps_done, self.period, bool(self._momentum), self.synchronized_at)
 
     def state_dict(self) -> dict[str, object]:
         """Everything needed to continue bit-identically: every worker's parameters, model buffers and momentum
@@ -357,6 +369,7 @@ class Simulator:
             for name, t in ours.items():
                 t.copy_(theirs[name])
         self.steps_done = int(state["steps_done"])
+        self.synchronized_at = None
         self.set_lr(float(state["lr"]))
         self.comm = CommStats(*state["comm"])
 
