@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv (once) and installs prsgd into it. Idempotent: a second run only checks.
-# torch==2.13.0 is installed first and explicitly, so that no dependency ever resolves a bare `torch`
-# to a multi-GB CUDA build.
+# torch==2.13.0 is installed first and explicitly, and every later install is constrained to it
+# (constraints.txt), so that no dependency (Lightning, accelerate) ever resolves `torch` to a multi-GB CUDA build.
+# EXTRAS (default: dev) picks the optional extras; scripts/test.sh asks for dev,lightning,accelerate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,9 +12,10 @@ fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-stamp=.venv/.prsgd-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+EXTRAS=${EXTRAS:-dev}
+stamp=".venv/.prsgd-installed-${EXTRAS//,/-}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[$EXTRAS]"
     touch "$stamp"
 fi
 

@@ -243,4 +243,44 @@ def amp(rank: int, world_size: int, steps: int) -> dict:
     return {"cases": out}
 
 
-SCENARIOS = {"ddp_guards": ddp_guards, "gradients_vs_ddp": gradients_vs_ddp, "consensus": consensus, "amp": amp}
+ACCELERATE_RUN = dict(train_size=192, batch_size=16, period=4, clip=0.5, epochs=2)
+"""The settings tests/test_examples.py runs examples/accelerate_train.py with (bf16, no shuffle)."""
+
+
+def accelerate_reference(rank: int, world_size: int, steps: int) -> dict:
+    """An own loop with LocalSGD on the batches accelerate hands rank r without shuffling (batches r, r + N, ...
+    of the sequential loader), bf16 autocast, backward, clip, step; the same digits and model as the example,
+    built here again."""
+    from torch import nn
+
+    from prsgd.data.datasets import load_digits
+
+    a = ACCELERATE_RUN
+    data = load_digits()
+    inputs, targets = data.train.inputs[: a["train_size"]], data.train.targets[: a["train_size"]]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    opt = prsgd.LocalSGD(model, 0.1, momentum=0.9, period=a["period"])
+    b = a["batch_size"]
+    for _ in range(a["epochs"]):
+        for k in range(rank, a["train_size"] // b, world_size):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(inputs[k * b : (k + 1) * b]), targets[k * b : (k + 1) * b])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), a["clip"])
+            opt.step()
+            opt.zero_grad()
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "momentum": [m.clone() for m in opt.sync_tensors.momentum_buffers],
+        "steps_done": opt.steps_done,
+    }
+
+
+SCENARIOS = {
+    "ddp_guards": ddp_guards,
+    "gradients_vs_ddp": gradients_vs_ddp,
+    "consensus": consensus,
+    "amp": amp,
+    "accelerate_reference": accelerate_reference,
+}

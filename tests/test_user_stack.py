@@ -3,10 +3,13 @@ torch (tests/stack_worker.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import free_port
 from stack_worker import AMP_CASES, CONSENSUS_CASES, INF_AT, run
+
+pytestmark = pytest.mark.slow
 
 WORLD = 2
 
