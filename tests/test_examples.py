@@ -75,6 +75,8 @@ def test_lightning_strategy_equals_the_own_loop_and_resumes_mid_period_bit_ident
     torchrun("own_loop.py", "--epochs", "2", *common, "--out", str(tmp_path / "own"))
     lightning("--epochs", "2", *common, "--out", str(tmp_path / "lightning"))
     assert_same_run(states(tmp_path / "own"), states(tmp_path / "lightning"), prefix_b="net.")
+    for state in states(tmp_path / "lightning"):  # momentum equal on both ranks right after each round only
+        assert [step for step, spread in state["spread"] if spread == 0.0] == [4, 8, 12]
     if precision == "fp16":
         return
     lightning("--epochs", "1", *common, "--checkpoints", str(tmp_path / "ckpt"))  # saved at step 6, mid-period
