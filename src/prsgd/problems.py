@@ -6,8 +6,14 @@
 
 with a shared A (m x d) and worker targets b_i = b + delta_i (sum_i delta_i = 0). The regulariser
 r(t) = t^2 / (1 + t^2) has r'' in [-1/2, 2], so f is non-convex once lam exceeds twice the smallest eigenvalue of
-A^T A / m, and L-smooth with L = lambda_max(A^T A / m) + 2 lam (attained at x = 0). Stochastic gradients add
-Gaussian noise of exactly sigma^2 expected squared norm: G_i = grad f_i(x) + (sigma / sqrt(d)) xi, xi ~ N(0, I).
+A^T A / m, and L-smooth with L = lambda_max(A^T A / m) + 2 lam (attained at x = 0). Stochastic gradients, with
+``noise="additive"`` (the default), add Gaussian noise of exactly sigma^2 expected squared norm:
+G_i = grad f_i(x) + (sigma / sqrt(d)) xi, xi ~ N(0, I). There every worker's linear part has the same Hessian and
+the noise does not depend on x, so with identical data averaging every I steps gives the same average as every
+step (only the regulariser lets the period matter). With ``noise="rows"`` a worker's gradient is that of a
+``batch`` of rows of its least-squares part drawn uniformly (plus the regulariser's): the Hessian
+a_j a_j^T / batch then differs from sample to sample, workers drift apart between rounds even with identical data,
+and the variance sigma^2(x) depends on x (:meth:`NonConvexRegression.noise_variance` gives it exactly).
 Heterogeneity is exact too: grad f_i(x) - grad f(x) = -A^T delta_i / m for every x, and the delta_i are scaled so
 that (1/N) sum_i ||grad f_i - grad f||^2 = zeta^2.
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from prsgd.algorithm import CommStats, Hyperparameters, SyncTensors, UpdateGroup, check_period, run_step, sync_rule
 from prsgd.engines.simulator import StackedMixer, average_over_workers
-from prsgd.errors import check_int, check_number
+from prsgd.errors import check_choice, check_int, check_number
 from prsgd.topology import make_topology
 
 
@@ -42,9 +48,13 @@ class NonConvexRegression:
         sigma: float = 1.0,
         zeta: float = 0.0,
         seed: int = 0,
+        noise: str = "additive",
+        batch: int = 1,
     ) -> None:
-        for name, value in (("num_workers", num_workers), ("dim", dim), ("samples", samples)):
+        for name, value in (("num_workers", num_workers), ("dim", dim), ("samples", samples), ("batch", batch)):
             check_int(name, value, 1)
+        self.noise = check_choice("noise", noise, ("additive", "rows"))
+        self.batch = batch
         for name, value in (("lam", lam), ("sigma", sigma), ("zeta", zeta)):
             check_number(name, value, 0)
         check_int("seed", seed, 0)
@@ -89,8 +99,24 @@ class NonConvexRegression:
         return residual @ self.A / self.samples + self._regulariser_grad(xs)
 
     def stochastic_gradients(self, xs: Tensor, generator: torch.Generator) -> Tensor:
+        if self.noise == "rows":
+            rows = torch.randint(self.samples, (xs.shape[0], self.batch), generator=generator)
+            a = self.A[rows]  # (N, B, d)
+            targets = torch.gather(self.b + self.delta, 1, rows)  # (N, B)
+            residual = torch.einsum("nbd,nd->nb", a, xs) - targets
+            return torch.einsum("nb,nbd->nd", residual, a) / self.batch + self._regulariser_grad(xs)
         noise = torch.randn(xs.shape, generator=generator, dtype=torch.float64)
         return self.worker_gradients(xs) + self.sigma / math.sqrt(self.dim) * noise
+
+    def noise_variance(self, xs: Tensor) -> Tensor:
+        """E ||G_i - grad f_i||^2 at each worker's point xs[i], shape (N,): sigma^2 for additive noise; for row
+        sampling, the variance of one row's gradient over the m rows, divided by the batch."""
+        if self.noise == "additive":
+            return torch.full((xs.shape[0],), self.sigma2, dtype=torch.float64)
+        residual = xs @ self.A.T - (self.b + self.delta)  # (N, m)
+        per_row = residual.unsqueeze(-1) * self.A  # (N, m, d): each row's gradient
+        centred = per_row - per_row.mean(1, keepdim=True)
+        return centred.pow(2).sum(-1).mean(1) / self.batch
 
     def value(self, x: Tensor) -> Tensor:
         """f(x) (up to the constant mean_i ||delta_i||^2 / 2m that does not move the gradient)."""

@@ -1,16 +1,21 @@
 """The paper's theory, measured on :class:`prsgd.problems.NonConvexRegression` (every constant known).
 
-    python -m prsgd.theory_experiments [--out docs] [--seeds 3] [--quick]
+    python -m prsgd.theory_experiments [--config configs/theory/full.toml] [--out docs] [--seeds 3]
 
 Writes ``OUT/theory.md`` and its figures ``OUT/figures/theory_*.png``:
-1. linear speedup: the measure (1/T) sum_t ||grad f(x_bar^t)||^2 at fixed T against N (fitted log-log slope vs the
-   theory's -1/2), and the steps to reach a target eps against N (slope vs -1); Polyak and Nesterov, identical and
-   non-identical data; learning rate gamma = c sqrt(N / T) and the corollaries' period (prsgd.theory);
-2. communication complexity: for growing T, the largest period keeping the measure within 10% of period 1's, and
-   the resulting rounds T / I, with the fitted exponent in T vs 1/2 (identical) and 3/4 (non-identical);
+1. linear speedup, where the corollary applies: eps is one worker's measure (1/T) sum_t ||grad f(x_bar^t)||^2 at a
+   long run T1, and for each N the run length T_eps at which N workers reach it (gamma and I set for that T, as the
+   corollaries do); the theory's rate O(1/sqrt(NT)) gives T_eps = T1 / N, a slope of -1 in N, and efficiency
+   T1 / (N T_eps) = 1. A point whose gamma = c sqrt(N/T) hits the step-size cap (1 - beta)^2 / L lies outside the
+   corollary's conditions and is flagged. The measure at fixed T against N (slope -1/2) is kept;
+2. communication complexity: the largest period whose measure stays within 5%, 10% or 20% of period 1's, per seed,
+   and the exponent of the rounds T / I in T (the corollaries' sufficient rates: T^1/2 identical, T^3/4
+   non-identical), plus the sufficiency check: the measure at the corollary's I against period 1's as T grows.
+   Identical data use row-sampled gradients (sample-dependent Hessians), so that local drift costs something;
 3. momentum handling at sync: params_and_momentum vs params_clear_momentum vs params_only across periods;
 4. decentralized: the measure against the topology's spectral gap at fixed N.
-Every point is the mean over seeds, with the min-max spread in the tables.
+Numbers are means over seeds with their standard deviation (or min-max); verdicts say what was measured: held, not
+held, or not testable on this problem (and why).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from prsgd.config import ConfigError
 from prsgd.errors import check_int
@@ -32,6 +38,7 @@ from prsgd.topology import make_topology
 
 BETA = 0.5
 LR_SCALE = 0.3
+THRESHOLDS = (0.05, 0.10, 0.20)  # communication: "within this much of period 1's measure"
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,11 @@ class Plan:
     """The sizes of the four experiments (``configs/theory/*.toml`` hold the same keys)."""
 
     seeds: int = 3
-    steps: int = 4000  # T of experiments 1, 3 and 4
-    workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # N of experiment 1
+    steps: int = 4000  # T of the measure-vs-N form, and of experiments 3 and 4
+    workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # N of the measure-vs-N form
+    speedup_steps: int = 65536  # T1: eps is one worker's measure after T1 steps
+    speedup_workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # N of the steps-to-eps form
+    speedup_cases: int = 4  # Polyak/Nesterov x identical/non-identical, in that order; fewer for a quick plan
     lengths: tuple[int, ...] = (1000, 2000, 4000, 8000, 16000)  # T of experiment 2
     communication_workers: int = 4
     momentum_workers: int = 8
@@ -51,6 +61,9 @@ QUICK = Plan(
     seeds=1,
     steps=200,
     workers=(1, 2, 4),
+    speedup_steps=16384,
+    speedup_workers=(1, 2, 4, 8),
+    speedup_cases=1,
     lengths=(100, 200),
     communication_workers=2,
     momentum_workers=2,
@@ -77,6 +90,8 @@ def load_plan(path: str | Path) -> Plan:
             kind = "a list of integers >= 1" if wants_list else "an integer >= 1"
             raise ConfigError(f"{key}={value!r} in {path} is not allowed; it must be {kind}")
         plan[key] = tuple(value) if isinstance(value, list) else value
+    if not 1 <= plan.get("speedup_cases", 4) <= 4:
+        raise ConfigError(f"speedup_cases={plan['speedup_cases']} in {path} is not allowed; it must be in [1, 4]")
     return Plan(**plan)
 
 
@@ -85,27 +100,35 @@ def lr_for(n: int, steps: int, problem: NonConvexRegression) -> float:
     return min(LR_SCALE * np.sqrt(n / steps), (1 - BETA) ** 2 / problem.L)
 
 
-def problem_for(n: int, identical: bool, seed: int) -> NonConvexRegression:
-    return NonConvexRegression(n, dim=20, samples=40, lam=1.0, sigma=2.0, zeta=0.0 if identical else 2.0, seed=seed)
+def is_capped(n: int, steps: float, problem: NonConvexRegression) -> bool:
+    """Whether gamma for (N, T) hits the cap, i.e. lies outside the corollary's conditions."""
+    return LR_SCALE * np.sqrt(n / steps) > (1 - BETA) ** 2 / problem.L
 
 
-def measures(n: int, steps: int, identical: bool, seeds: int, **kw) -> tuple[np.ndarray, list]:
+def problem_for(n: int, identical: bool, seed: int, noise: str = "additive") -> NonConvexRegression:
+    zeta = 0.0 if identical else 2.0
+    return NonConvexRegression(n, dim=20, samples=40, lam=1.0, sigma=2.0, zeta=zeta, seed=seed, noise=noise)
+
+
+def measures(n: int, steps: int, identical: bool, seeds: int, noise: str = "additive", **kw) -> tuple[np.ndarray, list]:
     """The measure of each seed's run (and the runs), with momentum BETA and gamma from :func:`lr_for`."""
     results = []
     for seed in range(seeds):
-        problem = problem_for(n, identical, seed)
+        problem = problem_for(n, identical, seed, noise)
         results.append(run(problem, steps, lr=lr_for(n, steps, problem), momentum=BETA, seed=seed, **kw))
     return np.array([r.measure for r in results]), results
 
 
-def verdict(measured: float, predicted: float, tolerance: float) -> str:
-    """Whether a fitted exponent agrees with the theory's, within ``tolerance``, in words."""
-    held = abs(measured - predicted) <= tolerance
-    return (
-        f"**prediction held** ({measured:.2f} vs {predicted:g}, within {tolerance:g})"
-        if held
-        else f"**prediction not met** ({measured:.2f} vs {predicted:g}, off by more than {tolerance:g})"
-    )
+def corollary_measure(n: int, steps: int, identical: bool, seed: int, nesterov: bool) -> float:
+    """One seed's measure after ``steps`` steps with the corollaries' gamma and period for (N, T)."""
+    problem = problem_for(n, identical, seed)
+    period = recommended_period(n, steps, identical)
+    lr = lr_for(n, steps, problem)
+    return run(problem, steps, lr=lr, momentum=BETA, nesterov=nesterov, period=period, seed=seed).measure
+
+
+def held(ok: bool, measured: str, predicted: str) -> str:
+    return f"**held** ({measured}; theory {predicted})" if ok else f"**not held** ({measured}; theory {predicted})"
 
 
 def slope(xs, ys) -> float:
@@ -125,133 +148,313 @@ def fmt(values: np.ndarray) -> str:
     return f"{values.mean():.4g} ({values.min():.3g}-{values.max():.3g})"
 
 
-def steps_to_reach(eps: float, n: int, lengths: list[int], identical: bool, seeds: int, nesterov: bool) -> float:
-    """The run length T at which the measure (with gamma and I chosen for that T) first reaches ``eps``,
-    interpolated log-log between the lengths tried; NaN if even the longest does not reach it."""
-    previous = None
-    for steps in lengths:
-        period = recommended_period(n, steps, identical)
-        value = measures(n, steps, identical, seeds, nesterov=nesterov, period=period)[0].mean()
-        if value <= eps:
-            if previous is None:
-                return float(steps)
-            (t0, v0), (t1, v1) = previous, (steps, value)
-            frac = (np.log(v0) - np.log(eps)) / (np.log(v0) - np.log(v1))
-            return float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))))
-        previous = (steps, value)
-    return float("nan")
+def pm(values, digits: int = 2) -> str:
+    """mean +- sd (sample sd; 0 for one value)."""
+    values = np.asarray(values, dtype=float)
+    sd = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.{digits}f} +- {sd:.{digits}f}"
 
 
-def linear_speedup(seeds: int, steps: int, workers: list[int], plt, fig_dir: Path) -> list[str]:
-    lengths = [steps // 2**k for k in range(6, -1, -1)]
+def steps_to_reach(eps: float, n: int, identical: bool, seed: int, nesterov: bool, guess: float) -> tuple[float, bool]:
+    """The run length T at which N workers' measure (gamma and I set for that T) reaches ``eps``: bracketed by
+    factors of sqrt(2) from ``guess``, interpolated log-log. Returns (T, whether gamma was capped there)."""
+    factor = np.sqrt(2.0)
+    points: dict[int, float] = {}
+
+    def at(t: int) -> float:
+        if t not in points:
+            points[t] = corollary_measure(n, t, identical, seed, nesterov)
+        return points[t]
+
+    t = max(2, round(guess))
+    if at(t) > eps:
+        for _ in range(12):
+            t = round(t * factor)
+            if at(t) <= eps:
+                break
+    else:
+        for _ in range(12):
+            if t <= 2:
+                break
+            t = max(2, round(t / factor))
+            if at(t) > eps:
+                break
+    above = [k for k, v in points.items() if v > eps]
+    below = [k for k, v in points.items() if v <= eps]
+    if not above or not below:
+        return float("nan"), False
+    t0 = max(k for k in above if k < min(below)) if any(k < min(below) for k in above) else max(above)
+    t1 = min(k for k in below if k > t0) if any(k > t0 for k in below) else min(below)
+    v0, v1 = points[t0], points[t1]
+    frac = (np.log(v0) - np.log(eps)) / (np.log(v0) - np.log(v1)) if v0 != v1 else 1.0
+    reached = float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))))
+    return reached, is_capped(n, min(t0, t1), problem_for(n, identical, seed))
+
+
+SPEEDUP_CASES = [(False, True), (False, False), (True, True), (True, False)]  # (nesterov, identical)
+
+
+def case_name(nesterov: bool, identical: bool) -> str:
+    return f"{'Nesterov' if nesterov else 'Polyak'}, {'identical' if identical else 'non-identical'}"
+
+
+@dataclass
+class Speedup:
+    """Steps to eps for one case: ``steps[s][k]`` is seed s's T_eps for ``workers[k]`` (T1 for N = 1)."""
+
+    workers: list[int]
+    steps: np.ndarray  # (seeds, len(workers))
+    capped: np.ndarray  # (seeds, len(workers)) bool
+    eps: np.ndarray  # (seeds,)
+
+    def slopes(self, max_workers: int | None = None) -> np.ndarray:
+        keep = [k for k, n in enumerate(self.workers) if max_workers is None or n <= max_workers]
+        return np.array([slope([self.workers[k] for k in keep], row[keep]) for row in self.steps])
+
+    def efficiency(self) -> np.ndarray:
+        return self.steps[:, :1] / (np.array(self.workers) * self.steps)
+
+
+def speedup(seeds: int, t1: int, workers: list[int], nesterov: bool, identical: bool) -> Speedup:
+    """Steps to reach eps (one worker's measure at ``t1``, per seed) for each N in ``workers`` (first: 1)."""
+    steps, capped, eps = [], [], []
+    for seed in range(seeds):
+        e = corollary_measure(1, t1, identical, seed, nesterov)
+        row, flags = [float(t1)], [is_capped(1, t1, problem_for(1, identical, seed))]
+        for n in workers[1:]:
+            t, flag = steps_to_reach(e, n, identical, seed, nesterov, guess=t1 / n)
+            row.append(t)
+            flags.append(flag)
+        steps.append(row)
+        capped.append(flags)
+        eps.append(e)
+    return Speedup(list(workers), np.array(steps), np.array(capped), np.array(eps))
+
+
+def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
+    seeds, t1, workers = plan.seeds, plan.speedup_steps, list(plan.speedup_workers)
     lines = [
         "## 1. Linear speedup",
         "",
-        f"Measure at T = {steps}; beta = {BETA}, gamma = min({LR_SCALE} sqrt(N/T), (1-beta)^2/L), period from the "
-        "corollaries (`prsgd.theory.recommended_period`), sigma = 2, zeta = 0 (identical) or 2 (non-identical). "
-        f"Steps to eps: eps is one worker's measure at T = {steps}; for each N the run length T in {lengths} "
-        "(gamma and I set for that T, as the corollaries do) at which the measure reaches eps, interpolated "
-        "log-log.",
+        f"beta = {BETA}, gamma = {LR_SCALE} sqrt(N/T) (capped at (1-beta)^2/L; a capped point is outside the "
+        "corollary's conditions and is marked *capped*), period from the corollaries "
+        "(`prsgd.theory.recommended_period`), sigma = 2, zeta = 0 (identical) or 2 (non-identical). "
+        f"eps is one worker's measure at T1 = {t1} (per seed); T_eps is the run length at which N workers reach it "
+        "(bracketed by factors of sqrt 2 from T1/N and interpolated log-log; gamma and I set for each length). "
+        f"Theory: T_eps = T1 / N, so slope -1 and efficiency T1 / (N T_eps) = 1. {seeds} seeds: mean +- sd.",
         "",
-        "| option | data | N | period | measure (mean, min-max over seeds) | T to reach eps |",
-        "|---|---|---:|---:|---:|---:|",
+        "| case | N | T_eps | efficiency T1/(N T_eps) | capped |",
+        "|---|---:|---:|---:|---|",
     ]
-    summary, slopes = [], []
+    results = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for nesterov in (False, True):
-        for identical in (True, False):
-            means, steps_to = [], []
-            for n in workers:
-                period = recommended_period(n, steps, identical)
-                values = measures(n, steps, identical, seeds, nesterov=nesterov, period=period)[0]
-                means.append(values.mean())
-                eps = means[0]
-                steps_to.append(
-                    float(steps) if n == workers[0] else steps_to_reach(eps, n, lengths, identical, seeds, nesterov)
-                )
-                lines.append(
-                    f"| {'Nesterov' if nesterov else 'Polyak'} | {'identical' if identical else 'non-identical'}"
-                    f" | {n} | {period} | {fmt(values)} | {steps_to[-1]:.0f} |"
-                )
-            label = f"{'Nesterov' if nesterov else 'Polyak'}, {'identical' if identical else 'non-identical'}"
-            reached = [(n, t) for n, t in zip(workers, steps_to, strict=True) if np.isfinite(t)]
-            s_measure, s_steps = slope(workers, means), slope(*zip(*reached, strict=True))
-            summary.append(f"| {label} | {s_measure:.2f} | -0.5 | {s_steps:.2f} (eps = {means[0]:.3g}) | -1 |")
-            slopes.append((label, s_measure, s_steps))
-            axes[0].loglog(workers, means, "o-", label=label)
-            axes[1].loglog(*zip(*reached, strict=True), "o-", label=label)
-    axes[0].set(xlabel="workers N", ylabel="(1/T) sum ||grad f(x_bar)||^2", title=f"measure at T = {steps}")
-    axes[1].set(xlabel="workers N", ylabel="iterations T to reach eps", title="iterations to eps")
+    for nesterov, identical in SPEEDUP_CASES[: plan.speedup_cases]:
+        result = speedup(seeds, t1, workers, nesterov, identical)
+        results.append(((nesterov, identical), result))
+        efficiency = result.efficiency()
+        for k, n in enumerate(workers):
+            capped = int(result.capped[:, k].sum())
+            lines.append(
+                f"| {case_name(nesterov, identical)} | {n} | {pm(result.steps[:, k], 0)} | {pm(efficiency[:, k])} "
+                f"| {f'*capped* ({capped} of {seeds} seeds)' if capped else 'no'} |"
+            )
+        mean_steps = result.steps.mean(0)
+        sd = result.steps.std(0, ddof=1) if seeds > 1 else np.zeros(len(workers))
+        axes[1].errorbar(workers, mean_steps, yerr=sd, fmt="o-", capsize=3, label=case_name(nesterov, identical))
+    axes[1].loglog(workers, [t1 / n for n in workers], "k--", lw=1, label="T1 / N (theory)")
+    axes[1].set(xlabel="workers N", ylabel="iterations T to reach eps", title=f"iterations to eps (T1 = {t1})")
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+
+    small = max([n for n in workers if n <= 8], default=workers[-1])
+    lines += [
+        "",
+        "| case | slope of T_eps vs N, each seed | mean +- sd | N <= 8 | theory | verdict |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for (nesterov, identical), result in results:
+        every, few = result.slopes(), result.slopes(small)
+        ok = abs(every.mean() + 1) <= 0.15
+        any_capped = bool(result.capped.any())
+        text = held(ok, f"slope {pm(every)}", "-1 within 0.15")
+        if any_capped:
+            text += "; some points capped (outside the corollary's conditions)"
+        lines.append(
+            f"| {case_name(nesterov, identical)} | {', '.join(f'{v:.2f}' for v in every)} | {pm(every)} "
+            f"| {pm(few)} | -1 | {text} |"
+        )
+        verdicts.append(f"- {case_name(nesterov, identical)}: iterations to eps vs N: {text}.")
+
+    lines += [
+        "",
+        f"The measure at fixed T = {plan.steps} against N (the form of the previous version of this page; the "
+        "theory gives slope -1/2 while gamma is uncapped):",
+        "",
+        "| case | N | period | measure (mean, min-max over seeds) | capped |",
+        "|---|---:|---:|---:|---|",
+    ]
+    fixed_slopes = []
+    for nesterov, identical in SPEEDUP_CASES[: plan.speedup_cases]:
+        means, per_seed = [], []
+        for n in plan.workers:
+            period = recommended_period(n, plan.steps, identical)
+            values = measures(n, plan.steps, identical, seeds, nesterov=nesterov, period=period)[0]
+            means.append(values.mean())
+            per_seed.append(values)
+            capped = is_capped(n, plan.steps, problem_for(n, identical, 0))
+            flag = "*capped*" if capped else "no"
+            lines.append(f"| {case_name(nesterov, identical)} | {n} | {period} | {fmt(values)} | {flag} |")
+        seed_slopes = np.array([slope(plan.workers, [v[s] for v in per_seed]) for s in range(seeds)])
+        fixed_slopes.append((case_name(nesterov, identical), seed_slopes))
+        axes[0].loglog(plan.workers, means, "o-", label=case_name(nesterov, identical))
+    axes[0].set(xlabel="workers N", ylabel="(1/T) sum ||grad f(x_bar)||^2", title=f"measure at T = {plan.steps}")
     save(fig, axes, fig_dir / "theory_speedup.png", plt)
     lines += [
         "",
-        "| case | slope of measure vs N | theory | slope of T to eps vs N | theory |",
-        "|---|---:|---:|---:|---:|",
-        *summary,
+        *[
+            f"- {name}: measure at fixed T vs N: {held(abs(v.mean() + 0.5) <= 0.1, f'slope {pm(v)}', '-1/2 +- 0.1')}."
+            for name, v in fixed_slopes
+        ],
+        *verdicts,
         "",
         "![speedup](figures/theory_speedup.png)",
-        "",
-        *[
-            f"- {label}: measure vs N {verdict(sm, -0.5, 0.1)}; iterations to eps vs N {verdict(st, -1.0, 0.2)}."
-            for label, sm, st in slopes
-        ],
         "",
     ]
     return lines
 
 
-def communication(seeds: int, lengths: list[int], n: int, plt, fig_dir: Path) -> list[str]:
-    grid = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
+COMMUNICATION_GRID = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+
+
+@dataclass
+class PeriodSearch:
+    """For one data case: per length and seed, period 1's measure, the largest period within each threshold (and
+    whether the search reached its cap T / 4), and the measure at the corollary's period."""
+
+    base: np.ndarray  # (lengths, seeds)
+    largest: np.ndarray  # (thresholds, lengths, seeds)
+    capped: np.ndarray  # (thresholds, lengths, seeds) bool
+    corollary: np.ndarray  # (lengths, seeds): measure at the corollary's I
+    periods: list[int]  # the corollary's I per length
+
+
+def search_periods(n: int, lengths: list[int], identical: bool, seeds: int, noise: str) -> PeriodSearch:
+    """Measures for growing periods (up to T / 4), each seed on its own, until every threshold has failed."""
+    base = np.zeros((len(lengths), seeds))
+    largest = np.ones((len(THRESHOLDS), len(lengths), seeds), dtype=int)
+    capped = np.zeros((len(THRESHOLDS), len(lengths), seeds), dtype=bool)
+    corollary = np.zeros((len(lengths), seeds))
+    periods = [recommended_period(n, t, identical) for t in lengths]
+    for i, steps in enumerate(lengths):
+        for seed in range(seeds):
+            problem = problem_for(n, identical, seed, noise)
+
+            def measure(period: int, problem=problem, steps=steps, seed=seed) -> float:
+                lr = lr_for(n, steps, problem)
+                return run(problem, steps, lr=lr, momentum=BETA, period=period, seed=seed).measure
+
+            base[i, seed] = measure(1)
+            known = {1: base[i, seed]}
+            failed = [False] * len(THRESHOLDS)
+            for period in COMMUNICATION_GRID[1:]:
+                if period > steps // 4:
+                    break
+                known[period] = measure(period)
+                for k, threshold in enumerate(THRESHOLDS):
+                    if not failed[k] and known[period] > (1 + threshold) * base[i, seed]:
+                        failed[k] = True  # the first period that fails ends this threshold's search
+                    elif not failed[k]:
+                        largest[k, i, seed] = period
+                if all(failed):
+                    break
+            for k in range(len(THRESHOLDS)):
+                capped[k, i, seed] = not failed[k]
+            corollary[i, seed] = known.get(periods[i]) or measure(periods[i])
+    return PeriodSearch(base, largest, capped, corollary, periods)
+
+
+def communication(plan: Plan, plt, fig_dir: Path) -> list[str]:
+    n, lengths, seeds = plan.communication_workers, list(plan.lengths), plan.seeds
+    rows_problem = problem_for(n, True, 0, "rows")
+    x0 = rows_problem.x0.repeat(n, 1)
+    x_ls = torch.linalg.lstsq(rows_problem.A, rows_problem.b.unsqueeze(1)).solution.T.repeat(n, 1)
     lines = [
         "## 2. Communication complexity",
         "",
-        f"N = {n}; for each T the largest period I <= T / 4 in {grid} (searched upwards, stopping at the first "
-        "failure) whose measure stays within 10% of period 1's (mean over seeds), and the rounds T / I.",
+        f"N = {n}; for each T and seed, the largest period I <= T / 4 in the grid {COMMUNICATION_GRID[:8]}... "
+        "(searched upwards, stopping at the first failure) whose measure stays within 5%, 10% or 20% of period 1's, "
+        "and the rounds T / I; the exponent of rounds in T is fitted per seed. The corollaries' rates "
+        "(rounds ~ T^1/2 identical, T^3/4 non-identical) are sufficient: at their I the measure must stay within a "
+        "constant factor of period 1's as T grows (sufficiency check), and the rounds actually needed may grow "
+        "more slowly.",
         "",
-        "| data | T | measure at I = 1 | largest I within 10% | rounds | corollary's I |",
-        "|---|---:|---:|---:|---:|---:|",
+        "- Identical data: each worker's gradient is that of one row of the least-squares part drawn uniformly "
+        f'(`noise="rows"`), so Hessians differ between samples and workers drift apart between rounds; '
+        f"L = {rows_problem.L:.3f}, zeta^2 = 0, and the noise variance depends on x: sigma^2(x^0) = "
+        f"{float(rows_problem.noise_variance(x0)[0]):.0f} (seed 0), "
+        f"{float(rows_problem.noise_variance(x_ls)[0]):.1f} at the least-squares solution. With "
+        "additive noise (the other problem) every period gives the same average on the quadratic part, so "
+        "identical data could not show the period's cost there.",
+        "- Non-identical data: additive noise sigma^2 = 4, zeta^2 = 4 (the problem of section 1).",
+        "",
+        "| data | T | measure at I = 1 | largest I within 5% / 10% / 20% (median over seeds) | corollary's I | "
+        "measure at corollary's I / at I = 1 |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     fits, verdicts = [], []
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for identical in (True, False):
-        rounds, capped = [], 0
-        for steps in lengths:
-            base = measures(n, steps, identical, seeds, period=1)[0].mean()
-            best = 1
-            for period in grid[1:]:
-                if period > steps // 4:
-                    capped += 1  # every period up to T / 4 passed: the search hit its cap
-                    break
-                if measures(n, steps, identical, seeds, period=period)[0].mean() > 1.1 * base:
-                    break  # the measure grows with I: the first period that fails ends the search
-                best = period
-            else:
-                capped += 1  # every period up to T / 4 passed: the search hit its cap
-            rounds.append(steps / best)
-            lines.append(
-                f"| {'identical' if identical else 'non-identical'} | {steps} | {base:.4g} | {best} "
-                f"| {steps / best:.0f} | {recommended_period(n, steps, identical)} |"
-            )
-        exponent = slope(lengths, rounds)
-        theory = 0.5 if identical else 0.75
-        fits.append(f"| {'identical' if identical else 'non-identical'} | {exponent:.2f} | {theory} |")
+    for identical, noise in ((True, "rows"), (False, "additive")):
         case = "identical" if identical else "non-identical"
-        note = (
-            f" The search reached its cap (I = T / 4) for {capped} of {len(lengths)} lengths: on this problem the "
-            "period is not what limits the measure, and the corollary's I is a sufficient, worst-case bound."
-            if capped
-            else ""
+        result = search_periods(n, lengths, identical, seeds, noise)
+        ratios = result.corollary / result.base
+        for i, steps in enumerate(lengths):
+            largest = " / ".join(
+                f"{int(np.median(result.largest[k, i]))}{'*' if result.capped[k, i].any() else ''}"
+                for k in range(len(THRESHOLDS))
+            )
+            lines.append(
+                f"| {case} | {steps} | {result.base[i].mean():.4g} | {largest} | {result.periods[i]} "
+                f"| {pm(ratios[i], 3)} |"
+            )
+        theory = 0.5 if identical else 0.75
+        exponents = {}
+        for k, threshold in enumerate(THRESHOLDS):
+            per_seed = np.array([slope(lengths, np.array(lengths) / result.largest[k, :, s]) for s in range(seeds)])
+            exponents[threshold] = per_seed
+            fits.append(
+                f"| {case} | {threshold:.0%} | {', '.join(f'{v:.2f}' for v in per_seed)} | {pm(per_seed)} "
+                f"| {int(result.capped[k].sum())} of {result.capped[k].size} | {theory} |"
+            )
+            if threshold == 0.10:
+                median = np.median(result.largest[k], axis=1)
+                ax.loglog(lengths, np.array(lengths) / median, "o-", label=f"{case}, 10%")
+        worst = float(ratios.mean(1).max())
+        sufficient = held(
+            worst <= 1.1, f"largest mean ratio {worst:.3f} over T = {lengths[0]}..{lengths[-1]}", "<= 1.1"
         )
-        verdicts.append(f"- {case} data: rounds grow as T^{exponent:.2f}: {verdict(exponent, theory, 0.15)}.{note}")
-        ax.loglog(
-            lengths, rounds, "o-", label=f"{'identical' if identical else 'non-identical'} (slope {exponent:.2f})"
-        )
-    ax.set(xlabel="iterations T", ylabel="rounds needed (T / largest I)")
+        ten = exponents[0.10]
+        if bool(result.capped[1].all()):
+            rate = (
+                "**not testable on this problem**: at the 10% threshold every search reached I = T / 4, so the "
+                "period never limits the measure here"
+            )
+        else:
+            spread = ", ".join(f"{t:.0%}: {pm(v)}" for t, v in exponents.items())
+            rate = held(
+                ten.mean() <= theory + 0.15,
+                f"rounds needed grow as T^({pm(ten)}) at 10% ({spread})",
+                f"at most T^{theory} (+0.15)",
+            )
+        verdicts.append(f"- {case} data: sufficiency of the corollary's I: {sufficient}. Rate: {rate}.")
+    ax.set(xlabel="iterations T", ylabel="rounds needed (T / largest I, 10%)")
     save(fig, [ax], fig_dir / "theory_rounds.png", plt)
     lines += [
         "",
-        "| data | fitted exponent of rounds in T | theory |",
-        "|---|---:|---:|",
+        "`*`: the search reached I = T / 4 for at least one seed (the period did not limit the measure there).",
+        "",
+        "| data | threshold | exponent of rounds in T, each seed | mean +- sd | searches capped | theory |",
+        "|---|---:|---|---:|---:|---:|",
         *fits,
         "",
         "![rounds](figures/theory_rounds.png)",
@@ -278,12 +481,12 @@ def momentum_handling(seeds: int, steps: int, n: int) -> list[str]:
         values = [measures(n, steps, False, seeds, period=period, sync=rule)[0] for rule in rules]
         wins += values[0].mean() <= 1.01 * min(v.mean() for v in values)
         lines.append(f"| {period} | " + " | ".join(fmt(v) for v in values) + " |")
-    held = "held" if wins == len(periods) else f"held at {wins} of {len(periods)} periods"
+    outcome = "**held**" if wins == len(periods) else f"**not held** (held at {wins} of {len(periods)} periods)"
     return [
         *lines,
         "",
         f"- Averaging the momentum buffers (Algorithm 1) is as good as or better than (within 1%) clearing or keeping "
-        f"them at every period: **{held}**. At period 1 keeping the local buffers gives exactly Algorithm 1's "
+        f"them at every period: {outcome}. At period 1 keeping the local buffers gives exactly Algorithm 1's "
         "node average (the averaged buffers follow the same recursion), so only clearing differs there.",
         "",
     ]
@@ -313,11 +516,7 @@ def decentralized(seeds: int, steps: int, sizes: list[int]) -> list[str]:
             f"- N = {n}: the largest rho (smallest spectral gap) gives a measure {100 * (worst / best - 1):.2f}% "
             f"above the complete graph's; ordered by rho: {'yes' if monotone else 'no'}. The theory's rho term is "
             "of higher order in gamma, so at this learning rate the gap matters "
-            + (
-                "little: **prediction held in direction, small in size**."
-                if monotone
-                else "little and is within noise."
-            )
+            + ("little: **held** in direction, small in size." if monotone else "little: **not held** (within noise).")
         )
     return [*lines, "", *verdicts, ""]
 
@@ -349,8 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         "The algorithm is prsgd's own `run_step` on stacked workers.",
         "",
     ]
-    doc += linear_speedup(plan.seeds, plan.steps, list(plan.workers), plt, fig_dir)
-    doc += communication(plan.seeds, list(plan.lengths), plan.communication_workers, plt, fig_dir)
+    doc += linear_speedup(plan, plt, fig_dir)
+    doc += communication(plan, plt, fig_dir)
     doc += momentum_handling(plan.seeds, plan.steps, plan.momentum_workers)
     doc += decentralized(plan.seeds, plan.steps, list(plan.decentralized_workers))
     (out / "theory.md").write_text("\n".join(doc) + "\n")
