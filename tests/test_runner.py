@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,16 @@ def test_period_theory_is_resolved_from_the_corollary(tmp_path):
 
     assert saved["algorithm"]["period"] == recommended_period(4, steps, identical=True) == 2
     assert read_log(tmp_path / "out")[-1]["comm_rounds"] == steps // 2
+
+
+def test_lr_theory_is_the_corollarys_gamma_for_this_n_and_t(tmp_path):
+    """training.lr = "theory": gamma = lr_scale sqrt(N / T), with T the run's iterations, written to the config."""
+    config = write_config(tmp_path / "digits.toml", DIGITS.replace("workers = 4", 'workers = 4\nlr = "theory"'))
+    run_main([str(config), "--out", str(tmp_path / "out"), "--set", "progress=false", "--set", "lr_scale=0.5"])
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    records = read_log(tmp_path / "out")
+    steps = records[-1]["step"]
+    assert steps == math.ceil(1438 / (4 * 8))
+    assert saved["training"]["lr"] == pytest.approx(0.5 * math.sqrt(4 / steps)) == records[0]["lr"]
+    with pytest.raises(ConfigError, match=r"training\.lr_scale=-1\.0 is not allowed"):
+        RunConfig().with_overrides({"training.lr": "theory", "training.lr_scale": "-1"})

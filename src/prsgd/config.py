@@ -92,7 +92,8 @@ class TrainingConfig:
     workers: int = 8  # simulator; under torchrun it must equal the world size
     batch_size: int = 16  # per worker
     epochs: float = 20.0  # joint epochs: examples read by all workers together / training-set size
-    lr: float = 0.05
+    lr: float = 0.05  # or "theory": gamma = lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)
+    lr_scale: float = 1.0  # with lr = "theory" only
     lr_schedule: str = "constant"  # constant | step
     milestones: tuple[float, ...] = ()  # joint epochs at which the step schedule multiplies lr by lr_decay
     lr_decay: float = 0.1
@@ -109,7 +110,9 @@ class TrainingConfig:
         _at_least("training.workers", self.workers, 1)
         _at_least("training.batch_size", self.batch_size, 1)
         _positive("training.epochs", self.epochs)
-        _positive("training.lr", self.lr)
+        if self.lr != "theory":
+            _positive("training.lr", self.lr)
+        _positive("training.lr_scale", self.lr_scale)
         if self.lr_schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
             raise ConfigError(f"training.lr_schedule={self.lr_schedule!r} is not known; allowed: {allowed}")
@@ -201,7 +204,7 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
     """``value`` checked (or, from a string, parsed) against the field type ``annotation``."""
-    if key == "algorithm.period" and value == "theory":
+    if key in ("algorithm.period", "training.lr") and value == "theory":
         return value
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):

@@ -38,7 +38,7 @@ from prsgd.engines.simulator import Simulator
 from prsgd.errors import CheckpointError, NonFiniteError, PrsgdError
 from prsgd.models import build_model
 from prsgd.optim import LocalSGD
-from prsgd.theory import recommended_period
+from prsgd.theory import recommended_lr, recommended_period
 
 Record = dict[str, Any]
 
@@ -233,6 +233,15 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
         config = config.with_overrides({"algorithm.period": period})
         if is_main:
             tqdm.write(f"algorithm.period = 'theory': I = {period} for N = {num_workers}, T = {total_steps}")
+    if config.training.lr == "theory":
+        lr = recommended_lr(num_workers, total_steps, lr_scale=t.lr_scale)
+        config = config.with_overrides({"training.lr": lr})
+        t = config.training
+        if is_main:
+            tqdm.write(
+                f"training.lr = 'theory': gamma = {t.lr_scale:g} sqrt(N / T) = {lr:.6g} for N = {num_workers}, "
+                f"T = {total_steps}"
+            )
     if config.algorithm.period > total_steps and config.algorithm.sync not in ("gradients", "none"):
         raise ConfigError(
             f"algorithm.period={config.algorithm.period} is larger than the run's {total_steps} steps: "
