@@ -42,7 +42,8 @@ def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]
         if (folder / "log.jsonl").is_file():
             groups[label] = [read_log(folder)]
             return
-        children = sorted((p for p in folder.iterdir() if p.is_dir()), key=_natural) if folder.is_dir() else []
+        subfolders = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        children = sorted(subfolders, key=lambda p: natural_key(p.name))
         runs = [c for c in children if (c / "log.jsonl").is_file()]
         if runs and all(c.name.startswith("seed") for c in runs):
             groups[label] = [read_log(c) for c in runs]
@@ -59,9 +60,9 @@ def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]
     return groups
 
 
-def _natural(path: Path) -> list:
+def natural_key(text: str) -> list:
     """Sort key that orders period=2 before period=16."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _stack(runs: Sequence[Records], key: str) -> np.ndarray:
@@ -121,6 +122,10 @@ def plot_groups(
             ax.set_ylabel(METRICS.get(metric, metric))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    seeds = sorted({len(runs) for runs in groups.values()})
+    if max(seeds) > 1:
+        counts = "/".join(map(str, seeds))
+        fig.suptitle(f"mean over {counts} seeds; shaded band: min-max over the seeds", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

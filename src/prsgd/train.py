@@ -293,11 +293,13 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
         dynamic_ncols=True,
     )
     step = start
+    began, evaluating, checkpointing = time.perf_counter(), 0.0, 0.0
     try:
         for step in range(start, total_steps + 1):
             joint_epoch = step * examples_per_step / len(data.train)
             resumed_here = step == start and start > 0
             if step in eval_steps and not resumed_here:
+                evaluation_started = time.perf_counter()
                 avg = workers.averaged_model()
                 train_loss, train_acc = evaluate(avg, data.train, train_eval, device)
                 test_loss, test_acc = evaluate(avg, data.test, test_eval, device)
@@ -320,8 +322,11 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
                         f.write(json.dumps(record) + "\n")
                 if on_record is not None:
                     on_record(record)
+                evaluating += time.perf_counter() - evaluation_started
             if saver is not None and not resumed_here and saver.due(step, eval_steps, total_steps):
+                checkpoint_started = time.perf_counter()
                 saver.save(step, wall, records)
+                checkpointing += time.perf_counter() - checkpoint_started
             if step == total_steps:
                 break
             started = time.perf_counter()
@@ -343,6 +348,15 @@ def run(config: RunConfig, on_record: Callable[[Record], None] | None = None) ->
         raise failure from error
     finally:
         bar.close()
+    if out is not None and records:
+        times = {
+            "train": wall,
+            "evaluation": evaluating,
+            "checkpoints": checkpointing,
+            "total_this_process": time.perf_counter() - began,
+        }
+        summary = {"config": resolved, "final": records[-1], "time_s": times}
+        checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return records
 
 

@@ -1,0 +1,216 @@
+"""docs/results.md's tables from the CPU twins' runs with seeds, and the per-run summaries they are made from.
+
+    python -m prsgd.results RUNS [--doc docs/results.md] [--summaries docs/results/runs.jsonl]
+    python -m prsgd.results --check [--doc ...] [--summaries ...]
+
+``RUNS`` holds one folder per experiment (``RUNS/<config>/<key>=<value>/seed<k>/``, as ``prsgd run --seeds`` writes
+them). Every finished run (its ``summary.json``) becomes one line of ``--summaries``: experiment, group, seed, the
+settings that define it, final metrics and where the time went. Then every table block of ``--doc``, a line
+``<!-- table EXPERIMENT KIND [BASELINE] -->`` followed by the table and ``<!-- end -->``, is rewritten from those
+lines:
+
+- ``summary``: each group's final metrics, mean +- sd over seeds;
+- ``paired BASELINE``: each group minus the baseline group, seed by seed (same seed: same data order and
+  initialisation), mean +- sd of the differences and in how many seeds the group was better;
+- ``skipping POLYAK NESTEROV``: the drop in test accuracy from period 1 to each longer period, for the Polyak runs
+  of experiment POLYAK and the Nesterov runs of experiment NESTEROV (the paper's Figs. 8-9: Nesterov is more robust
+  to skipping communication).
+
+``--check`` rewrites nothing: it exits with status 1 if any table of the doc differs from what the committed
+summaries give (the tests run it), so every number in the doc can be traced to a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prsgd.checkpoint import atomic_write
+from prsgd.errors import InvalidArgument
+from prsgd.report import natural_key
+
+BLOCK = re.compile(r"(<!-- table (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end -->)", re.S)
+SETTINGS = {
+    "data": ("dataset", "train_subset", "split"),
+    "model": ("model",),
+    "algorithm": ("sync", "period", "momentum", "nesterov", "topology"),
+    "training": ("workers", "batch_size", "epochs", "lr", "lr_schedule"),
+}
+
+
+def collect(runs: Path) -> list[dict[str, Any]]:
+    """One compact record per finished run under ``runs`` (sorted by experiment, group, seed)."""
+    rows = []
+    for summary in sorted(runs.glob("**/summary.json")):
+        folder = summary.parent
+        parts = folder.relative_to(runs).parts
+        seed_part = parts[-1] if parts[-1].startswith("seed") else None
+        group_parts = parts[1:-1] if seed_part else parts[1:]
+        data = json.loads(summary.read_text())
+        config, final, times = data["config"], data["final"], data["time_s"]
+        rows.append(
+            {
+                "experiment": parts[0],
+                "group": "/".join(group_parts) or parts[0],
+                "seed": config["training"]["seed"],
+                "settings": {f"{s}.{k}": config[s][k] for s, keys in SETTINGS.items() for k in keys},
+                "final": {
+                    k: final[k]
+                    for k in ("joint_epoch", "step", "train_loss", "test_loss", "test_accuracy", "comm_rounds")
+                }
+                | {"comm_mb": final["comm_bytes"] / 1e6},
+                "time_s": {k: round(v, 3) for k, v in times.items()},
+            }
+        )
+    rows.sort(key=lambda r: (r["experiment"], natural_key(r["group"]), r["seed"]))
+    return rows
+
+
+def pm(values: np.ndarray, fmt: str = ".4f") -> str:
+    """mean +- sample sd (just the mean for one value)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return format(values.mean(), fmt)
+    return f"{format(values.mean(), fmt)} +- {format(values.std(ddof=1), fmt.replace('+', ''))}"
+
+
+def _groups(rows: list[dict[str, Any]], experiment: str) -> dict[str, dict[int, dict[str, Any]]]:
+    groups: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        if row["experiment"] == experiment:
+            groups[row["group"]][row["seed"]] = row
+    if not groups:
+        raise InvalidArgument(f"no runs of experiment {experiment!r} in the summaries")
+    return groups
+
+
+def summary_table(rows: list[dict[str, Any]], experiment: str) -> str:
+    lines = [
+        "| run | seeds | final train loss | test accuracy | comm rounds | MB sent / worker | train s | eval s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for group, by_seed in _groups(rows, experiment).items():
+        runs = list(by_seed.values())
+
+        def values(kind: str, key: str, runs=runs) -> np.ndarray:
+            return np.array([r[kind][key] for r in runs], dtype=float)
+
+        lines.append(
+            f"| {group} | {len(runs)} | {pm(values('final', 'train_loss'))} | {pm(values('final', 'test_accuracy'))} "
+            f"| {values('final', 'comm_rounds').mean():.0f} | {values('final', 'comm_mb').mean():.2f} "
+            f"| {pm(values('time_s', 'train'), '.1f')} | {pm(values('time_s', 'evaluation'), '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict[str, Any]], experiment: str, baseline: str) -> str:
+    groups = _groups(rows, experiment)
+    if baseline not in groups:
+        raise InvalidArgument(f"baseline {baseline!r} is not a group of {experiment!r}: {', '.join(groups)}")
+    lines = [
+        f"| run - {baseline} | seeds | test accuracy difference | better in | train loss difference | lower in |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base = groups[baseline]
+    for group, by_seed in groups.items():
+        if group == baseline:
+            continue
+        seeds = sorted(set(by_seed) & set(base))
+        acc = np.array([by_seed[s]["final"]["test_accuracy"] - base[s]["final"]["test_accuracy"] for s in seeds])
+        loss = np.array([by_seed[s]["final"]["train_loss"] - base[s]["final"]["train_loss"] for s in seeds])
+        lines.append(
+            f"| {group} | {len(seeds)} | {pm(acc, '+.4f')} | {int((acc > 0).sum())} of {len(seeds)} "
+            f"| {pm(loss, '+.4f')} | {int((loss < 0).sum())} of {len(seeds)} |"
+        )
+    return "\n".join(lines)
+
+
+def _period(group: str) -> int | None:
+    match = re.search(r"period=(\d+)", group)
+    return int(match.group(1)) if match else None
+
+
+def skipping_table(rows: list[dict[str, Any]], polyak: str, nesterov: str) -> str:
+    """Accuracy at each period minus at period 1, per seed, for both momentum options, and their difference."""
+    drops: dict[str, dict[int, dict[int, float]]] = {}
+    for name, experiment in (("Polyak", polyak), ("Nesterov", nesterov)):
+        by_period = {_period(g): runs for g, runs in _groups(rows, experiment).items() if _period(g) is not None}
+        if 1 not in by_period:
+            raise InvalidArgument(f"experiment {experiment!r} has no period=1 group to measure the drop from")
+        drops[name] = {
+            p: {s: runs[s]["final"]["test_accuracy"] - by_period[1][s]["final"]["test_accuracy"] for s in runs}
+            for p, runs in by_period.items()
+            if p != 1
+        }
+    lines = [
+        "| period | Polyak: accuracy - at I = 1 | Nesterov: accuracy - at I = 1 | Nesterov - Polyak (paired) "
+        "| Nesterov dropped less in |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in sorted(set(drops["Polyak"]) & set(drops["Nesterov"])):
+        seeds = sorted(set(drops["Polyak"][p]) & set(drops["Nesterov"][p]))
+        a = np.array([drops["Polyak"][p][s] for s in seeds])
+        b = np.array([drops["Nesterov"][p][s] for s in seeds])
+        lines.append(
+            f"| {p} | {pm(a, '+.4f')} | {pm(b, '+.4f')} | {pm(b - a, '+.4f')} | {int((b > a).sum())} of {len(seeds)} |"
+        )
+    return "\n".join(lines)
+
+
+def render(spec: str, rows: list[dict[str, Any]]) -> str:
+    words = spec.split()
+    if len(words) == 2 and words[1] == "summary":
+        return summary_table(rows, words[0])
+    if len(words) == 3 and words[1] == "paired":
+        return paired_table(rows, words[0], words[2])
+    if len(words) == 3 and words[0] == "skipping":
+        return skipping_table(rows, words[1], words[2])
+    raise InvalidArgument(
+        f"table block {spec!r} is not known; write 'EXPERIMENT summary', 'EXPERIMENT paired BASELINE' or "
+        "'skipping POLYAK NESTEROV'"
+    )
+
+
+def fill(doc: str, rows: list[dict[str, Any]]) -> str:
+    """``doc`` with every table block rewritten from ``rows``."""
+    return BLOCK.sub(lambda m: f"{m.group(1)}{render(m.group('spec'), rows)}\n{m.group(4)}", doc)
+
+
+def read_summaries(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prsgd.results", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="?", help="the folder of experiment folders (omit with --check)")
+    parser.add_argument("--doc", default="docs/results.md")
+    parser.add_argument("--summaries", default="docs/results/runs.jsonl")
+    parser.add_argument("--check", action="store_true", help="only compare the doc's tables with the summaries")
+    args = parser.parse_args(argv)
+    doc_path, summaries = Path(args.doc), Path(args.summaries)
+    if args.check:
+        doc = doc_path.read_text()
+        if fill(doc, read_summaries(summaries)) != doc:
+            print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd.results RUNS", file=sys.stderr)
+            sys.exit(1)
+        print(f"{doc_path}: {len(BLOCK.findall(doc))} tables match {summaries}")
+        return
+    if not args.runs:
+        parser.error("RUNS is required (or --check)")
+    rows = collect(Path(args.runs))
+    if not rows:
+        parser.error(f"no finished runs (summary.json) under {args.runs}")
+    atomic_write(summaries, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(doc_path, fill(doc_path.read_text(), rows).encode())
+    print(f"{len(rows)} runs -> {summaries}; tables of {doc_path} rewritten")
+
+
+if __name__ == "__main__":
+    main()
