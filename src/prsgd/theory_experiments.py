@@ -285,6 +285,23 @@ def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
             f"| {pm(few)} | -1 | {text} |"
         )
         verdicts.append(f"- {case_name(nesterov, identical)}: iterations to eps vs N: {text}.")
+    by_case = dict(results)
+    for nesterov in (False, True):
+        same, other = by_case.get((nesterov, True)), by_case.get((nesterov, False))
+        if same is not None and other is not None:
+            gap = float(np.max(np.abs(other.steps / same.steps - 1)))
+            verdicts.append(
+                f"- {'Nesterov' if nesterov else 'Polyak'}: non-identical vs identical data, largest relative "
+                f"difference in T_eps {100 * gap:.2f}%"
+                + (
+                    ". On this problem the heterogeneity is a constant shift of each worker's gradient, which "
+                    "cancels in the node average of the quadratic part, so non-identical data behave as identical "
+                    "ones here (even with their shorter periods): **not testable on this problem** as a separate "
+                    "case; a problem whose workers differ in curvature would be needed."
+                    if gap < 0.01
+                    else "."
+                )
+            )
 
     lines += [
         "",
@@ -433,18 +450,29 @@ def communication(plan: Plan, plt, fig_dir: Path) -> list[str]:
         sufficient = held(
             worst <= 1.1, f"largest mean ratio {worst:.3f} over T = {lengths[0]}..{lengths[-1]}", "<= 1.1"
         )
-        ten = exponents[0.10]
-        if bool(result.capped[1].all()):
+        ten, capped_ten = exponents[0.10], int(result.capped[1].sum())
+        spread = ", ".join(f"{t:.0%}: {pm(v)}" for t, v in exponents.items())
+        if capped_ten == result.capped[1].size:
             rate = (
                 "**not testable on this problem**: at the 10% threshold every search reached I = T / 4, so the "
                 "period never limits the measure here"
             )
         else:
-            spread = ", ".join(f"{t:.0%}: {pm(v)}" for t, v in exponents.items())
-            rate = held(
-                ten.mean() <= theory + 0.15,
-                f"rounds needed grow as T^({pm(ten)}) at 10% ({spread})",
-                f"at most T^{theory} (+0.15)",
+            direction = "fall" if ten.mean() < 0 else "grow"
+            capped_note = (
+                f"; {capped_ten} of {result.capped[1].size} searches reached I = T / 4, where the period did not "
+                "limit the measure at all"
+                if capped_ten
+                else ""
+            )
+            rate = (
+                f"the rounds needed {direction} as T^({pm(ten)}) at 10% ({spread}){capped_note}. The corollary "
+                f"bounds them by T^{theory}: "
+                + (
+                    "**held**" + (" (the bound is far from tight here)" if ten.mean() < theory - 0.3 else "")
+                    if ten.mean() <= theory + 0.15
+                    else "**not held** (faster growth than the bound by more than 0.15)"
+                )
             )
         verdicts.append(f"- {case} data: sufficiency of the corollary's I: {sufficient}. Rate: {rate}.")
     ax.set(xlabel="iterations T", ylabel="rounds needed (T / largest I, 10%)")
