@@ -33,13 +33,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
 
-from prsgd.engines.distributed import all_gather_objects, group_rank, group_size
+from prsgd.engines.distributed import all_gather_objects, gather_to_first, group_rank, group_size
 from prsgd.engines.guards import check_not_wrapped
 from prsgd.errors import CheckpointError, InvalidArgument, check_bool
 from prsgd.optim import LocalSGD
@@ -114,7 +113,7 @@ class LocalSGDStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank calls this (Lightning's contract): gather every rank's state, then rank 0 writes."""
-        workers = [_gather_to_first(opt.storage.flat) for opt in self._local_sgd()]
+        workers = [gather_to_first(opt.storage.flat) for opt in self._local_sgd()]
         if self.is_global_zero and workers:
             checkpoint = {**checkpoint, WORKERS_KEY: workers}
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -185,13 +184,3 @@ class LocalSGDMixedPrecision(MixedPrecision):
         if self.scaler is not None and "per_rank" in state_dict:
             states = state_dict["per_rank"]
             self.scaler.load_state_dict(states[group_rank()] if len(states) == group_size() else states[0])
-
-
-def _gather_to_first(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Every rank's ``tensor`` stacked on rank 0 (None elsewhere), on the CPU."""
-    world = group_size()
-    if world == 1:
-        return tensor.detach().cpu().unsqueeze(0).clone()
-    rows = [torch.empty_like(tensor) for _ in range(world)] if group_rank() == 0 else None
-    dist.gather(tensor, rows, dst=0)
-    return torch.stack(rows).cpu() if rows is not None else None

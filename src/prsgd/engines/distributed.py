@@ -209,6 +209,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_first(tensor: Tensor) -> Tensor | None:
+    """Every rank's ``tensor`` stacked on rank 0, on the CPU (None on the other ranks); one ``gather``."""
+    world = group_size()
+    if world == 1:
+        return tensor.detach().cpu().unsqueeze(0).clone()
+    rows = [torch.empty_like(tensor) for _ in range(world)] if group_rank() == 0 else None
+    dist.gather(tensor, rows, dst=0)
+    return torch.stack(rows).cpu() if rows is not None else None
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if group_size() == 1:
