@@ -2,7 +2,7 @@
 # Reproduces docs/results.md's tables and figures from the current code: runs every CPU twin in configs/cpu/ with
 # SEEDS seeds (default 3), plots each (mean over seeds, min-max band), writes one summary line per run to
 # docs/results/runs.jsonl and rewrites the tables of docs/results.md from those lines (python -m prsgd.results).
-# Usage: bash docs/make_results.sh [OUT]   (default OUT=runs/cpu; about 42 minutes on 2 cores with 3 seeds)
+# Usage: bash docs/make_results.sh [OUT]   (default OUT=runs/cpu; about 47 minutes on 2 cores with 3 seeds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
