@@ -8,6 +8,7 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -65,8 +66,6 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
 
 def momentum_spread(opt: prsgd.LocalSGD) -> float:
     """max |u_r - u_0| over ranks r of the momentum buffers (0 when every rank holds the same)."""
-    import torch.distributed as dist
-
     mine = torch.cat([m.reshape(-1) for m in opt.sync_tensors.momentum_buffers])
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)

@@ -180,7 +180,7 @@ def in_consensus(
 ) -> bool:
     """Whether every worker holds the same parameters, float model buffers and momentum after ``steps_done``
     steps: all start equal; afterwards only right after a round that averages all of them (a scheduled one, or
-    :func:`synchronize_now` after step ``synchronized_at``), or always with ``sync="gradients"`` (gradients and
+    ``synchronize()`` after step ``synchronized_at``), or always with ``sync="gradients"`` (gradients and
     buffers are averaged every step). A checkpoint taken then may be resumed with a different number of workers."""
     if steps_done == 0 or rule.averages_gradients:
         return True
@@ -206,6 +206,11 @@ def synchronize(rule: SyncRule, tensors: SyncTensors, average: Average, comm: Co
     """One round of ``rule`` (eq. 6 for ``params_and_momentum``, eq. 18 for ``gossip``), as one ``average``
     call (for gossip rules, ``average`` is the step's mixing).
 
+    The engines' ``synchronize()`` (one round now, outside the schedule: before evaluation, export or the end of
+    training) calls it with the exact average over all workers, gossip rules included (the point is one common
+    model); momentum is then averaged, cleared or kept as the rule's own rounds do (``params_only``,
+    ``gossip_params_only``, ``gradients`` and ``none`` keep each worker's; with ``gradients`` they are equal).
+
     The tensors are passed in the order params, model buffers, momentum so that an engine keeping them in one
     flat storage in that order reduces one contiguous span.
     """
@@ -215,14 +220,6 @@ def synchronize(rule: SyncRule, tensors: SyncTensors, average: Average, comm: Co
     comm.record(average([*tensors.params, *tensors.model_buffers]))
     if rule.momentum_at_sync == "clear" and tensors.momentum_buffers:
         torch._foreach_zero_(tensors.momentum_buffers)
-
-
-def synchronize_now(rule: SyncRule, tensors: SyncTensors, average: Average, comm: CommStats) -> None:
-    """One round now, outside the schedule (before evaluation, export or the end of training): the rule's round
-    with an exact average over all workers. Gossip rules average instead of mixing (the point is one common
-    model); momentum is averaged, cleared or kept as the rule's own rounds do (``params_only``,
-    ``gossip_params_only``, ``gradients`` and ``none`` keep each worker's; with ``gradients`` they are equal)."""
-    synchronize(rule, tensors, average, comm)
 
 
 def run_step(

@@ -1,13 +1,21 @@
-"""The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``train`` (flags), ``demo``, ``theory``."""
+"""The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``results`` (docs/results.md's tables),
+``train`` (flags), ``demo``, ``theory``."""
 
 from __future__ import annotations
 
 import sys
 
-from prsgd import demo, plot, runner, theory, train
+from prsgd import demo, plot, results, runner, theory, train
 from prsgd.errors import PrsgdError
 
-COMMANDS = {"run": runner.main, "plot": plot.main, "train": train.main, "demo": demo.main, "theory": theory.main}
+COMMANDS = {
+    "run": runner.main,
+    "plot": plot.main,
+    "results": results.main,
+    "train": train.main,
+    "demo": demo.main,
+    "theory": theory.main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ from prsgd.algorithm import (
     is_sync_step,
     run_step,
     sync_rule,
-    synchronize_now,
+    synchronize,
 )
 from prsgd.engines.distributed import (
     AllReduceAverage,
@@ -271,7 +271,7 @@ class LocalSGD(torch.optim.Optimizer):
         rule's own rounds do. Counted in ``comm``; the schedule of later rounds is unchanged. Every worker must
         call it at the same point (it is a collective)."""
         self._placement.check()
-        synchronize_now(self.rule, self.sync_tensors, self.average, self.comm)
+        synchronize(self.rule, self.sync_tensors, self.average, self.comm)
         self.synchronized_at = self.steps_done
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:

@@ -60,6 +60,15 @@ def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]
     return groups
 
 
+def mean_sd(values: Sequence[float] | np.ndarray, fmt: str = ".4f") -> str:
+    """``mean +- sd`` (sample standard deviation) of ``values``; just the mean for one value. ``fmt`` formats the
+    mean (a sign flag such as ``"+.4f"`` applies to the mean only)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return format(values.mean(), fmt)
+    return f"{format(values.mean(), fmt)} +- {format(values.std(ddof=1), fmt.replace('+', ''))}"
+
+
 def natural_key(text: str) -> list:
     """Sort key that orders period=2 before period=16."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

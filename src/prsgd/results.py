@@ -1,7 +1,7 @@
 """docs/results.md's tables from the CPU twins' runs with seeds, and the per-run summaries they are made from.
 
-    python -m prsgd.results RUNS [--doc docs/results.md] [--summaries docs/results/runs.jsonl]
-    python -m prsgd.results --check [--doc ...] [--summaries ...]
+    prsgd results RUNS [--doc docs/results.md] [--summaries docs/results/runs.jsonl]
+    prsgd results --check [--doc ...] [--summaries ...]
 
 ``RUNS`` holds one folder per experiment (``RUNS/<config>/<key>=<value>/seed<k>/``, as ``prsgd run --seeds`` writes
 them). Every finished run (its ``summary.json``) becomes one line of ``--summaries``: experiment, group, seed, the
@@ -34,6 +34,7 @@ import numpy as np
 
 from prsgd.checkpoint import atomic_write
 from prsgd.errors import InvalidArgument
+from prsgd.report import mean_sd as pm
 from prsgd.report import natural_key
 
 BLOCK = re.compile(r"(<!-- table (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end -->)", re.S)
@@ -48,6 +49,8 @@ SETTINGS = {
 def collect(runs: Path) -> list[dict[str, Any]]:
     """One compact record per finished run under ``runs`` (sorted by experiment, group, seed)."""
     rows = []
+    if not runs.is_dir():
+        raise InvalidArgument(f"run folder {str(runs)!r} does not exist or is not a folder")
     for summary in sorted(runs.glob("**/summary.json")):
         folder = summary.parent
         parts = folder.relative_to(runs).parts
@@ -71,14 +74,6 @@ def collect(runs: Path) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: (r["experiment"], natural_key(r["group"]), r["seed"]))
     return rows
-
-
-def pm(values: np.ndarray, fmt: str = ".4f") -> str:
-    """mean +- sample sd (just the mean for one value)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 1:
-        return format(values.mean(), fmt)
-    return f"{format(values.mean(), fmt)} +- {format(values.std(ddof=1), fmt.replace('+', ''))}"
 
 
 def _groups(rows: list[dict[str, Any]], experiment: str) -> dict[str, dict[int, dict[str, Any]]]:
@@ -184,11 +179,21 @@ def fill(doc: str, rows: list[dict[str, Any]]) -> str:
 
 
 def read_summaries(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise InvalidArgument(f"{path} cannot be read as per-run summaries (JSON lines): {error}") from None
+
+
+def read_doc(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise InvalidArgument(f"the results doc {path} cannot be read: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prsgd.results", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="prsgd results", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="?", help="the folder of experiment folders (omit with --check)")
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--summaries", default="docs/results/runs.jsonl")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     doc_path, summaries = Path(args.doc), Path(args.summaries)
     if args.check:
-        doc = doc_path.read_text()
+        doc = read_doc(doc_path)
         if fill(doc, read_summaries(summaries)) != doc:
             print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd.results RUNS", file=sys.stderr)
             sys.exit(1)
@@ -208,9 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         parser.error(f"no finished runs (summary.json) under {args.runs}")
     atomic_write(summaries, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    atomic_write(doc_path, fill(doc_path.read_text(), rows).encode())
+    atomic_write(doc_path, fill(read_doc(doc_path), rows).encode())
     print(f"{len(rows)} runs -> {summaries}; tables of {doc_path} rewritten")
 
 
 if __name__ == "__main__":
-    main()
+    from prsgd.cli import main as cli
+
+    cli(["results", *sys.argv[1:]])

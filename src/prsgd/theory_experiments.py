@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import tomllib
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ import torch
 from prsgd.config import ConfigError
 from prsgd.errors import check_int
 from prsgd.problems import NonConvexRegression, run
+from prsgd.report import mean_sd
 from prsgd.theory import recommended_period
 from prsgd.topology import make_topology
 
 BETA = 0.5
+pm = functools.partial(mean_sd, fmt=".2f")  # slopes, exponents and efficiencies: mean +- sd over seeds
 LR_SCALE = 0.3
 THRESHOLDS = (0.05, 0.10, 0.20)  # communication: "within this much of period 1's measure"
 
@@ -110,21 +113,20 @@ def problem_for(n: int, identical: bool, seed: int, noise: str = "additive") -> 
     return NonConvexRegression(n, dim=20, samples=40, lam=1.0, sigma=2.0, zeta=zeta, seed=seed, noise=noise)
 
 
-def measures(n: int, steps: int, identical: bool, seeds: int, noise: str = "additive", **kw) -> tuple[np.ndarray, list]:
-    """The measure of each seed's run (and the runs), with momentum BETA and gamma from :func:`lr_for`."""
-    results = []
-    for seed in range(seeds):
-        problem = problem_for(n, identical, seed, noise)
-        results.append(run(problem, steps, lr=lr_for(n, steps, problem), momentum=BETA, seed=seed, **kw))
-    return np.array([r.measure for r in results]), results
+def measure(n: int, steps: int, identical: bool, seed: int, noise: str = "additive", **kw) -> float:
+    """One seed's measure after ``steps`` steps, with momentum BETA and gamma from :func:`lr_for`."""
+    problem = problem_for(n, identical, seed, noise)
+    return run(problem, steps, lr=lr_for(n, steps, problem), momentum=BETA, seed=seed, **kw).measure
+
+
+def measures(n: int, steps: int, identical: bool, seeds: int, noise: str = "additive", **kw) -> np.ndarray:
+    """:func:`measure` for seeds 0 .. seeds - 1."""
+    return np.array([measure(n, steps, identical, seed, noise, **kw) for seed in range(seeds)])
 
 
 def corollary_measure(n: int, steps: int, identical: bool, seed: int, nesterov: bool) -> float:
-    """One seed's measure after ``steps`` steps with the corollaries' gamma and period for (N, T)."""
-    problem = problem_for(n, identical, seed)
-    period = recommended_period(n, steps, identical)
-    lr = lr_for(n, steps, problem)
-    return run(problem, steps, lr=lr, momentum=BETA, nesterov=nesterov, period=period, seed=seed).measure
+    """One seed's measure with the corollaries' gamma and period for (N, T)."""
+    return measure(n, steps, identical, seed, nesterov=nesterov, period=recommended_period(n, steps, identical))
 
 
 def held(ok: bool, measured: str, predicted: str) -> str:
@@ -146,13 +148,6 @@ def save(fig, axes, path: Path, plt) -> None:
 
 def fmt(values: np.ndarray) -> str:
     return f"{values.mean():.4g} ({values.min():.3g}-{values.max():.3g})"
-
-
-def pm(values, digits: int = 2) -> str:
-    """mean +- sd (sample sd; 0 for one value)."""
-    values = np.asarray(values, dtype=float)
-    sd = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.{digits}f} +- {sd:.{digits}f}"
 
 
 def steps_to_reach(eps: float, n: int, identical: bool, seed: int, nesterov: bool, guess: float) -> tuple[float, bool]:
@@ -179,16 +174,12 @@ def steps_to_reach(eps: float, n: int, identical: bool, seed: int, nesterov: boo
             t = max(2, round(t / factor))
             if at(t) > eps:
                 break
-    above = [k for k, v in points.items() if v > eps]
-    below = [k for k, v in points.items() if v <= eps]
-    if not above or not below:
-        return float("nan"), False
-    t0 = max(k for k in above if k < min(below)) if any(k < min(below) for k in above) else max(above)
-    t1 = min(k for k in below if k > t0) if any(k > t0 for k in below) else min(below)
-    v0, v1 = points[t0], points[t1]
-    frac = (np.log(v0) - np.log(eps)) / (np.log(v0) - np.log(v1)) if v0 != v1 else 1.0
-    reached = float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))))
-    return reached, is_capped(n, min(t0, t1), problem_for(n, identical, seed))
+    for (t0, v0), (t1, v1) in itertools.pairwise(sorted(points.items())):
+        if v0 > eps >= v1:  # the first length that reaches eps, and the one before it
+            frac = (np.log(v0) - np.log(eps)) / (np.log(v0) - np.log(v1))
+            reached = float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))))
+            return reached, is_capped(n, t0, problem_for(n, identical, seed))
+    return float("nan"), False
 
 
 SPEEDUP_CASES = [(False, True), (False, False), (True, True), (True, False)]  # (nesterov, identical)
@@ -254,8 +245,9 @@ def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
         efficiency = result.efficiency()
         for k, n in enumerate(workers):
             capped = int(result.capped[:, k].sum())
+            t_eps = mean_sd(result.steps[:, k], ".0f")
             lines.append(
-                f"| {case_name(nesterov, identical)} | {n} | {pm(result.steps[:, k], 0)} | {pm(efficiency[:, k])} "
+                f"| {case_name(nesterov, identical)} | {n} | {t_eps} | {pm(efficiency[:, k])} "
                 f"| {f'*capped* ({capped} of {seeds} seeds)' if capped else 'no'} |"
             )
         mean_steps = result.steps.mean(0)
@@ -316,7 +308,7 @@ def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
         means, per_seed = [], []
         for n in plan.workers:
             period = recommended_period(n, plan.steps, identical)
-            values = measures(n, plan.steps, identical, seeds, nesterov=nesterov, period=period)[0]
+            values = measures(n, plan.steps, identical, seeds, nesterov=nesterov, period=period)
             means.append(values.mean())
             per_seed.append(values)
             capped = is_capped(n, plan.steps, problem_for(n, identical, 0))
@@ -365,19 +357,17 @@ def search_periods(n: int, lengths: list[int], identical: bool, seeds: int, nois
     periods = [recommended_period(n, t, identical) for t in lengths]
     for i, steps in enumerate(lengths):
         for seed in range(seeds):
-            problem = problem_for(n, identical, seed, noise)
 
-            def measure(period: int, problem=problem, steps=steps, seed=seed) -> float:
-                lr = lr_for(n, steps, problem)
-                return run(problem, steps, lr=lr, momentum=BETA, period=period, seed=seed).measure
+            def at(period: int, steps=steps, seed=seed) -> float:
+                return measure(n, steps, identical, seed, noise, period=period)
 
-            base[i, seed] = measure(1)
+            base[i, seed] = at(1)
             known = {1: base[i, seed]}
             failed = [False] * len(THRESHOLDS)
             for period in COMMUNICATION_GRID[1:]:
                 if period > steps // 4:
                     break
-                known[period] = measure(period)
+                known[period] = at(period)
                 for k, threshold in enumerate(THRESHOLDS):
                     if not failed[k] and known[period] > (1 + threshold) * base[i, seed]:
                         failed[k] = True  # the first period that fails ends this threshold's search
@@ -387,7 +377,7 @@ def search_periods(n: int, lengths: list[int], identical: bool, seeds: int, nois
                     break
             for k in range(len(THRESHOLDS)):
                 capped[k, i, seed] = not failed[k]
-            corollary[i, seed] = known.get(periods[i]) or measure(periods[i])
+            corollary[i, seed] = known.get(periods[i]) or at(periods[i])
     return PeriodSearch(base, largest, capped, corollary, periods)
 
 
@@ -432,7 +422,7 @@ def communication(plan: Plan, plt, fig_dir: Path) -> list[str]:
             )
             lines.append(
                 f"| {case} | {steps} | {result.base[i].mean():.4g} | {largest} | {result.periods[i]} "
-                f"| {pm(ratios[i], 3)} |"
+                f"| {mean_sd(ratios[i], '.3f')} |"
             )
         theory = 0.5 if identical else 0.75
         exponents = {}
@@ -506,7 +496,7 @@ def momentum_handling(seeds: int, steps: int, n: int) -> list[str]:
     ]
     wins = 0
     for period in periods:
-        values = [measures(n, steps, False, seeds, period=period, sync=rule)[0] for rule in rules]
+        values = [measures(n, steps, False, seeds, period=period, sync=rule) for rule in rules]
         wins += values[0].mean() <= 1.01 * min(v.mean() for v in values)
         lines.append(f"| {period} | " + " | ".join(fmt(v) for v in values) + " |")
     outcome = "**held**" if wins == len(periods) else f"**not held** (held at {wins} of {len(periods)} periods)"
@@ -534,7 +524,7 @@ def decentralized(seeds: int, steps: int, sizes: list[int]) -> list[str]:
         by_rho = []
         for name in ("ring", "torus", "exponential", "complete"):
             topo = make_topology(name, n)
-            values = measures(n, steps, False, seeds, sync="gossip", topology=name)[0]
+            values = measures(n, steps, False, seeds, sync="gossip", topology=name)
             by_rho.append((topo.rho, values.mean()))
             lines.append(f"| {n} | {topo.name} | {topo.rho:.4f} | {topo.spectral_gap:.4f} | {fmt(values)} |")
         by_rho.sort()

@@ -29,7 +29,7 @@ from prsgd.algorithm import (
     in_consensus,
     run_step,
     sync_rule,
-    synchronize_now,
+    synchronize,
 )
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool, check_int
 from prsgd.functional import all_finite
@@ -41,10 +41,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def average_over_workers(tensors: list[Tensor]) -> int:
     """Replace each stacked ``(N, ...)`` tensor by its mean over workers; return one worker's payload bytes (0 for
     a single worker, which sends nothing)."""
+    if not tensors or tensors[0].shape[0] == 1:
+        return 0
     nbytes = 0
     for t in tensors:
-        if t.shape[0] == 1:
-            return 0
         t.copy_(t.mean(dim=0, keepdim=True).expand_as(t))
         nbytes += t[0].numel() * t.element_size()
     return nbytes
@@ -333,8 +333,8 @@ class Simulator:
 
     def synchronize(self) -> None:
         """One round now, outside the schedule, as :meth:`prsgd.LocalSGD.synchronize` (see
-        :func:`prsgd.algorithm.synchronize_now`); counted in ``comm``. The schedule of later rounds is unchanged."""
-        synchronize_now(self.rule, self.sync_tensors, average_over_workers, self.comm)
+        :func:`prsgd.algorithm.synchronize`); counted in ``comm``. The schedule of later rounds is unchanged."""
+        synchronize(self.rule, self.sync_tensors, average_over_workers, self.comm)
         self.synchronized_at = self.steps_done
 
     @property
