@@ -16,7 +16,7 @@ import time
 import torch
 
 from prsgd import topology as T
-from prsgd.engines.simulator import StackedMixer
+from prsgd.engines.stacked import StackedMixer
 
 
 def median_seconds(fn, repeats: int) -> float:

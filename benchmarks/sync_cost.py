@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import prsgd
-from prsgd.algorithm import synchronize
 from prsgd.engines.distributed import init_process_group
 from prsgd.models import build_model
 
@@ -61,8 +60,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model(args.model, (3, 32, 32), 10)
     opt = prsgd.LocalSGD(model, lr=0.1, momentum=0.9, period=1, sync="params_and_momentum")
-    tensors = opt.sync_tensors
-    every = [*tensors.params, *tensors.model_buffers, *tensors.momentum_buffers]
+    every = [t for field in ("params", "buffers", "momentum") for t in opt.storage.tensors(field)]
     nbytes = sum(t.numel() * t.element_size() for t in every)
     flat = torch.randn(nbytes // 4)
 
@@ -70,7 +68,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         dist.all_reduce(flat)
 
     def prsgd_sync():
-        synchronize(opt.rule, tensors, opt.average, opt.comm)
+        opt.algorithm.synchronize()
 
     def naive():
         with torch.no_grad():
@@ -90,7 +88,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     results = {
         name: timed(fn, args.repeats) for name, fn in [("limit", limit), ("prsgd", prsgd_sync), ("naive", naive)]
     }
-    assert opt.storage.span(every) is not None, "the sync tensors must still be one span of flat storage"
+    span = opt.storage.span(("params", "buffers", "momentum"))
+    assert span.numel() * span.element_size() == nbytes, "a round must be one span of flat storage"
     before = rss_bytes()
     prsgd_sync()
     grown = rss_bytes() - before

@@ -105,7 +105,7 @@ def train(flags: list[str], out: Path, workers: int, namespaces: bool, port: int
 
 
 def bits_per_second(rate: str) -> float:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}  # tc's units; "bit" last
     for unit, scale in units.items():
         if rate.endswith(unit):
             return float(rate[: -len(unit)]) * scale

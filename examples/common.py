@@ -64,9 +64,14 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     return correct
 
 
+def momentum_buffers(opt: prsgd.LocalSGD) -> list[torch.Tensor]:
+    """The optimizer's momentum buffers, as any torch optimizer keeps them (``opt.state[p]["momentum_buffer"]``)."""
+    return [opt.state[p]["momentum_buffer"] for group in opt.param_groups for p in group["params"]]
+
+
 def momentum_spread(opt: prsgd.LocalSGD) -> float:
     """max |u_r - u_0| over ranks r of the momentum buffers (0 when every rank holds the same)."""
-    mine = torch.cat([m.reshape(-1) for m in opt.sync_tensors.momentum_buffers])
+    mine = torch.cat([m.reshape(-1) for m in momentum_buffers(opt)])
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return max((u - every[0]).abs().max().item() for u in every)
@@ -80,7 +85,7 @@ def save_state(out: str, rank: int, model: nn.Module, opt: prsgd.LocalSGD, **ext
     state = {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "momentum": [m.detach().clone() for m in opt.sync_tensors.momentum_buffers],
+        "momentum": [m.detach().clone() for m in momentum_buffers(opt)],
         "steps_done": opt.steps_done,
         "comm": (opt.comm.rounds, opt.comm.bytes),
         **extra,

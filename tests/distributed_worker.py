@@ -29,6 +29,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
             batchnorm = case.pop("batchnorm", False)
             seed = rank if case.pop("distinct_init", False) else 0
             inf_at = case.pop("inf_at", None)  # (rank, step) whose loss is made inf, under a GradScaler
+            no_grad_on = case.pop("no_grad_on", None)  # a rank whose last layer's weight never gets a gradient
             model = mlp(seed=seed, batchnorm=batchnorm)
             opt = prsgd.LocalSGD(model, **case)
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if inf_at is not None else None
@@ -38,6 +39,8 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                 loss = F.cross_entropy(model(x[rank]), y[rank])
                 if scaler is None:
                     loss.backward()
+                    if no_grad_on == rank:
+                        model[-1].weight.grad = None
                     opt.step()
                 else:
                     if inf_at == (rank, t):

@@ -272,7 +272,7 @@ def accelerate_reference(rank: int, world_size: int, steps: int) -> dict:
             opt.zero_grad()
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "momentum": [m.clone() for m in opt.sync_tensors.momentum_buffers],
+        "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
         "steps_done": opt.steps_done,
     }
 

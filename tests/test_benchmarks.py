@@ -42,11 +42,15 @@ def test_time_to_target_benchmark(tmp_path):
     assert (tmp_path / "loss_vs_wall_clock.png").is_file()
 
 
-@pytest.mark.parametrize("rate", ["100mbit", "1gbit"])
-def test_rate_parsing(rate):
+@pytest.mark.parametrize(
+    ("rate", "bits"), [("100mbit", 1e8), ("1gbit", 1e9), ("2.5gbit", 2.5e9), ("512kbit", 512e3), ("800bit", 800.0)]
+)
+def test_rate_parsing(rate, bits):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import time_to_target
     finally:
         sys.path.pop(0)
-    assert time_to_target.bits_per_second(rate) in (1e8, 1e9)
+    assert time_to_target.bits_per_second(rate) == bits
+    with pytest.raises(ValueError, match=r"use e\.g\. 100mbit"):
+        time_to_target.bits_per_second("fast")

@@ -82,3 +82,16 @@ def test_a_step_skipped_by_grad_scaler_keeps_workers_in_step(sync, tmp_path):
     for name, p in ranks[0]["trajectory"][-1].items():  # step 9 is a sync: workers agree again
         torch.testing.assert_close(p, ranks[1]["trajectory"][-1][name], rtol=1e-6, atol=1e-7)
         assert torch.isfinite(p).all()
+
+
+def test_a_parameter_without_gradient_on_one_rank_is_still_averaged(tmp_path):
+    """Rank 1's last weight gets no gradient (it is not updated there) but every round still averages it."""
+    case = dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", no_grad_on=1)
+    ranks = spawn(2, [case], tmp_path, steps=4)[0]
+    name = [n for n in ranks[0]["trajectory"][0] if n.endswith("weight")][-1]
+    start = mlp().state_dict()[name]
+    a, b = ([saved["trajectory"][t][name] for t in range(4)] for saved in ranks)
+    assert torch.equal(b[0], start) and torch.equal(b[1], start)  # rank 1 never updates it ...
+    assert not torch.equal(a[1], start)  # ... rank 0 does
+    assert torch.equal(a[2], b[2]) and not torch.equal(b[2], start)  # step 3 is a round: both hold the average
+    assert torch.equal(b[3], b[2]) and not torch.equal(a[3], a[2])  # then rank 1 again keeps it, rank 0 moves on

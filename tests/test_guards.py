@@ -73,9 +73,8 @@ def test_parameters_of_a_model_with_buffers_warn_once_and_model_makes_them_seen(
     assert [b.data_ptr() for b in opt.model_buffers] == [
         b.data_ptr() for n, b in model.named_buffers() if "running" in n
     ]
-    assert (
-        opt.storage.span([*opt.sync_tensors.params, *opt.model_buffers, *opt.sync_tensors.momentum_buffers]) is not None
-    )
+    flat = opt.storage.flat
+    assert opt.storage.tensors("buffers")[0].data_ptr() == flat[sum(p.numel() for p in model.parameters()) :].data_ptr()
 
 
 def test_param_groups_with_model_train_like_torch_sgd_with_the_same_groups():

@@ -26,17 +26,28 @@ def test_single_worker_equals_torch_sgd(nesterov):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def in_flat_order(opt, tensors):
+    """Whether ``tensors`` lie back to back from the start of the optimizer's flat storage, in order."""
+    flat, offset = opt.storage.flat, 0
+    for t in tensors:
+        if t.data_ptr() != flat[offset:].data_ptr() or not t.is_contiguous():
+            return False
+        offset += t.numel()
+    return offset == flat.numel()
+
+
 def test_parameters_buffers_and_momentum_live_in_one_flat_tensor():
     model = mlp(batchnorm=True)
     opt = prsgd.LocalSGD(model, lr=0.1, momentum=0.9, period=2)
-    tensors = opt.sync_tensors
-    everything = [*tensors.params, *tensors.model_buffers, *tensors.momentum_buffers]
-    span = opt.storage.span(everything)
-    assert span is not None and span.numel() == opt.storage.flat.numel()
-    assert all(p is q for p, q in zip(tensors.params, model.parameters(), strict=True))
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    momentum = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    everything = [*model.parameters(), *buffers, *momentum]
+    assert in_flat_order(opt, everything)
+    assert opt.storage.span(("params", "buffers", "momentum")).data_ptr() == opt.storage.flat.data_ptr()
     train(model, opt, 3)  # the views survive training (no rebinding by autograd or the update)
-    assert opt.storage.span(everything) is not None
-    assert opt.storage.span(list(model.parameters())) is not None
+    assert in_flat_order(opt, everything)
+    with pytest.raises(ValueError, match="not one span"):  # a round over fields that are not neighbours
+        prsgd.LocalSGD(mlp(), lr=0.1, momentum=0.9, sync="gradients").storage.span(("params", "momentum"))
 
 
 def test_momentum_buffers_exist_as_zeros_before_the_first_step():
@@ -71,7 +82,8 @@ def test_state_dict_round_trip_resumes_exactly():
     opt_b = prsgd.LocalSGD(b, lr=0.1, momentum=0.9, period=3)
     opt_b.load_state_dict(state["opt"])
     assert opt_b.steps_done == 4
-    assert opt_b.storage.span(opt_b.sync_tensors.momentum_buffers) is not None
+    momentum = [opt_b.state[p]["momentum_buffer"] for p in b.parameters()]
+    assert in_flat_order(opt_b, [*b.parameters(), *momentum])
     train(b, opt_b, 5, seed=7)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)

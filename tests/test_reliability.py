@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from helpers import batches, free_port, mlp, torchrun_command
 
 import prsgd
-from prsgd import checkpoint, train
+from prsgd import batches as run_batches
+from prsgd import checkpoint, train, workers
 from prsgd.config import RunConfig, from_dict
 
 # 8 workers x 16 = 128 examples per step on digits' 1437 training images: 12 steps per joint epoch.
@@ -71,17 +72,17 @@ class Interrupt(Exception):
 
 def run_until(cfg: RunConfig, stop_at: int, monkeypatch) -> None:
     """Run ``cfg`` in this process and break off (as a kill would) just before step ``stop_at``."""
-    real = train.SimulatedWorkers.step
+    real = workers.SimulatedWorkers.step
 
     def step(self, sampler, step):
         if step == stop_at:
             raise Interrupt
         real(self, sampler, step)
 
-    monkeypatch.setattr(train.SimulatedWorkers, "step", step)
+    monkeypatch.setattr(workers.SimulatedWorkers, "step", step)
     with pytest.raises(Interrupt):
         train.run(cfg)
-    monkeypatch.setattr(train.SimulatedWorkers, "step", real)
+    monkeypatch.setattr(workers.SimulatedWorkers, "step", real)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,9 @@ def test_checkpoint_holds_mid_period_state_and_only_the_newest_are_kept(tmp_path
     state = found.load(0)
     assert found.manifest["consensus"] is False and found.manifest["workers"] == 8
     sim = state["engine"]
-    assert sim["steps_done"] == 9 and sim["comm"] == [2, sim["comm"][1]]  # rounds after steps 4 and 8
+    algorithm = sim["prsgd"]
+    assert algorithm["steps_done"] == 9 and algorithm["rounds"] == 2  # rounds after steps 4 and 8
+    assert (algorithm["sync"], algorithm["period"], algorithm["workers"]) == ("params_and_momentum", 4, 8)
     weights = sim["params"][next(iter(sim["params"]))]
     assert not torch.equal(weights[0], weights[1])  # one step into the period, workers differ
     assert [r["step"] for r in state["records"]] == [0, 7]
@@ -170,7 +173,7 @@ def test_same_config_and_seed_give_bit_identical_simulator_runs(uninterrupted, t
 
 
 def test_simulator_names_the_step_and_worker_of_a_nan_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real = train.worker_batches
+    real = run_batches.worker_batches
 
     def poisoned(data, indices, workers, step, cfg):
         x, y = real(data, indices, workers, step, cfg)
@@ -178,7 +181,7 @@ def test_simulator_names_the_step_and_worker_of_a_nan_and_keeps_the_last_checkpo
             x[5, 0, 0] = float("nan")
         return x, y
 
-    monkeypatch.setattr(train, "worker_batches", poisoned)
+    monkeypatch.setattr(run_batches, "worker_batches", poisoned)
     with pytest.raises(prsgd.NonFiniteError) as error:
         train.run(config(tmp_path))
     message = str(error.value)
@@ -295,6 +298,7 @@ def torchrun_uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_resumes_bit_identically(torchrun_uninterrupted, tmp_path):
     # a restarted attempt must not read the gloo addresses the dead attempt left in torchrun's store (it then waits
     # on a dead peer): prsgd.engines.distributed gives each attempt its own key prefix
@@ -318,6 +322,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes_bit_identically(torchrun_
 LONG = ("--epochs", "200", "--worker-timeout", "5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("victim", "how"),
     [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
@@ -363,15 +368,16 @@ SHUTDOWN_SCRIPT = """
 import os, sys, time
 import torch
 from prsgd.engines import distributed
+from prsgd.engines.torchrun import Torchrun
 os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 def threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 before = threads()
-distributed.init_from_torchrun("cpu", 30.0)
+torchrun = Torchrun.join("cpu", 30.0)
 assert "torch._dynamo" in sys.modules
 torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # what the training loop does after the group exists
 distributed.all_gather_objects({"rank": 0})
-distributed.shutdown()
+torchrun.close()
 for _ in range(20):  # a thread may still be on its way out for a moment; a kept one never leaves
     if len(threads()) <= len(before):
         break

@@ -38,11 +38,38 @@ def read_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
+TWINS = {  # paper config -> its CPU twin (configs/paper/README.md)
+    "resnet56_periods": "periods",
+    "resnet56_linear_speedup": "linear_speedup",
+    "resnet56_cleared_momentum": "cleared_momentum",
+    "resnet56_nesterov": "nesterov",
+    "resnet56_momentum_vs_sgd": "momentum_vs_sgd",
+    "resnet50_imagenet": "resnet_periods",
+}
+
+
 def test_there_is_a_cpu_twin_for_every_paper_config():
-    assert len(PAPER_CONFIGS) == 6 and len(CPU_CONFIGS) >= 6
-    for path in [*PAPER_CONFIGS, *CPU_CONFIGS]:
-        config = load(path)
-        assert config.sweep, f"{path.name} carries no comparison"
+    """Each paper config's twin makes the same comparison: the same swept key over overlapping values (the smaller
+    list inside the larger), and the same algorithm and data split otherwise."""
+    assert sorted(p.stem for p in PAPER_CONFIGS) == sorted(TWINS)
+    for path in CPU_CONFIGS:
+        assert load(path).sweep, f"{path.name} carries no comparison"
+    for paper_name, twin_name in TWINS.items():
+        paper, twin = (
+            load(ROOT / "configs" / "paper" / f"{paper_name}.toml"),
+            load(ROOT / "configs" / "cpu" / f"{twin_name}.toml"),
+        )
+        (key, _, values), (twin_key, _, twin_values) = paper.sweep.partition("="), twin.sweep.partition("=")
+        assert key == twin_key, (paper_name, twin_name)
+        a, b = set(values.split(",")), set(twin_values.split(","))
+        assert a <= b or b <= a, (paper_name, values, twin_values)
+        swept = key.rpartition(".")[2]
+        for section, field in [("algorithm", f) for f in ("sync", "momentum", "nesterov", "weight_decay")] + [
+            ("data", "split")
+        ]:
+            if field != swept:
+                got = getattr(getattr(twin, section), field)
+                assert got == getattr(getattr(paper, section), field), (paper_name, field, got)
 
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)

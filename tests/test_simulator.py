@@ -27,8 +27,11 @@ def assert_trajectories_equal(sim, ref, steps):
             torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("sync", ALGORITHM_1_RULES)
-@pytest.mark.parametrize("period", [1, 3, 8])
+@pytest.mark.parametrize(
+    ("sync", "period"),
+    # "gradients" and "none" ignore the period: one case each
+    [(s, p) for s in ALGORITHM_1_RULES for p in ([1, 3, 8] if SYNC_RULES[s].periodic else [1])],
+)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("nesterov", [False, True], ids=["polyak", "nesterov"])
 @pytest.mark.parametrize("compute", ["vmap", "loop"])
@@ -42,6 +45,7 @@ def test_simulator_matches_per_worker_sgd_loop(sync, period, weight_decay, neste
         assert sim.comm.rounds > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 def test_compiled_vmap_step_matches_per_worker_sgd_loop():
     """compile=True (torch.compile of the vmapped gradient step; one compilation, a few seconds) changes nothing."""

@@ -97,7 +97,7 @@ def test_the_measure_decreases_with_more_workers():
         runs = []
         for seed in range(2):
             p = NonConvexRegression(n, sigma=2.0, seed=seed)
-            lr = min(0.3 * np.sqrt(n / steps), 0.25 / p.L)
+            lr = recommended_lr(n, steps, lr_scale=0.3, momentum=0.5, smoothness=p.L)  # capped at (1 - 0.5)^2 / L
             runs.append(run(p, steps, lr=lr, momentum=0.5, period=recommended_period(n, steps), seed=seed).measure)
         values.append(np.mean(runs))
     assert values[0] > values[1] > values[2]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prsgd import topology as T
-from prsgd.engines.simulator import StackedMixer
+from prsgd.engines.stacked import StackedMixer
 
 STATIC = ["ring", "torus", "complete", "hypercube", "exponential"]
 
@@ -170,3 +170,13 @@ RING4 = T.ring(4).mixing_matrix()
 def test_validation_errors_name_the_offending_entry(build, message):
     with pytest.raises(T.TopologyError, match=message):
         build()
+
+
+def test_a_mixing_matrix_is_read_as_one_whatever_its_first_entry_and_a_0_1_matrix_as_a_graph():
+    w = [[0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]  # integer 0 first: still a mixing matrix
+    np.testing.assert_array_equal(T.make_topology(w, 3).matrix, np.asarray(w))
+    path = [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]  # a 0/1 adjacency matrix as lists
+    as_graph = T.make_topology(path, 4)
+    assert as_graph.name == "graph(metropolis)"
+    np.testing.assert_array_equal(as_graph.matrix, T.make_topology({0: [1], 1: [2], 2: [3]}, 4).matrix)
+    np.testing.assert_array_equal(T.make_topology([[1], [0, 2], [1, 3], [2]], 4).matrix, as_graph.matrix)

@@ -58,6 +58,7 @@ def test_torchrun_distributed_run_matches_the_simulator(tmp_path, workers, algor
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1.5 / 360)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 def test_compiled_simulator_run_logs_the_same_losses(tmp_path):
     main([*FLAGS, "--workers", "4", "--out", str(tmp_path / "eager")])
@@ -84,7 +85,8 @@ def test_distributed_engine_without_torchrun_says_how_to_launch():
         ({"engine": "mpi"}, r"engine='mpi' .*allowed: simulator, distributed"),
         ({"epochs": -1.0}, r"training\.epochs=-1\.0"),
         ({"batch_size": 0}, r"training\.batch_size=0"),
-        ({"period": "8x"}, r"algorithm\.period='8x' .*type int"),
+        ({"period": "8x"}, r"algorithm\.period='8x' .*type int or 'theory'"),
+        ({"lr": "theroy"}, r"training\.lr='theroy' .*type float or 'theory'"),
         ({"sync": "allreduce"}, r"sync='allreduce'"),
     ],
 )

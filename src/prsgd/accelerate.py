@@ -31,26 +31,19 @@ from typing import Any
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
-from prsgd.algorithm import CommStats
+from prsgd.algorithm import FollowsAlgorithm, PeriodicSync
 from prsgd.engines.guards import check_not_wrapped
 from prsgd.errors import InvalidArgument
 from prsgd.optim import LocalSGD
 
 
-class AcceleratedLocalSGD(AcceleratedOptimizer):
-    """accelerate's optimizer wrapper around a :class:`prsgd.LocalSGD`, with its algorithm state reachable."""
+class AcceleratedLocalSGD(FollowsAlgorithm, AcceleratedOptimizer):
+    """accelerate's optimizer wrapper around a :class:`prsgd.LocalSGD`, with its algorithm state reachable
+    (``comm``, ``steps_done``, ``in_consensus``, ``rule``, ``period``, ``synchronized_at``)."""
 
     @property
-    def comm(self) -> CommStats:
-        return self.optimizer.comm
-
-    @property
-    def steps_done(self) -> int:
-        return self.optimizer.steps_done
-
-    @property
-    def in_consensus(self) -> bool:
-        return self.optimizer.in_consensus
+    def algorithm(self) -> PeriodicSync:  # type: ignore[override]
+        return self.optimizer.algorithm
 
     def synchronize(self) -> None:
         self.optimizer.synchronize()

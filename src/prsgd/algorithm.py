@@ -1,52 +1,87 @@
-"""Algorithm 1 (PR-SGD-Momentum) and its baselines, written once for every engine.
+"""Algorithm 1 (PR-SGD-Momentum), Algorithm 2 and their baselines, written once for every engine.
 
-An engine owns tensors and knows how to average them across workers; this module decides *what* happens in a
-step and *when* workers communicate. One step of every worker is :func:`run_step`:
+:class:`PeriodicSync` is the algorithm as one object: the sync rule, the period I, the step counter and the
+communication so far, with one state-dict format. An engine hands it its :class:`Communicator` (the engine
+contract) and calls :meth:`PeriodicSync.step` once per step of every worker:
 
 1. ``sync="gradients"`` only: average the gradients (parallel mini-batch momentum SGD);
 2. the local momentum-SGD update (:func:`prsgd.functional.momentum_sgd_`, eq. 4 or 5);
-3. after every ``period``-th step (I in the paper), the sync rule's averaging round (eq. 6).
+3. after every ``period``-th step, the rule's round: average (eq. 6) or mix through W (eq. 18).
 
-The averaging itself is a callable ``average(tensors) -> bytes``: it replaces each tensor, in place, by its mean
-over workers and returns the payload bytes one worker contributed. The simulator averages over the leading worker
-dimension; :class:`prsgd.LocalSGD` does one ``all_reduce`` over flat storage.
+The algorithm says *what* a round communicates, as field names (``"params"``, ``"buffers"``, ``"grads"``,
+``"momentum"``); the engine owns where those tensors live and how they travel, and counts what it sent. The
+simulator's communicator averages over a leading worker dimension (:mod:`prsgd.engines.stacked`);
+:class:`prsgd.LocalSGD`'s reduces one span of its flat storage with one ``all_reduce``
+(:mod:`prsgd.engines.distributed`). Compression, overlap or hierarchy belong behind that contract.
 
-Floating-point model buffers (BatchNorm running statistics) are averaged together with the parameters at every
-sync; with ``sync="gradients"`` they are averaged at every step, in the gradients' collective, so that all workers
-stay identical (DDP instead broadcasts rank 0's buffers before every forward; see :func:`run_step`). Integer
-buffers (BatchNorm's ``num_batches_tracked``) are equal on all workers by construction and are not communicated.
+Floating-point model buffers (BatchNorm running statistics) travel with the parameters at every round; with
+``sync="gradients"`` they are averaged at every step, in the gradients' collective, so that all workers stay
+identical (DDP instead broadcasts rank 0's buffers before every forward). Integer buffers (BatchNorm's
+``num_batches_tracked``) are equal on all workers by construction and are not communicated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from prsgd.errors import InvalidArgument, check_bool, check_int, check_number
+from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_int, check_number
 from prsgd.functional import momentum_sgd_
 
-Average = Callable[[list[Tensor]], int]
-"""Averages each tensor across workers in place; returns the bytes one worker sent (payload size)."""
+Field = Literal["params", "buffers", "grads", "momentum"]
+"""What a round communicates: all parameters, floating-point model buffers, this step's gradients, momentum."""
 
-Mix = Callable[[list[Tensor], int], int]
-"""``mix(tensors, step)``: replaces each worker's tensors by sum_j W_ij x_j with the step's mixing matrix W
-(eq. 18), in place; returns the bytes one worker sent (out-degree x payload)."""
+Round = Literal["gradients", "average", "mix", "nothing"]
+Momentum = Literal["average", "clear", "keep"]
 
 
 @dataclass(frozen=True)
 class SyncRule:
-    """What a communication round averages, and how often rounds happen."""
+    """What a round communicates and what happens to momentum buffers at a round.
+
+    ``communicates``: ``"gradients"`` (every step, before the local update; ``period`` ignored), ``"average"``
+    (parameters and float buffers over all workers every ``period`` steps, eq. 6), ``"mix"`` (with neighbours
+    through W every ``period`` steps, eq. 18) or ``"nothing"``. ``momentum``: averaged (or mixed) with the
+    parameters, cleared, or kept per worker; only ``"keep"`` for rules that do not average or mix parameters.
+    """
 
     name: str
     description: str
-    averages_gradients: bool = False  # every step, before the local update
-    averages_params: bool = False  # every `period` steps, after the local update
-    mixes: bool = False  # gossip with neighbours through W instead of averaging over all workers
-    momentum_at_sync: str = "keep"  # "average" (or mix) | "clear" | "keep"
+    communicates: Round
+    momentum: Momentum = "keep"
+
+    def __post_init__(self) -> None:
+        if self.communicates not in ("gradients", "average", "mix", "nothing"):
+            raise ValueError(f"SyncRule {self.name}: communicates={self.communicates!r} is not a kind of round")
+        if self.momentum not in ("average", "clear", "keep"):
+            raise ValueError(f"SyncRule {self.name}: momentum={self.momentum!r} is not average, clear or keep")
+        if self.communicates in ("gradients", "nothing") and self.momentum != "keep":
+            raise ValueError(f"SyncRule {self.name}: a rule without parameter rounds keeps momentum per worker")
+
+    @property
+    def averages_gradients(self) -> bool:
+        return self.communicates == "gradients"
+
+    @property
+    def averages_params(self) -> bool:
+        return self.communicates == "average"
+
+    @property
+    def mixes(self) -> bool:
+        return self.communicates == "mix"
+
+    @property
+    def periodic(self) -> bool:
+        """Whether rounds happen every ``period`` steps (after the local update)."""
+        return self.communicates in ("average", "mix")
+
+    def round_fields(self) -> tuple[Field, ...]:
+        """What a parameter round communicates: parameters, float buffers and, when averaged, momentum."""
+        return ("params", "buffers", "momentum") if self.momentum == "average" else ("params", "buffers")
 
 
 SYNC_RULES: dict[str, SyncRule] = {
@@ -55,45 +90,45 @@ SYNC_RULES: dict[str, SyncRule] = {
         SyncRule(
             "params_and_momentum",
             "Algorithm 1: average parameters AND momentum buffers every `period` steps",
-            averages_params=True,
-            momentum_at_sync="average",
+            "average",
+            "average",
         ),
         SyncRule(
             "params_clear_momentum",
             "model averaging with cleared momentum (CNTK; Wang & Joshi 2018): average parameters, zero buffers",
-            averages_params=True,
-            momentum_at_sync="clear",
+            "average",
+            "clear",
         ),
         SyncRule(
             "params_only",
             "average parameters, keep local buffers (PyTorch's PostLocalSGDOptimizer)",
-            averages_params=True,
-            momentum_at_sync="keep",
+            "average",
+            "keep",
         ),
         SyncRule(
             "gradients",
             "parallel mini-batch momentum SGD: all-reduce gradients every step (ignores `period`)",
-            averages_gradients=True,
+            "gradients",
         ),
         SyncRule(
             "gossip",
             "Algorithm 2: mix parameters AND momentum buffers with neighbours through W (every `period` steps)",
-            mixes=True,
-            momentum_at_sync="average",
+            "mix",
+            "average",
         ),
         SyncRule(
             "gossip_params_only",
             "mix parameters with neighbours through W, keep local momentum buffers",
-            mixes=True,
-            momentum_at_sync="keep",
+            "mix",
+            "keep",
         ),
-        SyncRule("none", "independent workers, no communication"),
+        SyncRule("none", "independent workers, no communication", "nothing"),
     )
 }
 
 
 def sync_rule(name: str) -> SyncRule:
-    """The :class:`SyncRule` called ``name``; ``ValueError`` naming the allowed ones otherwise."""
+    """The :class:`SyncRule` called ``name``; :class:`prsgd.InvalidArgument` naming the allowed ones otherwise."""
     if not isinstance(name, str) or name not in SYNC_RULES:
         raise InvalidArgument(f"sync={name!r} is not a known sync rule; allowed: {', '.join(SYNC_RULES)}")
     return SYNC_RULES[name]
@@ -136,6 +171,16 @@ def check_period(period: int) -> int:
     return check_int("period", period, 1)
 
 
+def check_topology(rule: SyncRule, topology: object) -> None:
+    """Gossip rules need a topology; the others take none."""
+    if rule.mixes and topology is None:
+        raise InvalidArgument(f"sync={rule.name!r} needs topology= (a name such as 'ring', a mixing matrix or a graph)")
+    if not rule.mixes and topology is not None:
+        raise InvalidArgument(
+            f"topology={topology!r} is only used by sync='gossip' or 'gossip_params_only', not sync={rule.name!r}"
+        )
+
+
 @dataclass
 class CommStats:
     """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent)."""
@@ -150,6 +195,24 @@ class CommStats:
             self.bytes += nbytes
 
 
+class Communicator(Protocol):
+    """The engine contract: where each field's tensors live, and how they are averaged or mixed across workers.
+
+    ``average(fields)`` replaces the listed fields' tensors, in place, by their mean over all workers;
+    ``mix(fields, step)`` replaces each worker's by sum_j W_ij x_j with the step's mixing matrix W (eq. 18). Both
+    count in ``comm`` what one worker sent (nothing when it sent nothing). ``tensors(field)`` lists the field's
+    tensors (one worker's, or stacked ``(N, ...)``), in the order the optimizer's param groups give them."""
+
+    num_workers: int
+    comm: CommStats
+
+    def tensors(self, field: Field) -> list[Tensor]: ...
+
+    def average(self, fields: Sequence[Field]) -> None: ...
+
+    def mix(self, fields: Sequence[Field], step: int) -> None: ...
+
+
 @dataclass
 class UpdateGroup:
     """Tensors that share one set of hyperparameters (one ``param_group`` of a torch optimizer)."""
@@ -160,103 +223,174 @@ class UpdateGroup:
     hyper: Hyperparameters
 
 
-@dataclass
-class SyncTensors:
-    """Everything a sync round may average, per worker: all parameters (with or without a gradient this step),
-    floating-point model buffers, and momentum buffers (empty when momentum is 0)."""
+class PeriodicSync:
+    """One run of a sync rule over some workers: the rule, the period I, the step counter and the communication.
 
-    params: list[Tensor]
-    model_buffers: list[Tensor]
-    momentum_buffers: list[Tensor]
+    Args:
+        sync: the rule's name (see :data:`SYNC_RULES`).
+        period: I >= 1, local steps between rounds (ignored by ``"gradients"`` and ``"none"``).
+        has_momentum: whether momentum buffers exist (momentum > 0 in some group).
+        topology: whatever the engine builds its mixing from; only checked here (gossip rules need one).
+        engine: the engine's :class:`Communicator`; an engine that validates its arguments before building its
+            storage (as both do) attaches it afterwards (``algorithm.engine = ...``), before the first step.
 
-
-def is_sync_step(rule: SyncRule, steps_done: int, period: int) -> bool:
-    """Whether the round of eq. (6) or (18) follows local step number ``steps_done`` (counted from 1)."""
-    return (rule.averages_params or rule.mixes) and steps_done % period == 0
-
-
-def in_consensus(
-    rule: SyncRule, steps_done: int, period: int, has_momentum: bool, synchronized_at: int | None = None
-) -> bool:
-    """Whether every worker holds the same parameters, float model buffers and momentum after ``steps_done``
-    steps: all start equal; afterwards only right after a round that averages all of them (a scheduled one, or
-    ``synchronize()`` after step ``synchronized_at``), or always with ``sync="gradients"`` (gradients and
-    buffers are averaged every step). A checkpoint taken then may be resumed with a different number of workers."""
-    if steps_done == 0 or rule.averages_gradients:
-        return True
-    full_round = rule.momentum_at_sync != "keep" or not has_momentum
-    if synchronized_at == steps_done:
-        return full_round
-    if not rule.averages_params or steps_done % period:
-        return False
-    return full_round
-
-
-def check_topology(rule: SyncRule, topology: object) -> None:
-    """Gossip rules need a topology; the others take none."""
-    if rule.mixes and topology is None:
-        raise InvalidArgument(f"sync={rule.name!r} needs topology= (a name such as 'ring', a mixing matrix or a graph)")
-    if not rule.mixes and topology is not None:
-        raise InvalidArgument(
-            f"topology={topology!r} is only used by sync='gossip' or 'gossip_params_only', not sync={rule.name!r}"
-        )
-
-
-def synchronize(rule: SyncRule, tensors: SyncTensors, average: Average, comm: CommStats) -> None:
-    """One round of ``rule`` (eq. 6 for ``params_and_momentum``, eq. 18 for ``gossip``), as one ``average``
-    call (for gossip rules, ``average`` is the step's mixing).
-
-    The engines' ``synchronize()`` (one round now, outside the schedule: before evaluation, export or the end of
-    training) calls it with the exact average over all workers, gossip rules included (the point is one common
-    model); momentum is then averaged, cleared or kept as the rule's own rounds do (``params_only``,
-    ``gossip_params_only``, ``gradients`` and ``none`` keep each worker's; with ``gradients`` they are equal).
-
-    The tensors are passed in the order params, model buffers, momentum so that an engine keeping them in one
-    flat storage in that order reduces one contiguous span.
+    Both engines and :func:`prsgd.problems.run` hold one; their ``steps_done``, ``comm``, ``in_consensus`` and the
+    ``"prsgd"`` part of their state dicts are this object's.
     """
-    if rule.momentum_at_sync == "average":
-        comm.record(average([*tensors.params, *tensors.model_buffers, *tensors.momentum_buffers]))
-        return
-    comm.record(average([*tensors.params, *tensors.model_buffers]))
-    if rule.momentum_at_sync == "clear" and tensors.momentum_buffers:
-        torch._foreach_zero_(tensors.momentum_buffers)
+
+    def __init__(
+        self,
+        sync: str,
+        period: int,
+        *,
+        has_momentum: bool,
+        topology: object = None,
+        engine: Communicator | None = None,
+    ) -> None:
+        self.rule = sync_rule(sync)
+        self.period = check_period(period)
+        check_topology(self.rule, topology)
+        self.engine: Communicator = engine  # type: ignore[assignment]
+        self.has_momentum = has_momentum
+        self.steps_done = 0
+        self.synchronized_at: int | None = None
+
+    @property
+    def comm(self) -> CommStats:
+        return self.engine.comm
+
+    def round_after(self, step_number: int) -> bool:
+        """Whether a round (eq. 6 or 18) follows local step number ``step_number`` (counted from 1)."""
+        return self.rule.periodic and step_number % self.period == 0
+
+    @property
+    def communicates_next_step(self) -> bool:
+        """Whether the next :meth:`step` communicates (gradients every step, or a round after it)."""
+        return self.rule.averages_gradients or self.round_after(self.steps_done + 1)
+
+    def step(self, groups: Sequence[UpdateGroup], found_inf: bool | None = None) -> bool:
+        """One step of every worker; returns whether the local update was applied.
+
+        ``groups`` hold the tensors updated this step (those with a gradient). ``found_inf`` comes from AMP's
+        GradScaler (None without one). A step whose update is skipped for it still counts towards the period, so
+        every worker agrees on when the next round happens (the failure of PyTorch issue 76282 is a worker that
+        does not). With ``sync="gradients"`` the float buffers (updated by this step's forward) and the gradients
+        are averaged in one collective, and the skip is decided on the averaged gradients, identical everywhere.
+        """
+        apply_update = not found_inf
+        if self.rule.averages_gradients:
+            self.engine.average(("buffers", "grads"))
+            if found_inf is not None:
+                apply_update = all(bool(g.isfinite().all()) for g in self.engine.tensors("grads"))
+        if apply_update:
+            for group in groups:
+                momentum_sgd_(group.params, group.grads, group.momentum_buffers, **group.hyper.as_kwargs())
+        self.steps_done += 1
+        if self.round_after(self.steps_done):
+            self._round(exact=False)
+        return apply_update
+
+    def synchronize(self) -> None:
+        """One round now, outside the schedule (before evaluation, export or the end of training), with the exact
+        average over all workers, gossip rules included (the point is one common model). Momentum is averaged,
+        cleared or kept as the rule's own rounds do (``params_only``, ``gossip_params_only``, ``gradients`` and
+        ``none`` keep each worker's; with ``gradients`` they are equal). Counted; the schedule is unchanged."""
+        self._round(exact=True)
+        self.synchronized_at = self.steps_done
+
+    def _round(self, exact: bool) -> None:
+        fields = self.rule.round_fields()
+        if self.rule.mixes and not exact:
+            self.engine.mix(fields, self.steps_done - 1)
+        else:
+            self.engine.average(fields)
+        if self.rule.momentum == "clear":
+            momentum = self.engine.tensors("momentum")
+            if momentum:
+                torch._foreach_zero_(momentum)
+
+    @property
+    def in_consensus(self) -> bool:
+        """Whether every worker holds the same parameters, float buffers and momentum now: all start equal;
+        afterwards only right after a round that averages all of them (a scheduled one, or :meth:`synchronize`),
+        or always with ``sync="gradients"`` (gradients and buffers are averaged every step). A checkpoint taken
+        then may be resumed with a different number of workers."""
+        if self.steps_done == 0 or self.rule.averages_gradients:
+            return True
+        full_round = self.rule.momentum != "keep" or not self.has_momentum
+        if self.synchronized_at == self.steps_done:
+            return full_round
+        return self.rule.averages_params and self.steps_done % self.period == 0 and full_round
+
+    def state_dict(self) -> dict[str, Any]:
+        """The one format both engines save: the rule and period, the number of workers, steps and communication."""
+        return {
+            "sync": self.rule.name,
+            "workers": self.engine.num_workers,
+            "period": self.period,
+            "steps_done": self.steps_done,
+            "rounds": self.comm.rounds,
+            "bytes": self.comm.bytes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:
+        """Restore :meth:`state_dict` output. The rule must be the same (momentum means something else under
+        another); the period may change (later rounds follow the new one). A state of another number of workers
+        is refused unless ``from_consensus`` says it was taken in consensus (:attr:`in_consensus`); the step
+        counter is then rescaled so that the run continues at the same joint epoch (steps x workers kept)."""
+        if state.get("sync", self.rule.name) != self.rule.name:
+            raise CheckpointError(
+                f"the state was saved with sync={state['sync']!r}; this run uses sync={self.rule.name!r}"
+            )
+        saved, workers = int(state.get("workers", self.engine.num_workers)), self.engine.num_workers
+        if saved != workers and not from_consensus:
+            raise CheckpointError(
+                f"the state was saved by {saved} workers; this run has {workers} (a state taken in consensus can "
+                "be loaded with from_consensus=True)"
+            )
+        self.steps_done = rescaled_steps(int(state["steps_done"]), saved, workers)
+        self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
+        self.synchronized_at = None
 
 
-def run_step(
-    rule: SyncRule,
-    period: int,
-    steps_done: int,
-    groups: Sequence[UpdateGroup],
-    sync_tensors: SyncTensors,
-    average: Average,
-    comm: CommStats,
-    *,
-    mix: Mix | None = None,
-    found_inf: bool | None = None,
-) -> tuple[int, bool]:
-    """One step of every worker. Returns ``(steps_done + 1, whether the local update was applied)``.
+class FollowsAlgorithm:
+    """An engine's view of the :class:`PeriodicSync` it holds as ``self.algorithm``: its rule, period, counters
+    and consensus, read-only (both engines expose them under these names)."""
 
-    ``groups`` hold the tensors updated this step (those with a gradient); ``sync_tensors`` all that a round
-    averages (or, for gossip rules, mixes with ``mix``). ``found_inf`` comes from AMP's GradScaler (None without
-    one). A step whose update is skipped for it still counts towards the period, so every worker agrees on when
-    the next round happens (the failure of PyTorch issue 76282 is a worker that does not). With
-    ``sync="gradients"`` the skip is decided on the averaged gradients, which are identical on every worker.
+    algorithm: PeriodicSync
 
-    With ``sync="gradients"`` the float model buffers (updated by this step's forward) are averaged in the same
-    collective as the gradients, listed first (an engine keeping buffers and then gradients back to back in one
-    flat storage reduces one contiguous span): every worker then holds identical parameters, buffers and momentum.
-    """
-    apply_update = not found_inf
-    if rule.averages_gradients:
-        grads = [g for group in groups for g in group.grads]
-        comm.record(average([*sync_tensors.model_buffers, *grads]))
-        if found_inf is not None:
-            apply_update = all(bool(g.isfinite().all()) for g in grads)
-    if apply_update:
-        for group in groups:
-            momentum_sgd_(group.params, group.grads, group.momentum_buffers, **group.hyper.as_kwargs())
-    steps_done += 1
-    if is_sync_step(rule, steps_done, period):
-        combine = partial(mix, step=steps_done - 1) if rule.mixes else average
-        synchronize(rule, sync_tensors, combine, comm)
-    return steps_done, apply_update
+    @property
+    def rule(self) -> SyncRule:
+        return self.algorithm.rule
+
+    @property
+    def period(self) -> int:
+        return self.algorithm.period
+
+    @property
+    def steps_done(self) -> int:
+        """Local steps taken so far (each worker's count; rounds follow every ``period``-th)."""
+        return self.algorithm.steps_done
+
+    @property
+    def synchronized_at(self) -> int | None:
+        """The step after which ``synchronize()`` last ran (None if not since the last load)."""
+        return self.algorithm.synchronized_at
+
+    @property
+    def comm(self) -> CommStats:
+        """Communication so far, per worker: rounds and payload bytes."""
+        return self.algorithm.comm
+
+    @property
+    def in_consensus(self) -> bool:
+        """Whether every worker holds the same parameters, float buffers and momentum now: at the start, right
+        after a round that averages all three (or ``synchronize()``), and always with ``sync="gradients"`` (see
+        :attr:`PeriodicSync.in_consensus`)."""
+        return self.algorithm.in_consensus
+
+
+def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:
+    """The step counter that keeps the joint epoch (steps x workers) when a consensus state of ``saved_workers``
+    workers continues with ``workers``."""
+    return round(steps_done * saved_workers / workers)

@@ -15,7 +15,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
 from prsgd.errors import InvalidArgument
@@ -24,6 +24,10 @@ from prsgd.topology import BUILT_IN
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
 SCHEDULES = ("constant", "step")
+
+
+Theory = Literal["theory"]
+"""A value the run resolves from the paper's corollaries once N and T are known (:mod:`prsgd.theory`)."""
 
 
 class ConfigError(InvalidArgument):
@@ -66,7 +70,7 @@ class AlgorithmConfig:
     """The sync rule and local update (see :class:`prsgd.LocalSGD`)."""
 
     sync: str = "params_and_momentum"
-    period: int = 8  # or "theory": the paper's corollary for this N, T and data case (prsgd.theory)
+    period: int | Theory = 8  # or "theory": the paper's corollary for this N, T and data case (prsgd.theory)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -92,7 +96,7 @@ class TrainingConfig:
     workers: int = 8  # simulator; under torchrun it must equal the world size
     batch_size: int = 16  # per worker
     epochs: float = 20.0  # joint epochs: examples read by all workers together / training-set size
-    lr: float = 0.05  # or "theory": gamma = lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)
+    lr: float | Theory = 0.05  # or "theory": gamma = lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)
     lr_scale: float = 1.0  # with lr = "theory" only
     lr_schedule: str = "constant"  # constant | step
     milestones: tuple[float, ...] = ()  # joint epochs at which the step schedule multiplies lr by lr_decay
@@ -159,6 +163,10 @@ class RunConfig:
             raise ConfigError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
         _at_least("seeds", self.seeds, 1)
         _positive("worker_timeout", self.worker_timeout)
+        if self.engine == "distributed" and self.training.compile:
+            raise ConfigError(
+                "training.compile=True compiles the simulator's vmapped step; engine='distributed' has none"
+            )
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys (``algorithm.period``) or unique leaf names (``period``) replaced."""
@@ -203,9 +211,18 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` checked (or, from a string, parsed) against the field type ``annotation``."""
-    if key in ("algorithm.period", "training.lr") and value == "theory":
-        return value
+    """``value`` checked (or, from a string, parsed) against the field type ``annotation``: bool, int, float,
+    str, a tuple of floats, or a union of one of them with literals (``int | Literal["theory"]``)."""
+    if get_origin(annotation) is Union:
+        literals = [v for member in get_args(annotation) if get_origin(member) is Literal for v in get_args(member)]
+        if value in literals:
+            return value
+        (plain,) = [member for member in get_args(annotation) if get_origin(member) is not Literal]
+        try:
+            return _convert(key, value, plain)
+        except ConfigError:
+            allowed = " or ".join([plain.__name__, *map(repr, literals)])
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be of type {allowed}") from None
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")

@@ -50,9 +50,9 @@ def momentum_sgd_(
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite (no NaN or inf): one fused pass per device, one host sync.
 
-    AMP's check (what ``GradScaler`` runs on gradients), with a unit scale that leaves every value unchanged; on
-    one CPU thread it is 10-25x faster than ``isfinite(t).all()`` per tensor, which cost a third of a small model's
-    step when the run checks every step. Integer tensors are always finite and are skipped."""
+    AMP's check (what ``GradScaler`` runs on gradients), with a unit scale that leaves every value unchanged: one
+    fused kernel instead of ``isfinite(t).all()`` per tensor (the speed-up is in benchmarks/README.md). Integer
+    tensors are always finite and are skipped."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t.is_floating_point():

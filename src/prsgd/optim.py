@@ -1,8 +1,9 @@
 """``prsgd.LocalSGD``: Algorithm 1 and its baselines as a ``torch.optim.Optimizer`` under ``torch.distributed``.
 
 A thin shell, like ``torch.optim.SGD``: it gathers the tensors of each param group and calls
-:func:`prsgd.algorithm.run_step`, which does the local update of :mod:`prsgd.functional` and, every ``period``-th
-step, the sync round; averaging is one ``all_reduce`` over flat storage (:mod:`prsgd.engines.distributed`).
+:meth:`prsgd.algorithm.PeriodicSync.step`, which does the local update of :mod:`prsgd.functional` and, every
+``period``-th step, the round; the tensors live in one :class:`~prsgd.engines.flat_storage.FlatStorage` and a round
+is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessGroupCommunicator`).
 """
 
 from __future__ import annotations
@@ -14,34 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import (
-    CommStats,
-    Hyperparameters,
-    SyncTensors,
-    UpdateGroup,
-    check_period,
-    check_topology,
-    in_consensus,
-    is_sync_step,
-    run_step,
-    sync_rule,
-    synchronize,
-)
-from prsgd.engines.distributed import (
-    AllReduceAverage,
-    FlatStorage,
-    NeighbourMix,
-    broadcast_from_first,
-    group_rank,
-    group_size,
-)
+from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup
+from prsgd.engines.distributed import ProcessGroupCommunicator, broadcast_from_first, group_rank, group_size
+from prsgd.engines.flat_storage import FlatStorage
 from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
 from prsgd.functional import all_finite
 from prsgd.topology import make_topology
 
 
-class LocalSGD(torch.optim.Optimizer):
+class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
     """Momentum SGD on each worker with periodic averaging (PR-SGD-Momentum, Yu, Jin & Yang 2019).
 
     Args:
@@ -107,9 +90,7 @@ class LocalSGD(torch.optim.Optimizer):
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.period = check_period(period)
-        self.rule = sync_rule(sync)
-        check_topology(self.rule, topology)
+        self.algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
         check_process_group(process_group)
         if isinstance(params, nn.Module):
             if model is not None:
@@ -126,9 +107,10 @@ class LocalSGD(torch.optim.Optimizer):
         self.topology = make_topology(topology, self.num_workers) if topology is not None else None
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         self._built = False
+        self._hyper: dict[int, tuple[tuple, Hyperparameters]] = {}
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _group_hyperparameters(group)
+        for index, group in enumerate(self.param_groups):
+            self._group_hyperparameters(index, group)
 
         all_params = [p for group in self.param_groups for p in group["params"]]
         model_buffers: list[Tensor] = []
@@ -142,37 +124,27 @@ class LocalSGD(torch.optim.Optimizer):
                     f"model= ({type(model).__name__}); pass the model they belong to"
                 )
         self.model_buffers = model_buffers
-        self.has_momentum = any(group["momentum"] > 0 for group in self.param_groups)
-        self._param_numel = sum(p.numel() for p in all_params)
-        # layout: params | float buffers | gradients (sync="gradients" only) | momentum: a sync round reduces
-        # params + buffers (+ momentum) and a gradient round buffers + gradients, each one contiguous span
-        grads_numel = [self._param_numel] if self.rule.averages_gradients else []
-        momentum_numels = [p.numel() for p in all_params] if self.has_momentum else []
-        self.storage = FlatStorage([*all_params, *model_buffers], extra_numels=[*grads_numel, *momentum_numels])
-        self._grads_flat = self.storage.allocate(torch.Size(grads_numel)) if grads_numel else None
-        for p in all_params:
-            self.state[p]["momentum_buffer"] = self.storage.allocate(p.shape) if self.has_momentum else None
+        self.has_momentum = self.algorithm.has_momentum = any(group["momentum"] > 0 for group in self.param_groups)
+        shapes = [p.shape for p in all_params]
+        # layout params | buffers | grads (sync="gradients" only) | momentum: every round is one span
+        self.storage = FlatStorage(
+            {"params": all_params, "buffers": model_buffers},
+            {"grads": shapes if self.rule.averages_gradients else [], "momentum": shapes if self.has_momentum else []},
+        )
+        momentum_buffers = self.storage.tensors("momentum")
+        for k, p in enumerate(all_params):
+            self.state[p]["momentum_buffer"] = momentum_buffers[k] if self.has_momentum else None
         self.process_group = process_group
-        self.average = AllReduceAverage(process_group)
-        self.mix = NeighbourMix(self.topology, process_group) if self.topology is not None else None
-        model_numel = self._param_numel + sum(b.numel() for b in model_buffers)
-        broadcast_from_first(self.storage.flat[:model_numel], process_group)
+        self.algorithm.engine = self.engine = ProcessGroupCommunicator(self.storage, process_group, self.topology)
+        broadcast_from_first(self.storage.span(("params", "buffers")), process_group)
         if model is not None:  # frozen parameters and integer buffers: the same everywhere too
             flat_ids = {id(t) for t in (*all_params, *model_buffers)}
             for t in (*model.parameters(), *model.buffers()):
                 if id(t) not in flat_ids:
                     broadcast_from_first(t.data, process_group)
-        self.sync_tensors = SyncTensors(
-            params=all_params,
-            model_buffers=model_buffers,
-            momentum_buffers=[self.state[p]["momentum_buffer"] for p in all_params] if self.has_momentum else [],
-        )
         self._placement = StoragePlacement(self.storage, [*all_params, *model_buffers])
         self._first_forward = FirstForwardCheck(all_params, model_buffers, warn_buffers=model is None)
         weakref.finalize(self, self._first_forward.close)  # an optimizer dropped before its first step
-        self.steps_done = 0
-        self.synchronized_at: int | None = None
-        self.comm = CommStats()
         self._built = True
 
     def __repr__(self) -> str:
@@ -206,30 +178,22 @@ class LocalSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._first_forward.close()
-        if (
-            self.steps_done == 0
-            or self.rule.averages_gradients
-            or is_sync_step(self.rule, self.steps_done + 1, self.period)
-        ):
+        if self.steps_done == 0 or self.algorithm.communicates_next_step:
             self._placement.check()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf_tensor = getattr(self, "found_inf", None)
         found_inf = bool(found_inf_tensor.item()) if found_inf_tensor is not None else None
 
+        averaged_grads = self.storage.tensors("grads")  # sync="gradients": every gradient, a missing one as zero
         groups = []
-        grad_offset = 0
-        for group in self.param_groups:
-            hyper = _group_hyperparameters(group)
-            if hyper.momentum > 0 and not self.has_momentum:
-                raise InvalidArgument(
-                    f"momentum={hyper.momentum!r} was set after LocalSGD was built with momentum 0 everywhere; "
-                    "momentum buffers are allocated at construction: construct it with momentum > 0"
-                )
+        k = -1
+        for index, group in enumerate(self.param_groups):
+            hyper = self._group_hyperparameters(index, group)
             params, grads = [], []
             for p in group["params"]:
-                if self._grads_flat is not None:
-                    grad = self._grads_flat[grad_offset : grad_offset + p.numel()].view(p.shape)
-                    grad_offset += p.numel()
+                k += 1
+                if averaged_grads:
+                    grad = averaged_grads[k]
                     grad.copy_(p.grad) if p.grad is not None else grad.zero_()
                 elif p.grad is None:
                     continue
@@ -244,20 +208,9 @@ class LocalSGD(torch.optim.Optimizer):
             buffers = [self.state[p]["momentum_buffer"] for p in params] if hyper.momentum > 0 else []
             groups.append(UpdateGroup(params, grads, buffers, hyper))
         if self.check_finite and found_inf is None:
-            gradients = [self._grads_flat] if self._grads_flat is not None else [g for u in groups for g in u.grads]
+            gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
             self._raise_if_nonfinite("gradient", gradients, self.steps_done)
-
-        self.steps_done, _ = run_step(
-            self.rule,
-            self.period,
-            self.steps_done,
-            groups,
-            self.sync_tensors,
-            self.average,
-            self.comm,
-            mix=self.mix,
-            found_inf=found_inf,
-        )
+        self.algorithm.step(groups, found_inf=found_inf)
         if self.check_finite:
             self._raise_if_nonfinite("parameter, buffer or momentum", [self.storage.flat], self.steps_done - 1)
         return loss
@@ -271,8 +224,7 @@ class LocalSGD(torch.optim.Optimizer):
         rule's own rounds do. Counted in ``comm``; the schedule of later rounds is unchanged. Every worker must
         call it at the same point (it is a collective)."""
         self._placement.check()
-        synchronize(self.rule, self.sync_tensors, self.average, self.comm)
-        self.synchronized_at = self.steps_done
+        self.algorithm.synchronize()
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
         if not all_finite(tensors):
@@ -281,13 +233,6 @@ class LocalSGD(torch.optim.Optimizer):
                 f"of {self.num_workers}"
             )
 
-    @property
-    def in_consensus(self) -> bool:
-        """Whether every worker holds the same parameters, float buffers and momentum now: at the start, right
-        after a round that averages all three (or :meth:`synchronize`), and always with ``sync="gradients"``
-        (see :func:`prsgd.algorithm.in_consensus`)."""
-        return in_consensus(self.rule, self.steps_done, self.period, self.has_momentum, self.synchronized_at)
-
     def state_dict(self) -> dict[str, Any]:
         """Like ``Optimizer.state_dict`` plus prsgd's counters; momentum buffers are copied out of flat storage."""
         base = super().state_dict()
@@ -295,16 +240,15 @@ class LocalSGD(torch.optim.Optimizer):
             k: {name: v.clone() if isinstance(v, Tensor) else v for name, v in s.items()}
             for k, s in base["state"].items()
         }
-        base["prsgd"] = {
-            "steps_done": self.steps_done,
-            "rounds": self.comm.rounds,
-            "bytes": self.comm.bytes,
-            "period": self.period,
-            "sync": self.rule.name,
-        }
+        base["prsgd"] = self.algorithm.state_dict()
         return base
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, from_consensus: bool = False) -> None:
+        """Like ``Optimizer.load_state_dict``; momentum is copied into flat storage, prsgd's counters restored.
+
+        ``from_consensus=True`` accepts a state saved by another number of workers while they were in consensus
+        (:attr:`in_consensus`): the step counter is rescaled to keep the joint epoch (see
+        :meth:`prsgd.algorithm.PeriodicSync.load_state_dict`)."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
         views = {p: self.state[p]["momentum_buffer"] for group in self.param_groups for p in group["params"]}
@@ -315,15 +259,19 @@ class LocalSGD(torch.optim.Optimizer):
                 view.copy_(loaded)
             self.state[p]["momentum_buffer"] = view
         if counters is not None:
-            self.steps_done = counters["steps_done"]
-            self.comm = CommStats(counters["rounds"], counters["bytes"])
-            self.synchronized_at = None
+            self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
 
-
-def _group_hyperparameters(group: dict[str, Any]) -> Hyperparameters:
-    return Hyperparameters(
-        lr=group["lr"],
-        momentum=group["momentum"],
-        nesterov=group["nesterov"],
-        weight_decay=group["weight_decay"],
-    )
+    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Hyperparameters:
+        """The group's hyperparameters, validated when they change (a scheduler may set ``lr`` between steps)."""
+        key = (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
+        cached = self._hyper.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hyper = Hyperparameters(*key)
+        if hyper.momentum > 0 and self._built and not self.has_momentum:
+            raise InvalidArgument(
+                f"momentum={hyper.momentum!r} was set after LocalSGD was built with momentum 0 everywhere; "
+                "momentum buffers are allocated at construction: construct it with momentum > 0"
+            )
+        self._hyper[index] = (key, hyper)
+        return hyper

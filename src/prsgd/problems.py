@@ -17,9 +17,9 @@ and the variance sigma^2(x) depends on x (:meth:`NonConvexRegression.noise_varia
 Heterogeneity is exact too: grad f_i(x) - grad f(x) = -A^T delta_i / m for every x, and the delta_i are scaled so
 that (1/N) sum_i ||grad f_i - grad f||^2 = zeta^2.
 
-:func:`run` drives the workers with prsgd's own algorithm (:func:`prsgd.algorithm.run_step` on stacked (N, d)
-tensors, as the simulator does) and returns the paper's convergence measure (1/T) sum_t ||grad f(x_bar^t)||^2,
-computed exactly along the run.
+:func:`run` drives the workers with prsgd's own algorithm (:class:`prsgd.algorithm.PeriodicSync` over the
+simulator's stacked communicator, on (N, d) tensors) and returns the paper's convergence measure
+(1/T) sum_t ||grad f(x_bar^t)||^2, computed exactly along the run.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prsgd.algorithm import CommStats, Hyperparameters, SyncTensors, UpdateGroup, check_period, run_step, sync_rule
-from prsgd.engines.simulator import StackedMixer, average_over_workers
+from prsgd.algorithm import Hyperparameters, PeriodicSync, UpdateGroup
+from prsgd.engines.stacked import StackedCommunicator
 from prsgd.errors import check_choice, check_int, check_number
 from prsgd.topology import make_topology
 
@@ -145,21 +145,17 @@ def run(
 ) -> RunResult:
     """T = ``steps`` steps of every worker from x^0 with prsgd's algorithm; the exact convergence measure."""
     hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov)
-    rule = sync_rule(sync)
-    check_period(period)
+    algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
     n = problem.num_workers
     xs = problem.x0.repeat(n, 1)
-    us = torch.zeros_like(xs)
-    mix = StackedMixer(make_topology(topology, n), xs.device) if rule.mixes else None
-    tensors = SyncTensors(params=[xs], model_buffers=[], momentum_buffers=[us] if momentum > 0 else [])
-    comm = CommStats()
+    momentum_buffers = [torch.zeros_like(xs)] if momentum > 0 else []
+    mixing = make_topology(topology, n) if topology is not None else None
+    engine = algorithm.engine = StackedCommunicator(n, [xs], [], momentum_buffers, mixing)
     g = torch.Generator().manual_seed(seed)
     norms = torch.empty(steps, dtype=torch.float64)
-    done = 0
     for t in range(steps):
-        xs = tensors.params[0]  # gossip mixing may have swapped the storage
         norms[t] = problem.full_gradient(xs.mean(0)).pow(2).sum()
         grads = problem.stochastic_gradients(xs, g)
-        group = UpdateGroup([xs], [grads], tensors.momentum_buffers, hyper)
-        done, _ = run_step(rule, period, done, [group], tensors, average_over_workers, comm, mix=mix)
-    return RunResult(float(norms.mean()), norms, comm.rounds, comm.bytes)
+        engine.fields["grads"] = [grads]
+        algorithm.step([UpdateGroup([xs], [grads], momentum_buffers, hyper)])
+    return RunResult(float(norms.mean()), norms, engine.comm.rounds, engine.comm.bytes)

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from prsgd.config import ConfigError, RunConfig, load, parse_assignments
-from prsgd.engines import distributed
+from prsgd.engines.torchrun import Torchrun
 from prsgd.report import discover, summary_table
 from prsgd.train import run
 
@@ -63,20 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     config = load(args.config, overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     plan = plan_runs(config, out, args.seeds or config.seeds, args.sweep or config.sweep or None)
+    # under torchrun: join once for all runs, so that only rank 0 reports
+    torchrun = Torchrun.join(config.device, config.worker_timeout) if config.engine == "distributed" else None
+    is_main = torchrun is None or torchrun.rank == 0
     try:
-        if config.engine == "distributed":
-            distributed.init_from_torchrun(config.device, config.worker_timeout)  # once, so that only rank 0 reports
         for index, run_config in enumerate(plan, start=1):
-            if distributed.group_rank() == 0 and len(plan) > 1:
+            if is_main and len(plan) > 1:
                 print(f"[{index}/{len(plan)}] {run_config.out}", flush=True)
-            run(run_config)
-        if distributed.group_rank() == 0:
+            run(run_config, torchrun=torchrun)
+        if is_main:
             table = summary_table(discover([out]))
             (out / "summary.md").write_text(table + "\n")
             print(table)
     finally:
-        if config.engine == "distributed":
-            distributed.shutdown()
+        if torchrun is not None:
+            torchrun.close()
 
 
 if __name__ == "__main__":

@@ -46,6 +46,17 @@ def recommended_period(workers: int, steps: int, identical: bool = True, period_
     return max(1, math.floor(period_scale * steps**exponent_t / workers**exponent_n))
 
 
+def stability_cap(momentum: float = 0.0, smoothness: float | None = None, c: float = 1.0) -> float:
+    """(1 - beta)^2 / (c L), the theorems' step-size condition; infinite without L."""
+    if not 0 <= check_number("momentum", momentum, 0) < 1:
+        raise InvalidArgument(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
+    if smoothness is None:
+        return math.inf
+    check_number("smoothness", smoothness, 0)
+    check_number("c", c, 0)
+    return (1 - momentum) ** 2 / (c * smoothness) if smoothness > 0 else math.inf
+
+
 def recommended_lr(
     workers: int,
     steps: int,
@@ -58,15 +69,13 @@ def recommended_lr(
     check_number("workers", workers, 1)
     check_number("steps", steps, 1)
     check_number("lr_scale", lr_scale, 0)
-    if not 0 <= check_number("momentum", momentum, 0) < 1:
-        raise InvalidArgument(f"momentum={momentum!r} is not allowed; it must be in [0, 1)")
-    lr = lr_scale * math.sqrt(workers / steps)
-    if smoothness is not None:
-        check_number("smoothness", smoothness, 0)
-        check_number("c", c, 0)
-        if smoothness > 0:
-            lr = min(lr, (1 - momentum) ** 2 / (c * smoothness))
-    return lr
+    return min(lr_scale * math.sqrt(workers / steps), stability_cap(momentum, smoothness, c))
+
+
+def lr_is_capped(workers: int, steps: float, lr_scale: float, momentum: float, smoothness: float) -> bool:
+    """Whether gamma = lr_scale sqrt(N / T) exceeds the step-size condition, i.e. (N, T) lies outside the
+    corollary's regime."""
+    return lr_scale * math.sqrt(workers / steps) > stability_cap(momentum, smoothness)
 
 
 def recommend(

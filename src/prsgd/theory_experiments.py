@@ -35,7 +35,7 @@ from prsgd.config import ConfigError
 from prsgd.errors import check_int
 from prsgd.problems import NonConvexRegression, run
 from prsgd.report import mean_sd
-from prsgd.theory import recommended_period
+from prsgd.theory import lr_is_capped, recommended_lr, recommended_period
 from prsgd.topology import make_topology
 
 BETA = 0.5
@@ -99,13 +99,13 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def lr_for(n: int, steps: int, problem: NonConvexRegression) -> float:
-    """gamma = LR_SCALE sqrt(N / T), capped at (1 - beta)^2 / L (the theorems' step-size condition)."""
-    return min(LR_SCALE * np.sqrt(n / steps), (1 - BETA) ** 2 / problem.L)
+    """The corollary's gamma = LR_SCALE sqrt(N / T), capped at (1 - beta)^2 / L (see prsgd.theory)."""
+    return recommended_lr(n, steps, lr_scale=LR_SCALE, momentum=BETA, smoothness=problem.L)
 
 
 def is_capped(n: int, steps: float, problem: NonConvexRegression) -> bool:
     """Whether gamma for (N, T) hits the cap, i.e. lies outside the corollary's conditions."""
-    return LR_SCALE * np.sqrt(n / steps) > (1 - BETA) ** 2 / problem.L
+    return lr_is_capped(n, steps, LR_SCALE, BETA, problem.L)
 
 
 def problem_for(n: int, identical: bool, seed: int, noise: str = "additive") -> NonConvexRegression:
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         "Made by `python -m prsgd.theory_experiments` "
         f"({plan.seeds} seeds) on `prsgd.problems.NonConvexRegression` (d = 20, m = 40, lam = 1: non-convex, "
         "L = lambda_max(A^T A / m) + 2 lam, exact gradient-noise variance sigma^2 and heterogeneity zeta^2). "
-        "The algorithm is prsgd's own `run_step` on stacked workers.",
+        "The algorithm is prsgd's own `PeriodicSync` on stacked workers.",
         "",
     ]
     doc += linear_speedup(plan, plt, fig_dir)

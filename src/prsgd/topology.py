@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from prsgd.errors import InvalidArgument
 
@@ -126,6 +128,15 @@ def neighbours(w: np.ndarray, worker: int) -> Neighbours:
     sources = tuple(int(j) for j in np.flatnonzero(row) if j != worker)
     targets = tuple(int(j) for j in np.flatnonzero(column) if j != worker)
     return Neighbours(float(row[worker]), sources, tuple(float(row[j]) for j in sources), targets)
+
+
+def mix_row_(out: Tensor, own: Tensor, nbrs: Neighbours, received: Sequence[Tensor]) -> Tensor:
+    """Eq. (18) for one worker i: ``out = W_ii x_i + sum_j W_ij x_j`` over its in-neighbours j, in that order
+    (``received[k]`` is x of ``nbrs.sources[k]``). ``out`` may be ``own``. Both engines' sparse mixing call it."""
+    torch.mul(own, nbrs.self_weight, out=out)
+    for weight, x in zip(nbrs.weights, received, strict=True):
+        out.add_(x, alpha=weight)
+    return out
 
 
 def validate_mixing_matrix(
@@ -379,16 +390,20 @@ def _topology_from(spec: object, num_workers: int) -> Topology:
         return BUILT_IN[spec](num_workers)
     if isinstance(spec, Mapping):
         return from_graph(spec)
-    if hasattr(spec, "shape") or (
-        isinstance(spec, Sequence)
-        and spec
-        and isinstance(spec[0], Sequence)
-        and spec[0]
-        and isinstance(spec[0][0], float)
-    ):
-        return from_matrix(np.asarray(spec, dtype=np.float64))
-    if isinstance(spec, Sequence) and not isinstance(spec, bytes):
-        return from_graph(spec)
+    if hasattr(spec, "shape"):
+        a = np.asarray(spec)
+        return from_matrix(a) if a.dtype.kind == "f" else from_graph(a)
+    if isinstance(spec, Sequence) and not isinstance(spec, str | bytes):
+        rows = [list(row) if isinstance(row, Iterable) else None for row in spec]
+        if any(row is None for row in rows):
+            raise TopologyError(f"topology={spec!r} is not allowed; a graph or matrix is a list of rows")
+        entries = [v for row in rows for v in row]
+        if any(isinstance(v, float | np.floating) for v in entries):  # any weight, wherever it is: a mixing matrix
+            return from_matrix(np.asarray(spec, dtype=np.float64))
+        square = all(len(row) == len(rows) for row in rows)
+        if square and len(rows) > 2 and all(v in (0, 1) for v in entries):  # a 0/1 adjacency matrix
+            return from_graph(np.asarray(spec))
+        return from_graph([list(row) for row in rows])
     raise TopologyError(
         f"topology={spec!r} is not allowed; give a name ({', '.join(BUILT_IN)}), a Topology, "
         "an N x N mixing matrix or an adjacency list"

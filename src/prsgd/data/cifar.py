@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prsgd.data.datasets import ArraySplit, DataError, Dataset
+from prsgd.data.types import ArraySplit, DataError, Dataset
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCHES = ["test_batch"]

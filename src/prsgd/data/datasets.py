@@ -1,70 +1,20 @@
-"""Datasets as train/test splits that hand out batches by index. Nothing is downloaded: file-based datasets are
-read from a path the user gives, and a missing or corrupt file is reported with the path and what was expected.
-
-Images are kept as uint8 and normalised per batch (``(x / 255 - mean) / std`` per channel), so a dataset costs
-its raw size in memory; ImageFolder trees are decoded lazily, batch by batch.
+"""Loading a dataset by name. Nothing is downloaded: file-based datasets are read from a path the user gives
+(:mod:`prsgd.data.idx`, :mod:`prsgd.data.cifar`, :mod:`prsgd.data.imagefolder`), and a missing or corrupt file is
+reported with the path and what was expected; digits and synthetic clusters need no file.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from prsgd.errors import InvalidArgument
-
-
-class DataError(InvalidArgument):
-    """A dataset that cannot be read; the message names the path and what was expected there."""
-
-
-class ArraySplit:
-    """Examples held in memory: ``inputs`` (uint8 images or float features) and int64 ``targets``."""
-
-    def __init__(self, inputs: Tensor, targets: Tensor, mean: Tensor | None = None, std: Tensor | None = None):
-        if len(inputs) != len(targets):
-            raise DataError(f"{len(inputs)} inputs but {len(targets)} targets")
-        self.inputs = inputs
-        self.targets = targets
-        self.mean = mean
-        self.std = std
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Float inputs (normalised if images) and targets of ``indices`` (any shape; the batch keeps it)."""
-        flat = indices.reshape(-1)
-        x = self.inputs[flat]
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-            if self.mean is not None:
-                shape = (1, -1) + (1,) * (x.dim() - 2)
-                x = (x - self.mean.view(shape)) / self.std.view(shape)
-        return x.view(*indices.shape, *x.shape[1:]), self.targets[flat].view(indices.shape)
-
-    def subset(self, indices: Tensor) -> ArraySplit:
-        return ArraySplit(self.inputs[indices], self.targets[indices], self.mean, self.std)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A classification task: ``train`` and ``test`` splits, ``num_classes``, one example's ``input_shape``."""
-
-    name: str
-    train: ArraySplit
-    test: ArraySplit
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
+from prsgd.data.cifar import load_cifar10
+from prsgd.data.idx import load_fashion_mnist, load_mnist
+from prsgd.data.imagefolder import load_imagefolder
+from prsgd.data.types import ArraySplit, DataError, Dataset
 
 
 def load_digits(path: str = "", seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -100,22 +50,15 @@ def load_synthetic(
     )
 
 
-def _loaders() -> dict[str, Callable[..., Dataset]]:
-    from prsgd.data.cifar import load_cifar10
-    from prsgd.data.idx import load_fashion_mnist, load_mnist
-    from prsgd.data.imagefolder import load_imagefolder
-
-    return {
-        "digits": load_digits,
-        "synthetic": load_synthetic,
-        "fashion_mnist": load_fashion_mnist,
-        "mnist": load_mnist,
-        "cifar10": load_cifar10,
-        "imagefolder": load_imagefolder,
-    }
-
-
-DATASET_NAMES = ("digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "imagefolder")
+LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "fashion_mnist": load_fashion_mnist,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}
+DATASET_NAMES = tuple(LOADERS)
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,18 +66,11 @@ def load_dataset(name: str, path: str = "", seed: int = 0, train_subset: int = 0
     """Load dataset ``name`` (from ``path`` for file-based ones); optionally keep a seeded subset of training.
 
     The last two datasets loaded are cached (runs of a sweep share them); do not modify their tensors."""
-    loaders = _loaders()
-    if name not in loaders:
+    if name not in LOADERS:
         raise DataError(f"dataset={name!r} is not known; allowed: {', '.join(DATASET_NAMES)}")
     kwargs = {"image_size": image_size} if name == "imagefolder" else {}
-    data = loaders[name](path=path, seed=seed, **kwargs)
+    data = LOADERS[name](path=path, seed=seed, **kwargs)
     if train_subset and train_subset < len(data.train):
         keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         data = Dataset(data.name, data.train.subset(keep.sort().values), data.test, data.num_classes, data.input_shape)
     return data
-
-
-def require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{what}: expected the file {str(path)!r}, which does not exist")
-    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prsgd.data.datasets import ArraySplit, DataError, Dataset, require_file
+from prsgd.data.types import ArraySplit, DataError, Dataset, require_file
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 FILES = {

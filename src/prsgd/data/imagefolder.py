@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prsgd.data.datasets import DataError, Dataset
+from prsgd.data.types import DataError, Dataset
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 MEAN = (0.485, 0.456, 0.406)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prsgd.data.datasets import DataError
+from prsgd.data.types import DataError
 from prsgd.errors import check_choice, check_int, check_number
 
 

@@ -1,0 +1,69 @@
+"""The data types every loader returns: in-memory splits that hand out batches by index, and a dataset.
+
+Images are kept as uint8 and normalised per batch (``(x / 255 - mean) / std`` per channel), so a dataset costs
+its raw size in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prsgd.errors import InvalidArgument
+
+
+class DataError(InvalidArgument):
+    """A dataset that cannot be read; the message names the path and what was expected there."""
+
+
+class ArraySplit:
+    """Examples held in memory: ``inputs`` (uint8 images or float features) and int64 ``targets``."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor, mean: Tensor | None = None, std: Tensor | None = None):
+        if len(inputs) != len(targets):
+            raise DataError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.inputs = inputs
+        self.targets = targets
+        self.mean = mean
+        self.std = std
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Float inputs (normalised if images) and targets of ``indices`` (any shape; the batch keeps it)."""
+        flat = indices.reshape(-1)
+        x = self.inputs[flat]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+            if self.mean is not None:
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                x = (x - self.mean.view(shape)) / self.std.view(shape)
+        return x.view(*indices.shape, *x.shape[1:]), self.targets[flat].view(indices.shape)
+
+    def subset(self, indices: Tensor) -> ArraySplit:
+        return ArraySplit(self.inputs[indices], self.targets[indices], self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification task: ``train`` and ``test`` splits, ``num_classes``, one example's ``input_shape``."""
+
+    name: str
+    train: ArraySplit
+    test: ArraySplit
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what}: expected the file {str(path)!r}, which does not exist")
+    return path

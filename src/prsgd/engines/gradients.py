@@ -1,0 +1,129 @@
+"""Every simulated worker's gradient at once: one callable over stacked tensors, whichever way it is computed.
+
+``"vmap"``: one ``torch.func.vmap(grad_and_value(...))`` call over ``functional_call`` of a weightless (meta) copy
+of the model, optionally ``torch.compile``-d. ``"loop"``: plain autograd per worker on views of the stacked
+tensors, optionally with several workers at once in threads. :func:`choose_compute` and :func:`choose_threads`
+hold the defaults' speed heuristics (measured in ``benchmarks/simulator_throughput.py``; see benchmarks/README).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from prsgd.errors import InvalidArgument, check_bool, check_int
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Stacked = dict[str, Tensor]
+
+
+def _has(model: nn.Module, kind: type) -> bool:
+    return any(isinstance(m, kind) for m in model.modules())
+
+
+def choose_compute(compute: str, model: nn.Module, device: torch.device, compile: bool) -> str:
+    """``compute`` checked, with ``"auto"`` resolved: per-worker loops for conv nets on CPU (convolutions run
+    faster per worker than as the grouped convolution vmap makes of them), vmap otherwise and when compiling."""
+    if compute not in ("auto", "vmap", "loop"):
+        raise InvalidArgument(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
+    check_bool("compile", compile)
+    loop_wins = _has(model, nn.modules.conv._ConvNd) and device.type == "cpu" and not compile
+    chosen = compute if compute != "auto" else ("loop" if loop_wins else "vmap")
+    if compile and chosen != "vmap":
+        raise InvalidArgument(f"compile=True compiles the vmapped step; it needs compute='vmap' (got {compute!r})")
+    return chosen
+
+
+def choose_threads(threads: int | None, compute: str, model: nn.Module, device: torch.device, workers: int) -> int:
+    """``threads`` checked, with None resolved: one thread per worker up to torch's intra-op threads for conv nets
+    looped on CPU (small per-worker batches use one core each better than they share two); 1 otherwise, and for
+    models with dropout (random draws in threads come in a varying order)."""
+    if threads is None:
+        stochastic = _has(model, nn.modules.dropout._DropoutNd)
+        serial = compute != "loop" or device.type != "cpu" or stochastic or not _has(model, nn.modules.conv._ConvNd)
+        threads = 1 if serial else min(workers, torch.get_num_threads())
+    check_int("threads", threads, 1)
+    if threads > 1 and compute != "loop":
+        raise InvalidArgument(f"threads={threads} needs compute='loop' (compute={compute!r} is one call)")
+    return threads
+
+
+@functools.cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per size, shared by all simulators in the process (threads keep their per-thread library state)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="prsgd-worker")
+
+
+class WorkerGradients:
+    """``gradients(params, buffers, inputs, targets, loss_fn) -> (grads, losses)``: every worker's gradient of
+    ``loss_fn(model(inputs[i]), targets[i])`` at its own stacked parameters ``params[name][i]``, and the losses
+    (shape (N,)). BatchNorm statistics update the stacked ``buffers`` in place."""
+
+    def __init__(self, model: nn.Module, num_workers: int, compute: str, threads: int, compile: bool) -> None:
+        self.num_workers, self.compute, self.compile = num_workers, compute, compile
+        base = copy.deepcopy(model).to("meta")
+        base.train()
+        # functional_call swaps tensors into the module: one module per thread
+        self._bases = [base] + [copy.deepcopy(base) for _ in range(threads - 1)]
+        self._vmapped: dict[LossFn, Callable] = {}  # compiled steps only
+        self._grad_buffers: Stacked = {}
+
+    def __call__(
+        self, params: Stacked, buffers: Stacked, inputs: Tensor, targets: Tensor, loss_fn: LossFn
+    ) -> tuple[Stacked, Tensor]:
+        if self.compute == "loop":
+            return self._loop(params, buffers, inputs, targets, loss_fn)
+        per_worker = self._vmapped.get(loss_fn)
+        if per_worker is None:
+            base = self._bases[0]
+
+            def loss(p: Stacked, b: Stacked, x: Tensor, y: Tensor) -> Tensor:
+                return loss_fn(functional_call(base, (p, b), (x,)), y)
+
+            per_worker = vmap(grad_and_value(loss), randomness="different")
+            if self.compile:  # one compilation per input shape and per loss function object: kept
+                per_worker = self._vmapped[loss_fn] = torch.compile(per_worker, dynamic=False)
+        return per_worker(params, buffers, inputs, targets)
+
+    def _loop(
+        self, params: Stacked, buffers: Stacked, inputs: Tensor, targets: Tensor, loss_fn: LossFn
+    ) -> tuple[Stacked, Tensor]:
+        """Plain autograd per worker, written into stacked gradient buffers. With T > 1 threads, thread k computes
+        workers k, k + T, ... with 1/T of the intra-op threads (workers touch disjoint memory)."""
+        if not self._grad_buffers:
+            self._grad_buffers = {name: torch.empty_like(p) for name, p in params.items()}
+        losses: list[Tensor] = [inputs.new_empty(())] * self.num_workers
+        names = list(params)
+
+        def workers(part: int, intra_op_threads: int | None) -> None:
+            if intra_op_threads is not None:
+                torch.set_num_threads(intra_op_threads)
+            base = self._bases[part]
+            for i in range(part, self.num_workers, len(self._bases)):
+                mine = {name: p[i].detach().requires_grad_() for name, p in params.items()}
+                own_buffers = {name: b[i] for name, b in buffers.items()}
+                with torch.enable_grad():
+                    loss = loss_fn(functional_call(base, (mine, own_buffers), (inputs[i],)), targets[i])
+                    grads = torch.autograd.grad(loss, [mine[n] for n in names], allow_unused=True)
+                for name, g in zip(names, grads, strict=True):
+                    self._grad_buffers[name][i].copy_(g) if g is not None else self._grad_buffers[name][i].zero_()
+                losses[i] = loss.detach()
+
+        if len(self._bases) == 1:
+            workers(0, None)
+        else:
+            total, parts = torch.get_num_threads(), len(self._bases)
+            try:
+                futures = [_thread_pool(parts).submit(workers, k, max(1, total // parts)) for k in range(parts)]
+                errors = [future.exception() for future in futures]  # all finished before anything is raised
+                if any(errors):
+                    raise next(e for e in errors if e is not None)
+            finally:
+                torch.set_num_threads(total)  # what the pool threads set is also the default for new threads
+        return self._grad_buffers, torch.stack(losses)

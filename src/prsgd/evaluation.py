@@ -1,0 +1,23 @@
+"""Loss and accuracy of the node-average model x_bar on a set of examples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def loss_and_correct(
+    model: nn.Module, split, indices: Tensor, device: torch.device, batch: int = 1000
+) -> tuple[float, float]:
+    """(summed cross-entropy, number correct) of ``model`` on ``split[indices]``, in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for chunk in indices.split(batch):
+        x, y = split.batch(chunk)
+        logits = model(x.to(device))
+        y = y.to(device)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == y).sum().item()
+    return loss_sum, float(correct)

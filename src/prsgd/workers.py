@@ -1,0 +1,216 @@
+"""A run's workers behind one protocol, whichever engine holds them: every engine branch of a run is here.
+
+:func:`place` decides where the workers live (this process for the simulator; one rank per process under
+torchrun, joined here) and :func:`make_workers` builds them: :class:`SimulatedWorkers` (all N in this process,
+:class:`prsgd.Simulator`) or :class:`DistributedWorker` (this process is one of them, :class:`prsgd.LocalSGD`).
+``prsgd.train`` runs one loop over the :class:`Workers` protocol and never asks which engine it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prsgd import batches
+from prsgd.algorithm import CommStats
+from prsgd.config import ConfigError, RunConfig
+from prsgd.data import Dataset, WorkerSampler
+from prsgd.engines import distributed
+from prsgd.engines.simulator import Simulator
+from prsgd.engines.torchrun import Torchrun, restarted_by_torchrun
+from prsgd.errors import NonFiniteError
+from prsgd.evaluation import loss_and_correct
+from prsgd.optim import LocalSGD
+
+
+class Workers(Protocol):
+    """What a training run needs of its workers."""
+
+    num_workers: int
+    shard_rank: int  # this process's checkpoint shard
+    comm: CommStats
+    in_consensus: bool
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def step(self, sampler: WorkerSampler, step: int) -> None: ...
+
+    def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the node-average model x_bar on ``split[indices]``."""
+        ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load(self, state: dict[str, Any], from_consensus: bool = False) -> None:
+        """Restore :meth:`state`; ``from_consensus``: a consensus state saved by another number of workers."""
+        ...
+
+
+@dataclass
+class Placement:
+    """Where a run's workers live: this process's device, how many workers there are, this process's rank, and
+    the torchrun membership (None for the simulator)."""
+
+    device: torch.device
+    num_workers: int
+    rank: int = 0
+    torchrun: Torchrun | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files and reports."""
+        return self.rank == 0
+
+    @property
+    def restarted(self) -> bool:
+        """Whether torchrun restarted this job after a failure (the run then resumes by itself)."""
+        return self.torchrun is not None and restarted_by_torchrun()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` in rank order (``[obj]`` for the simulator)."""
+        return distributed.all_gather_objects(obj) if self.torchrun is not None else [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` everywhere."""
+        return distributed.broadcast_object(obj) if self.torchrun is not None else obj
+
+    def explain_failure(self, error: BaseException, doing: str) -> BaseException:
+        """Under torchrun, the error naming the rank that died, hung or stopped; else ``error`` itself."""
+        return self.torchrun.explain_failure(error, doing) if self.torchrun is not None else error
+
+
+def place(config: RunConfig, torchrun: Torchrun | None = None) -> Placement:
+    """The run's :class:`Placement`; joins the process group torchrun describes (unless ``torchrun`` is given)
+    for ``engine="distributed"`` and checks the world size against ``training.workers``."""
+    if config.engine != "distributed":
+        return Placement(torch.device(config.device), config.training.workers)
+    joined = torchrun is None
+    torchrun = torchrun or Torchrun.join(config.device, config.worker_timeout)
+    num_workers = distributed.group_size()
+    if config.training.workers != num_workers:
+        if joined:
+            torchrun.close()
+        raise ConfigError(
+            f"training.workers={config.training.workers} but torchrun started {num_workers} processes; "
+            f"set training.workers={num_workers} or start {config.training.workers} processes"
+        )
+    return Placement(torchrun.device, num_workers, distributed.group_rank(), torchrun)
+
+
+def make_workers(placement: Placement, model: nn.Module, config: RunConfig, data: Dataset) -> Workers:
+    """The run's workers, starting from ``model`` (x^0)."""
+    if placement.torchrun is None:
+        return SimulatedWorkers(model, config, data, placement.num_workers)
+    return DistributedWorker(model, config, data, placement)
+
+
+def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The engines' algorithm arguments from a config whose ``"theory"`` values are resolved."""
+    a = config.algorithm
+    return {
+        "lr": config.training.lr_at(0.0),
+        "momentum": a.momentum,
+        "nesterov": a.nesterov,
+        "weight_decay": a.weight_decay,
+        "period": a.period,
+        "sync": a.sync,
+        "topology": a.topology or None,
+    }
+
+
+class _EngineWorkers:
+    """What both kinds of workers read from their engine (a Simulator or a LocalSGD, as ``self.engine``)."""
+
+    engine: Simulator | LocalSGD
+
+    @property
+    def in_consensus(self) -> bool:
+        return self.engine.in_consensus
+
+    @property
+    def comm(self) -> CommStats:
+        return self.engine.comm
+
+
+class SimulatedWorkers(_EngineWorkers):
+    """All N workers in this process (:class:`prsgd.Simulator`)."""
+
+    shard_rank = 0  # all workers live in this process: one checkpoint shard
+
+    def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, num_workers: int) -> None:
+        self.sim = self.engine = Simulator(
+            model,
+            num_workers=num_workers,
+            device=config.device,
+            check_finite=config.training.check_finite,
+            compile=config.training.compile,
+            **algorithm_kwargs(config),
+        )
+        self.data, self.config = data, config
+        self.device = torch.device(config.device)
+        self.num_workers = num_workers
+
+    def state(self) -> dict[str, Any]:
+        return self.sim.state_dict()
+
+    def load(self, state: dict[str, Any], from_consensus: bool = False) -> None:
+        self.sim.load_state_dict(state, from_consensus=from_consensus)
+
+    def set_lr(self, lr: float) -> None:
+        self.sim.set_lr(lr)
+
+    def step(self, sampler: WorkerSampler, step: int) -> None:
+        x, y = batches.worker_batches(self.data, sampler.indices(step), range(self.num_workers), step, self.config)
+        self.sim.step(x.to(self.device), y.to(self.device), F.cross_entropy)
+
+    def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
+        loss_sum, correct = loss_and_correct(self.sim.averaged_model(), split, indices, self.device)
+        return loss_sum / len(indices), round(correct) / len(indices)
+
+
+class DistributedWorker(_EngineWorkers):
+    """This process is worker ``rank`` of a torch.distributed group (:class:`prsgd.LocalSGD`)."""
+
+    def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, placement: Placement) -> None:
+        self.model = model.to(placement.device)
+        kwargs = algorithm_kwargs(config)
+        self.opt = self.engine = LocalSGD(self.model, check_finite=config.training.check_finite, **kwargs)
+        self.data, self.config = data, config
+        self.device = placement.device
+        self.rank = self.shard_rank = placement.rank
+        self.num_workers = placement.num_workers
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load(self, state: dict[str, Any], from_consensus: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"], from_consensus=from_consensus)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def step(self, sampler: WorkerSampler, step: int) -> None:
+        own = sampler.worker_indices(step, self.rank).unsqueeze(0)  # only this worker's batch is drawn
+        x, y = batches.worker_batches(self.data, own, range(self.rank, self.rank + 1), step, self.config)
+        self.model.train()
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(x[0].to(self.device)), y[0].to(self.device))
+        if self.config.training.check_finite and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step} on rank {self.rank}")
+        loss.backward()
+        self.opt.step()
+
+    def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
+        """Every rank holds the same averaged model: each evaluates every world-size-th example and one
+        all-reduce adds up the sums, so evaluation takes 1/N of the time it would on one rank."""
+        average = distributed.averaged_copy(self.model)
+        loss_sum, correct = loss_and_correct(average, split, indices[self.rank :: self.num_workers], self.device)
+        sums = torch.tensor([loss_sum, correct], dtype=torch.float64, device=self.device)  # NCCL reduces CUDA only
+        loss_sum, correct = distributed.all_reduce_sum_(sums).tolist()
+        return loss_sum / len(indices), round(correct) / len(indices)

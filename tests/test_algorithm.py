@@ -1,0 +1,110 @@
+"""PeriodicSync against the engine contract: what it asks a communicator for, when, and its one state format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches, mlp
+
+import prsgd
+from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, PeriodicSync, SyncRule, UpdateGroup
+
+
+class Recorder:
+    """A communicator that does nothing but write down what it was asked (one worker of ``num_workers``)."""
+
+    def __init__(self, num_workers: int = 4) -> None:
+        self.num_workers = num_workers
+        self.comm = CommStats()
+        self.calls: list[tuple] = []
+        self.momentum = [torch.ones(3)]
+
+    def tensors(self, field):
+        return {"momentum": self.momentum, "grads": [torch.zeros(3)]}.get(field, [])
+
+    def average(self, fields):
+        self.calls.append(("average", tuple(fields)))
+        self.comm.record(1)
+
+    def mix(self, fields, step):
+        self.calls.append(("mix", tuple(fields), step))
+        self.comm.record(1)
+
+
+def drive(sync: str, period: int, steps: int) -> tuple[PeriodicSync, Recorder, list[list[tuple]]]:
+    engine = Recorder()
+    algorithm = PeriodicSync(sync, period, has_momentum=True, topology="ring" if "gossip" in sync else None)
+    algorithm.engine = engine
+    x, g = torch.zeros(3), torch.ones(3)
+    per_step = []
+    for _ in range(steps):
+        before = len(engine.calls)
+        algorithm.step([UpdateGroup([x], [g], [torch.zeros(3)], Hyperparameters(0.1, momentum=0.9))])
+        per_step.append(engine.calls[before:])
+    return algorithm, engine, per_step
+
+
+ALL = ("params", "buffers", "momentum")
+PARAMS = ("params", "buffers")
+
+
+@pytest.mark.parametrize(
+    ("sync", "expected"),
+    [
+        ("params_and_momentum", {3: [("average", ALL)], 6: [("average", ALL)]}),
+        ("params_clear_momentum", {3: [("average", PARAMS)], 6: [("average", PARAMS)]}),
+        ("params_only", {3: [("average", PARAMS)], 6: [("average", PARAMS)]}),
+        ("gossip", {3: [("mix", ALL, 2)], 6: [("mix", ALL, 5)]}),
+        ("gossip_params_only", {3: [("mix", PARAMS, 2)], 6: [("mix", PARAMS, 5)]}),
+        ("gradients", {t: [("average", ("buffers", "grads"))] for t in range(1, 8)}),
+        ("none", {}),
+    ],
+)
+def test_each_rule_asks_the_engine_for_its_fields_at_its_steps(sync, expected):
+    algorithm, engine, per_step = drive(sync, period=3, steps=7)
+    assert {t: calls for t, calls in enumerate(per_step, start=1) if calls} == expected
+    assert algorithm.steps_done == 7 and algorithm.comm.rounds == len(engine.calls)
+    assert bool(engine.momentum[0].abs().sum()) == (sync != "params_clear_momentum")  # only that rule clears
+    algorithm.synchronize()  # the exact average over all workers, gossip rules included
+    assert engine.calls[-1] == ("average", SYNC_RULES[sync].round_fields())
+    assert algorithm.synchronized_at == 7
+
+
+def test_state_dict_is_one_format_and_loading_checks_the_rule_and_the_worker_count():
+    algorithm, _, _ = drive("params_and_momentum", period=3, steps=7)
+    state = algorithm.state_dict()
+    assert state == {"sync": "params_and_momentum", "workers": 4, "period": 3, "steps_done": 7, "rounds": 2, "bytes": 2}
+    same = PeriodicSync("params_and_momentum", 3, has_momentum=True, engine=Recorder())
+    same.load_state_dict(state)
+    assert (same.steps_done, same.comm) == (7, CommStats(2, 2))
+    with pytest.raises(
+        prsgd.CheckpointError, match="saved with sync='params_and_momentum'; this run uses sync='params_only'"
+    ):
+        PeriodicSync("params_only", 3, has_momentum=True, engine=Recorder()).load_state_dict(state)
+    two = PeriodicSync("params_and_momentum", 3, has_momentum=True, engine=Recorder(num_workers=2))
+    with pytest.raises(prsgd.CheckpointError, match="saved by 4 workers; this run has 2"):
+        two.load_state_dict(state)
+    two.load_state_dict(dict(state, steps_done=6), from_consensus=True)
+    assert two.steps_done == 12  # 4 workers x 6 steps = 2 workers x 12 steps
+
+
+def test_a_sync_rule_that_describes_nothing_valid_is_refused():
+    with pytest.raises(ValueError, match="keeps momentum per worker"):
+        SyncRule("bad", "gradients with cleared momentum", "gradients", "clear")
+    with pytest.raises(ValueError, match="not a kind of round"):
+        SyncRule("bad", "", "broadcast")
+
+
+def test_simulator_loads_a_checkpoint_written_before_the_common_format():
+    sim = prsgd.Simulator(mlp(), num_workers=2, lr=0.1, momentum=0.9, period=2)
+    for x, y in batches(2, 3):
+        sim.step(x, y, F.cross_entropy)
+    state = sim.state_dict()
+    old = {k: v for k, v in state.items() if k != "prsgd"}
+    old |= {"steps_done": 3, "comm": [state["prsgd"]["rounds"], state["prsgd"]["bytes"]]}
+    again = prsgd.Simulator(mlp(seed=3), num_workers=2, lr=0.1, momentum=0.9, period=2)
+    again.load_state_dict(old)
+    assert again.state_dict()["prsgd"] == state["prsgd"]
+    for name, p in again.params().items():
+        assert torch.equal(p, state["params"][name])
