@@ -7,7 +7,8 @@ renamed, so a crash leaves either the old file or the new one. A checkpoint coun
 and every shard matches its checksum: a truncated or corrupted one is reported and the previous one is used.
 Only the newest ``keep`` complete checkpoints are kept.
 
-All ranks must see the same folder (a shared filesystem, as usual under torchrun on a cluster).
+All ranks must see the same folder (a shared filesystem, as usual under torchrun on a cluster): a run checks at
+every checkpoint that the first rank sees every shard (:func:`missing_shards`).
 """
 
 from __future__ import annotations
@@ -152,12 +153,33 @@ def verify(folder: Path) -> Checkpoint:
     return Checkpoint(folder, manifest)
 
 
-def latest(root: Path) -> Checkpoint | None:
-    """The newest intact checkpoint under ``root`` (None if there is none); damaged newer ones are reported."""
+def missing_shards(folder: Path, shards: list[dict[str, Any]]) -> list[int]:
+    """The ranks whose shard (as listed) is not in ``folder`` with its size, seen from this process."""
+    missing = []
+    for entry in shards:
+        try:
+            size = (Path(folder) / entry["file"]).stat().st_size
+        except OSError:
+            size = -1
+        if size != entry["bytes"]:
+            missing.append(int(entry["rank"]))
+    return missing
+
+
+def scan(root: Path) -> tuple[Checkpoint | None, list[str]]:
+    """(the newest intact checkpoint under ``root`` or None, why each newer completed one cannot be used); damaged
+    ones are also reported as warnings. Folders without a manifest (never completed) are not counted."""
+    damaged = []
     for folder in _step_folders(root):
         try:
-            return verify(folder)
+            return verify(folder), damaged
         except CheckpointError as error:
             if (folder / MANIFEST).exists():
+                damaged.append(str(error))
                 warnings.warn(f"skipping a damaged checkpoint: {error}; trying the previous one", stacklevel=2)
-    return None
+    return None, damaged
+
+
+def latest(root: Path) -> Checkpoint | None:
+    """The newest intact checkpoint under ``root`` (None if there is none); damaged newer ones are reported."""
+    return scan(root)[0]

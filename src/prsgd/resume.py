@@ -55,6 +55,15 @@ class Checkpoints:
         shard = {"engine": self.workers.state(), "rng": self._rng(), "step": step, "wall": wall, "records": records}
         entry = checkpoint.save_shard(self.root, step, self.workers.shard_rank, shard)
         entries = self.placement.gather(entry)
+        folder = checkpoint.step_dir(self.root, step)
+        unseen = self.placement.broadcast(checkpoint.missing_shards(folder, entries) if self.is_main else None)
+        if unseen:
+            raise CheckpointError(
+                f"{folder}: rank 0 cannot see the checkpoint shards of rank {', '.join(map(str, unseen))}, which "
+                "wrote them to a folder of the same name on another host: every rank must write to one folder on a "
+                "shared filesystem; put --out on one (NFS or a cluster filesystem) mounted at the same path on every "
+                "host"
+            )
         meta = {
             "engine": self.config.engine,
             "workers": self.workers.num_workers,
@@ -72,7 +81,13 @@ class Checkpoints:
 
     def resume(self, examples_per_step: int, train_size: int) -> tuple[int, float, list[Record]]:
         """Load the newest intact checkpoint; return (step to continue from, wall clock, records so far)."""
-        found = self.placement.broadcast(checkpoint.latest(self.root) if self.is_main else None)
+        found, damaged = self.placement.broadcast(checkpoint.scan(self.root) if self.is_main else None)
+        if found is None and damaged:
+            raise CheckpointError(
+                f"resume: {len(damaged)} completed checkpoint(s) in {self.root} but none can be restored (newest: "
+                f"{damaged[0]}); not starting from step 0 over them: if the ranks write to different hosts' disks, "
+                "put --out on a shared filesystem; to start afresh, use another --out"
+            )
         if found is None:
             if self.is_main:
                 tqdm.write(f"resume: no complete checkpoint in {self.root}; starting from step 0")
@@ -97,7 +112,13 @@ class Checkpoints:
                 "checkpoint taken right after a full sync can change the number of workers"
             )
         other_workers = saved_n != n  # every worker starts from the consensus state, rank 0's shard
-        state = found.load(0 if other_workers else self.workers.shard_rank)
+        try:
+            state, problem = found.load(0 if other_workers else self.workers.shard_rank), None
+        except CheckpointError as error:  # every rank must learn of it, or the others wait in the next collective
+            state, problem = None, str(error)
+        problems = [p for p in self.placement.gather(problem) if p is not None]
+        if problems:
+            raise CheckpointError(f"resume: a rank cannot read its shard of {found.folder}: {problems[0]}")
         self.workers.load(state["engine"], from_consensus=other_workers)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.device(self.config.device).type == "cuda":

@@ -14,6 +14,7 @@ figures with ``prsgd plot OUT``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from prsgd.config import ConfigError, RunConfig, load, parse_assignments
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.engine:
         overrides["engine"] = args.engine
     config = load(args.config, overrides)
+    if (
+        config.engine == "distributed"
+        and "WORLD_SIZE" in os.environ
+        and not {"workers", "training.workers"} & set(overrides)
+    ):
+        # under torchrun the worker count is the world size, as for python -m prsgd.train
+        config = config.with_overrides({"training.workers": os.environ["WORLD_SIZE"]})
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     plan = plan_runs(config, out, args.seeds or config.seeds, args.sweep or config.sweep or None)
     # under torchrun: join once for all runs, so that only rank 0 reports

@@ -123,7 +123,13 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
     saver = Checkpoints(config, resolved, workers, placement) if config.out else None
     start, wall, records = 0, 0.0, []
     if saver is not None and (config.resume or placement.restarted):
-        start, wall, records = saver.resume(examples_per_step, len(data.train))
+        try:
+            start, wall, records = saver.resume(examples_per_step, len(data.train))
+        except (PrsgdError, RuntimeError) as error:
+            failure = placement.explain_failure(error, "resuming from a checkpoint")
+            if failure is error:
+                raise
+            raise failure from error
     if out is not None:
         checkpoint.atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
 

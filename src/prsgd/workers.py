@@ -21,7 +21,7 @@ from prsgd.config import ConfigError, RunConfig
 from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
 from prsgd.engines.simulator import Simulator
-from prsgd.engines.torchrun import Torchrun, restarted_by_torchrun
+from prsgd.engines.torchrun import Torchrun
 from prsgd.errors import NonFiniteError
 from prsgd.evaluation import loss_and_correct
 from prsgd.optim import LocalSGD
@@ -67,8 +67,9 @@ class Placement:
 
     @property
     def restarted(self) -> bool:
-        """Whether torchrun restarted this job after a failure (the run then resumes by itself)."""
-        return self.torchrun is not None and restarted_by_torchrun()
+        """Whether torchrun restarted this job after a failure (the run then resumes by itself), as all ranks
+        agreed when they joined (:attr:`prsgd.engines.torchrun.Torchrun.restarted`)."""
+        return self.torchrun is not None and self.torchrun.restarted
 
     def gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj`` in rank order (``[obj]`` for the simulator)."""

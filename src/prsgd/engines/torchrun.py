@@ -1,47 +1,117 @@
 """Joining the process group torchrun describes, and knowing why it broke.
 
-:class:`Torchrun` is one process's membership: it joins (gloo on CPU, NCCL on CUDA), owns this rank's
-:class:`Heartbeat` and turns a failed collective into an error that names the rank that died, hung or stopped. Whoever
-joins closes it (the training run, or ``prsgd run`` once for all its runs).
+:class:`Torchrun` is one process's membership: it joins (gloo on CPU, NCCL on CUDA), agrees with every other rank
+on which attempt of the job this is, owns this rank's :class:`Heartbeat` and turns a failed collective into an error
+that names the rank that died, hung or stopped. Whoever joins closes it (the training run, or ``prsgd run`` once for
+all its runs).
+
+Attempts. torchrun's ``TORCHELASTIC_RESTART_COUNT`` is counted per host (per local worker group), so after one
+host's workers are restarted the hosts disagree on it. prsgd instead counts, in the store torchrun's agents keep
+across restarts, how many times each global rank has started (:func:`generation`): every rank of one attempt gets
+the same number, which names the attempt's keys; and whether to resume is decided by all ranks together (one
+all-reduce right after joining), never per host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import os
+import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from prsgd.engines.distributed import group_rank, group_size, init_process_group, is_initialized
+from prsgd.engines.distributed import all_reduce_sum_, group_rank, group_size, init_process_group, is_initialized
 from prsgd.errors import InvalidArgument, PrsgdError, WorkerFailure
 
 
 def torchrun_attempt() -> int:
-    """How many times torchrun (``--max-restarts``) restarted this job after a failure (0 on the first attempt)."""
+    """torchrun's restart count on this host (``--max-restarts``; 0 on the first attempt). Per host: see the module
+    docstring; prsgd's decisions use :attr:`Torchrun.restarted`, agreed by all ranks."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
-def restarted_by_torchrun() -> bool:
-    """Whether torchrun restarted this job after a failure: then it resumes by itself."""
-    return torchrun_attempt() > 0
+def generation(store: Any, rank: int, run_id: str) -> int:
+    """How many times global rank ``rank`` has started in this torchrun job (1 on the first attempt), counted in
+    the store torchrun's agents keep across restarts. Every rank of an attempt gets the same number as long as every
+    attempt starts every rank (a fixed world size); the attempt's keys are named by it."""
+    return int(store.add(f"prsgd/{run_id}/starts/{rank}", 1))
+
+
+T = TypeVar("T")
+
+
+def within(seconds: float, work: Callable[[], T], what: str) -> T:
+    """``work()`` in a daemon thread, given up after ``seconds``: store reads can block far past the store's own
+    timeout when the network is cut (the rendezvous host unreachable). Raises :class:`TimeoutError` then."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as error:  # handed to the caller
+            box["error"] = error
+
+    thread = threading.Thread(target=run, name=f"prsgd-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} did not finish within {seconds:.1f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def setup_hint(error: BaseException) -> str:
+    """What usually causes a failed multi-host set-up, judged from this host's view of the network."""
+    hints = []
+    master = os.environ.get("MASTER_ADDR", "")
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    multi_host = local and world > local
+    try:
+        own = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        own = ""
+    if multi_host and not os.environ.get("GLOO_SOCKET_IFNAME") and own and ipaddress.ip_address(own).is_loopback:
+        hints.append(
+            f"this host's name resolves to {own}, so gloo offers peers a loopback address: set GLOO_SOCKET_IFNAME "
+            "to the network interface the hosts share (e.g. eth0) on every host, and torchrun --local-addr"
+        )
+    if multi_host and master in ("localhost", "127.0.0.1", "::1"):
+        hints.append(
+            f"MASTER_ADDR={master} on a {world}-rank job spread over several hosts: the rendezvous host must be "
+            "named by an address the others reach (torchrun --rdzv-endpoint HOST:PORT with --rdzv-conf is_host=1 "
+            "on that host, or --master-addr)"
+        )
+    if not hints:
+        hints.append(
+            f"the rendezvous at {master}:{os.environ.get('MASTER_PORT', '?')} was not reached in time or refused"
+        )
+    return "; ".join(hints)
 
 
 class Torchrun:
-    """This process as a rank of the group torchrun described in the environment: its device and heartbeat."""
+    """This process as a rank of the group torchrun described in the environment: its device and heartbeat, the
+    attempt all ranks agreed on (:attr:`generation`) and whether this is a restart (:attr:`restarted`)."""
 
-    def __init__(self, device: torch.device, heartbeat: Heartbeat | None) -> None:
+    def __init__(self, device: torch.device, heartbeat: Heartbeat | None, generation: int, restarted: bool) -> None:
         self.device = device
         self.heartbeat = heartbeat
         self.rank = group_rank()
+        self.generation = generation
+        self.restarted = restarted
 
     @classmethod
     def join(cls, device: str, timeout: float = 300.0) -> Torchrun:
         """Join the group (unless this process already has one), with collectives that give up after ``timeout``
-        seconds, and start this rank's :class:`Heartbeat`. The device is ``cuda:LOCAL_RANK`` for CUDA."""
+        seconds, agree on the attempt and start this rank's :class:`Heartbeat`. The device is ``cuda:LOCAL_RANK``
+        for CUDA. A set-up that fails raises :class:`prsgd.WorkerFailure` with the likely cause."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise InvalidArgument(
@@ -55,21 +125,36 @@ class Torchrun:
         else:
             local = torch.device(device)
             backend = "gloo"
-        if not is_initialized():
-            wait = datetime.timedelta(seconds=timeout)
-            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                # torchrun's store outlives a restart: give each attempt its own keys, so that a restarted rank never
-                # reads the address a dead rank of the previous attempt published (gloo then waits on it until timeout)
-                agent = dist.TCPStore(
-                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait
-                )
-                store = dist.PrefixStore(f"prsgd/attempt_{torchrun_attempt()}", agent)
-                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-                init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
-            else:
-                init_process_group(backend, timeout=wait)
-        heartbeat = Heartbeat(timeout, group_rank(), group_size()) if group_size() > 1 else None
-        return cls(local, heartbeat)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        attempt = 1 + torchrun_attempt()
+        try:
+            if not is_initialized():
+                wait = datetime.timedelta(seconds=timeout)
+                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                    # torchrun's store outlives a restart: each attempt gets its own keys, so that a restarted rank
+                    # never reads the address a dead rank of an earlier attempt published
+                    agent = dist.TCPStore(
+                        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait
+                    )
+                    attempt = generation(agent, rank, run_id)
+                    store = dist.PrefixStore(f"prsgd/{run_id}/attempt_{attempt}", agent)
+                    init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
+                else:  # a store of this attempt's own (rank 0 hosts it): nothing stale to avoid
+                    init_process_group(backend, timeout=wait)
+            # whether to resume, decided by all: any rank that knows of an earlier attempt makes it a restart
+            flag = torch.tensor([float(attempt > 1)], device=local if backend == "nccl" else "cpu")
+            restarted = bool(all_reduce_sum_(flag).item() > 0)
+        except (RuntimeError, TimeoutError, ValueError) as error:
+            if is_initialized():
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+            cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise WorkerFailure(
+                f"rank {rank} of {world} could not join the process group: {setup_hint(error)} (cause: {cause})"
+            ) from None
+        heartbeat = Heartbeat(timeout, group_rank(), group_size(), attempt) if group_size() > 1 else None
+        return cls(local, heartbeat, attempt, restarted)
 
     def explain_failure(self, error: BaseException, doing: str) -> PrsgdError:
         """The error to raise on this rank after ``error`` stopped a collective (or this rank's own work)."""
@@ -85,8 +170,9 @@ class Torchrun:
             silent, stopped = self.heartbeat.unresponsive()
         except Exception:
             failure = WorkerFailure(
-                f"rank {me}: lost the rendezvous store at {self.heartbeat.address} while {doing}; it runs in "
-                f"torchrun's agent or, without torchrun, in rank 0, which is then unresponsive (cause: {cause})"
+                f"rank {me}: lost the rendezvous store at {self.heartbeat.address} while {doing}: its host died or "
+                "the network to it is cut (the store runs in torchrun's agent on the rendezvous host or, without "
+                f"torchrun, in rank 0) (cause: {cause})"
             )
         else:
             parts = []
@@ -116,30 +202,37 @@ class Heartbeat:
     """Each rank bumps a counter in the rendezvous store (a TCPStore at MASTER_ADDR:MASTER_PORT: torchrun's agent,
     or rank 0 without torchrun) every ``interval`` seconds from a daemon thread. When a collective fails,
     :meth:`unresponsive` reads the counters twice, ``2.5 interval`` apart: a rank whose counter did not move is
-    dead or hung. A rank that stops because of an error of its own says so under its key first."""
+    dead or hung. A rank that stops because of an error of its own says so under its key first.
 
-    def __init__(self, timeout: float, rank: int, world_size: int) -> None:
+    Every store operation on the failure path is bounded (:func:`within`): the beating thread and the diagnosis use
+    separate store clients, and a diagnosis that cannot reach the store within :attr:`diagnosis_s` reports the store
+    as lost, so a rank cut off from the rendezvous host exits ``worker_timeout + diagnosis_s`` after its last
+    collective began instead of waiting for the network to come back."""
+
+    def __init__(self, timeout: float, rank: int, world_size: int, attempt: int = 1) -> None:
         self.interval = min(5.0, max(0.1, timeout / 20))
         self.rank, self.world_size = rank, world_size
-        self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{torchrun_attempt()}"
+        self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}"
         self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        self._store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=max(5.0, 4 * self.interval)),
-        )
-        self._lock = threading.Lock()
+        self.diagnosis_s = 4.5 * self.interval + 2.0
+        self._beat_store = self._client()
         self._stop = threading.Event()
         self._beats = 0
         self._beat()
         self._thread = threading.Thread(target=self._run, name="prsgd-heartbeat", daemon=True)
         self._thread.start()
 
+    def _client(self) -> Any:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=max(2.0, self.interval)),
+        )
+
     def _beat(self) -> None:
         self._beats += 1
-        with self._lock:
-            self._store.set(f"{self.prefix}/beat/{self.rank}", str(self._beats))
+        self._beat_store.set(f"{self.prefix}/beat/{self.rank}", str(self._beats))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -148,21 +241,27 @@ class Heartbeat:
             except Exception:  # the store is gone: the failure is reported by the collective that notices it
                 return
 
-    def _read(self, kind: str) -> dict[int, str]:
+    def _read(self, store: Any, kind: str) -> dict[int, str]:
         keys = [f"{self.prefix}/{kind}/{r}" for r in range(self.world_size)]
-        with self._lock:
-            return {r: self._store.get(k).decode() for r, k in enumerate(keys) if self._store.check([k])}
+        return {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
 
     def say_stopping(self, reason: str) -> None:
-        with contextlib.suppress(Exception), self._lock:
-            self._store.set(f"{self.prefix}/stopped/{self.rank}", reason[:500])
+        """Tell the other ranks why this one stops (best effort, at most ``2 interval + 1`` seconds)."""
+        key = f"{self.prefix}/stopped/{self.rank}"
+        with contextlib.suppress(Exception):
+            within(2 * self.interval + 1.0, lambda: self._client().set(key, reason[:500]), "heartbeat-say")
 
     def unresponsive(self) -> tuple[list[int], dict[int, str]]:
-        """(ranks that stopped beating, {rank: the reason a rank gave for stopping}); raises if no store."""
-        first = self._read("beat")
-        time.sleep(2.5 * self.interval)
-        second = self._read("beat")
-        stopped = self._read("stopped")
+        """(ranks that stopped beating, {rank: the reason a rank gave for stopping}); raises (:class:`TimeoutError`
+        among others) when the store cannot be reached within :attr:`diagnosis_s`."""
+
+        def diagnose() -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+            store = self._client()
+            first = self._read(store, "beat")
+            time.sleep(2.5 * self.interval)
+            return first, self._read(store, "beat"), self._read(store, "stopped")
+
+        first, second, stopped = within(self.diagnosis_s, diagnose, "heartbeat-diagnosis")
         silent = [r for r in range(self.world_size) if r != self.rank and first.get(r) == second.get(r)]
         return [r for r in silent if r not in stopped], {r: why for r, why in stopped.items() if r != self.rank}
 
