@@ -39,7 +39,7 @@ TRAIN = [
     "--no-progress",
 ]
 TIMEOUT = 10  # --worker-timeout of the partition scenario
-MARGIN = 10  # documented in README "Multi-node": diagnosis (4.5 heartbeat intervals + 2 s) and exiting
+MARGIN = 10  # README "Multi-node": diagnosis (4.5 x 0.5 s heartbeat intervals + 2 s) and exiting
 
 
 @pytest.fixture(scope="module")

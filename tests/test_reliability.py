@@ -414,3 +414,28 @@ def test_all_finite_finds_any_non_finite_value_and_leaves_values_unchanged(bad, 
     bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
     for a, b in zip(tensors, before, strict=True):
         assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
+
+
+def test_a_failed_join_is_one_error_with_the_likely_cause(monkeypatch):
+    from prsgd.engines import torchrun
+
+    port = free_port()  # nothing listens there: rank 1 never reaches a store
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for key, value in dict(RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setattr(torchrun.socket, "gethostbyname", lambda name: "127.0.1.1")  # as on a default Debian host
+    began = time.time()
+    with pytest.raises(prsgd.WorkerFailure) as error:
+        torchrun.Torchrun.join("cpu", timeout=2.0)
+    message = str(error.value)
+    assert message.startswith("rank 1 of 4 could not join the process group: ")
+    assert "resolves to 127.0.1.1" in message and "GLOO_SOCKET_IFNAME" in message
+    assert "MASTER_ADDR=127.0.0.1 on a 4-rank job spread over several hosts" in message  # 4 ranks, 2 per host
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one host: nothing about interfaces, just where it went
+    assert (
+        torchrun.setup_hint(RuntimeError())
+        == f"the rendezvous at 127.0.0.1:{port} was not reached in time, or refused the connection"
+    )
+    assert time.time() - began < 30

@@ -91,7 +91,8 @@ def setup_hint(error: BaseException) -> str:
         )
     if not hints:
         hints.append(
-            f"the rendezvous at {master}:{os.environ.get('MASTER_PORT', '?')} was not reached in time or refused"
+            f"the rendezvous at {master}:{os.environ.get('MASTER_PORT', '?')} was not reached in time, or refused "
+            "the connection"
         )
     return "; ".join(hints)
 
