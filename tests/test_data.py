@@ -175,3 +175,44 @@ def test_augmentation_is_a_padded_crop_or_its_mirror():
         crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
     assert not torch.equal(out, x)
+
+
+class _Payload:
+    """Unpickling this runs ``os.system(command)``: what a crafted CIFAR batch could do with plain pickle.loads."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("form", ["folder", "tarball"])
+def test_a_crafted_cifar_batch_is_refused_and_never_runs(tmp_path, form):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, batch in cifar_batches(np.random.default_rng(0)).items():
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": _Payload(f"touch {marker}"), b"labels": [0]}))
+    path = folder
+    if form == "tarball":
+        path = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match=r"data_batch_1 refers to posix\.system, which a CIFAR-10 batch never holds"):
+        load_cifar10(str(path))
+    assert not marker.exists()
+
+
+def test_an_oversized_cifar_member_is_refused_before_it_is_read(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, batch in cifar_batches(np.random.default_rng(0)).items():
+        (folder / name).write_bytes(pickle.dumps(batch))
+    with (folder / "test_batch").open("r+b") as f:
+        f.truncate(65 * 2**20)  # sparse: no disk used
+    with pytest.raises(DataError, match=r"test_batch is 68157440 bytes; a CIFAR-10 batch is about 31 MB"):
+        load_cifar10(str(folder))

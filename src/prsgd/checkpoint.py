@@ -13,6 +13,8 @@ every checkpoint that the first rank sees every shard (:func:`missing_shards`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -34,14 +36,25 @@ _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or all of the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` so that readers see the old content or all of the new, never a part. A write that
+    fails (a full disk) removes its temporary file and raises :class:`CheckpointError` naming the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"{path.parent}: no space left to write {path.name} ({len(data)} bytes); the partial file was "
+                "removed and earlier files are intact: free space, then resume with --resume"
+            ) from None
+        raise CheckpointError(f"{path}: cannot be written ({error.strerror or error})") from None
     _fsync_dir(path.parent)
 
 
@@ -78,15 +91,16 @@ def write_manifest(root: Path, step: int, shards: list[dict[str, Any]], meta: di
     folder = step_dir(root, step)
     manifest = {"format": FORMAT, "step": step, "shards": sorted(shards, key=lambda s: s["rank"]), **meta}
     atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    prune(root, keep)
+    prune(root, keep, up_to=step)
     return folder
 
 
-def prune(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest kept."""
+def prune(root: Path, keep: int, up_to: int | None = None) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest kept;
+    with ``up_to``, only among the checkpoints of steps up to it (a newer one was not written by this run)."""
     if keep < 1:
         raise InvalidArgument(f"keep={keep!r} is not allowed; at least 1 checkpoint must be kept")
-    folders = _step_folders(root)
+    folders = [f for f in _step_folders(root) if up_to is None or f.name <= step_dir(root, up_to).name]
     complete = [f for f in folders if (f / MANIFEST).exists()]
     kept = set(complete[:keep])
     newest = complete[0] if complete else None
@@ -122,7 +136,13 @@ class Checkpoint:
         if not entries:
             raise CheckpointError(f"checkpoint {self.folder} has no shard for rank {rank} (it has {self.world_size})")
         data = _read_checked(self.folder, entries[0])
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # refused by weights_only (a crafted pickle) or not torch.save output
+            raise CheckpointError(f"{self.folder / entries[0]['file']}: not a prsgd shard ({error})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.folder / entries[0]['file']}: not a prsgd shard (a {type(state).__name__})")
+        return state
 
 
 def _read_checked(folder: Path, entry: dict[str, Any]) -> bytes:
@@ -138,16 +158,45 @@ def _read_checked(folder: Path, entry: dict[str, Any]) -> bytes:
     return data
 
 
+_SHARD_FILE = re.compile(r"^rank-\d{5}\.pt$")
+
+
+def _check_manifest(manifest: Any, where: Path) -> None:
+    """The manifest's structure and types; a shard's ``file`` must be a plain shard name inside the folder."""
+    problem = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        problem = f"not a prsgd checkpoint manifest of format {FORMAT}"
+    elif not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("shards"), list):
+        problem = "no integer step or no list of shards"
+    elif not manifest["shards"]:
+        problem = "lists no shard"
+    else:
+        for entry in manifest["shards"]:
+            fields = {"rank": int, "file": str, "sha256": str, "bytes": int}
+            if not isinstance(entry, dict) or any(not isinstance(entry.get(k), kind) for k, kind in fields.items()):
+                problem = f"a shard entry {str(entry)[:80]!r} lacks rank, file, sha256 or bytes of the right types"
+                break
+            if not _SHARD_FILE.match(entry["file"]):
+                problem = f"shard file {entry['file'][:80]!r} is not a shard name (rank-NNNNN.pt) inside the folder"
+                break
+    if problem is None:
+        kinds = {"engine": str, "workers": int, "consensus": bool, "config": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+        if wrong:
+            problem = f"lacks {', '.join(wrong)} (or of the wrong type)"
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+
+
 def verify(folder: Path) -> Checkpoint:
     """The checkpoint in ``folder`` if its manifest and every shard are intact; :class:`CheckpointError` otherwise."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no {MANIFEST} (the checkpoint was never completed)") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{folder / MANIFEST}: unreadable ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("shards"):
-        raise CheckpointError(f"{folder / MANIFEST}: not a prsgd checkpoint manifest of format {FORMAT}")
+    _check_manifest(manifest, folder / MANIFEST)
     for entry in manifest["shards"]:
         _read_checked(folder, entry)
     return Checkpoint(folder, manifest)
@@ -166,20 +215,25 @@ def missing_shards(folder: Path, shards: list[dict[str, Any]]) -> list[int]:
     return missing
 
 
-def scan(root: Path) -> tuple[Checkpoint | None, list[str]]:
-    """(the newest intact checkpoint under ``root`` or None, why each newer completed one cannot be used); damaged
-    ones are also reported as warnings. Folders without a manifest (never completed) are not counted."""
-    damaged = []
+def scan(root: Path, first_only: bool = True) -> tuple[list[Checkpoint], list[str]]:
+    """(the intact checkpoints under ``root``, newest first: only the newest with ``first_only``; why each newer
+    completed one cannot be used). Damaged ones are also reported as warnings; folders without a manifest (never
+    completed) are not counted."""
+    intact, damaged = [], []
     for folder in _step_folders(root):
         try:
-            return verify(folder), damaged
+            intact.append(verify(folder))
         except CheckpointError as error:
-            if (folder / MANIFEST).exists():
+            if (folder / MANIFEST).exists() and not intact:
                 damaged.append(str(error))
                 warnings.warn(f"skipping a damaged checkpoint: {error}; trying the previous one", stacklevel=2)
-    return None, damaged
+            continue
+        if first_only:
+            break
+    return intact, damaged
 
 
 def latest(root: Path) -> Checkpoint | None:
     """The newest intact checkpoint under ``root`` (None if there is none); damaged newer ones are reported."""
-    return scan(root)[0]
+    intact, _ = scan(root)
+    return intact[0] if intact else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from prsgd import demo, plot, results, runner, theory, train
-from prsgd.errors import PrsgdError
+from prsgd.errors import user_error
 
 COMMANDS = {
     "run": runner.main,
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: prsgd {{{','.join(COMMANDS)}}} [options]; got {given}")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (PrsgdError, FileNotFoundError) as error:
-        sys.exit(f"prsgd {argv[0]}: error: {error}")
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        sys.exit(f"prsgd {argv[0]}: error: {message}")
 
 
 if __name__ == "__main__":

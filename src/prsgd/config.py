@@ -116,6 +116,8 @@ class TrainingConfig:
         _positive("training.epochs", self.epochs)
         if self.lr != "theory":
             _positive("training.lr", self.lr)
+            if self.lr > 1e6:
+                raise ConfigError(f"training.lr={self.lr!r} is not allowed; above 1e6 every update overflows float32")
         _positive("training.lr_scale", self.lr_scale)
         if self.lr_schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
@@ -152,6 +154,7 @@ class RunConfig:
     seeds: int = 1  # prsgd run: seeds training.seed, +1, ... (each into OUT/seed<k>)
     sweep: str = ""  # prsgd run: "KEY=V1,V2,..." runs once per value (each into OUT/<key>=<value>)
     resume: bool = False  # continue from the newest intact checkpoint in OUT/checkpoints (if there is one)
+    overwrite: bool = False  # a fresh run into an OUT holding checkpoints moves them aside (never deletes)
     worker_timeout: float = 300.0  # distributed: seconds a collective waits before the run fails naming the rank
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,7 +165,12 @@ class RunConfig:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
         _at_least("seeds", self.seeds, 1)
+        if self.seeds > 1000:
+            raise ConfigError(f"seeds={self.seeds} is not allowed; at most 1000 runs of one config")
         _positive("worker_timeout", self.worker_timeout)
+        device = self.device.split(":")
+        if device[0] not in ("cpu", "cuda") or len(device) > 2 or (len(device) == 2 and not device[1].isdigit()):
+            raise ConfigError(f"device={self.device!r} is not known; allowed: cpu, cuda, cuda:N")
         if self.engine == "distributed" and self.training.compile:
             raise ConfigError(
                 "training.compile=True compiles the simulator's vmapped step; engine='distributed' has none"

@@ -4,6 +4,7 @@ bad value (or the failed worker, step or file) and what is allowed, so that call
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 
@@ -66,3 +67,18 @@ def _range(low: int | None, high: int | None) -> str:
     if low is not None and high is not None:
         return f" in [{low}, {high}]"
     return f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message for a failure that is the user's input or machine, not a bug in prsgd; None for a bug
+    (its traceback is shown). ``PRSGD_DEBUG=1`` shows the traceback of every failure."""
+    if os.environ.get("PRSGD_DEBUG") == "1":
+        return None
+    if isinstance(error, PrsgdError | OSError):
+        return str(error)
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "allocate" in str(error)):
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else "MemoryError"
+        return f"out of memory ({first}): fewer workers, a smaller model or batch, or another device"
+    if isinstance(error, RecursionError):
+        return "input nested too deeply (a config or data file?)"
+    return None

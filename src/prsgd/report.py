@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,16 @@ METRICS = {"train_loss": "training loss (averaged model)", "test_accuracy": "tes
 
 
 def read_log(folder: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines() if line.strip()]
+    lines = [line for line in (Path(folder) / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k < len(lines) - 1:
+                raise
+            warnings.warn(f"{folder}/log.jsonl: its last line is torn (a run killed mid-write); skipped", stacklevel=2)
+    return records
 
 
 def discover(paths: Sequence[str | Path]) -> dict[str, list[list[dict[str, Any]]]]:

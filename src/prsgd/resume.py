@@ -5,6 +5,7 @@ The files themselves (atomic, checksummed, one shard per process, a manifest per
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class Checkpoints:
 
     # keys that may change between the run that wrote a checkpoint and the one resuming it
     MAY_CHANGE = frozenset(
-        {"out", "progress", "resume", "worker_timeout", "seeds", "sweep", "device"}
+        {"out", "progress", "resume", "overwrite", "worker_timeout", "seeds", "sweep", "device"}
         | {f"training.{k}" for k in ("epochs", "evals", "checkpoint_every", "keep_checkpoints", "workers")}
     )
 
@@ -39,7 +40,7 @@ class Checkpoints:
         self.is_main = placement.is_main
         self.last: Path | None = None
 
-    def due(self, step: int, eval_steps: list[int], total_steps: int) -> bool:
+    def due(self, step: int, eval_steps: set[int], total_steps: int) -> bool:
         every = self.config.training.checkpoint_every
         if step == 0:
             return False
@@ -80,18 +81,52 @@ class Checkpoints:
         return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
     def resume(self, examples_per_step: int, train_size: int) -> tuple[int, float, list[Record]]:
-        """Load the newest intact checkpoint; return (step to continue from, wall clock, records so far)."""
-        found, damaged = self.placement.broadcast(checkpoint.scan(self.root) if self.is_main else None)
-        if found is None and damaged:
+        """Load the newest checkpoint that can be restored (a damaged or unloadable one is reported and the one
+        before it tried); return (step to continue from, wall clock, records so far)."""
+        candidates, damaged = self.placement.broadcast(
+            checkpoint.scan(self.root, first_only=False) if self.is_main else None
+        )
+        if not candidates and damaged:
             raise CheckpointError(
                 f"resume: {len(damaged)} completed checkpoint(s) in {self.root} but none can be restored (newest: "
                 f"{damaged[0]}); not starting from step 0 over them: if the ranks write to different hosts' disks, "
                 "put --out on a shared filesystem; to start afresh, use another --out"
             )
-        if found is None:
+        if not candidates:
             if self.is_main:
                 tqdm.write(f"resume: no complete checkpoint in {self.root}; starting from step 0")
             return 0, 0.0, []
+        for found in candidates:
+            self._check_compatible(found)
+            problem, state = self._load(found)
+            if problem is None:
+                break
+            if self.is_main:
+                warnings.warn(
+                    f"skipping a checkpoint that cannot be loaded: {problem}; trying the previous one", stacklevel=2
+                )
+        else:
+            raise CheckpointError(
+                f"resume: none of the {len(candidates)} intact checkpoint(s) in {self.root} can be loaded ({problem}); "
+                "not starting from step 0 over them; to start afresh, use another --out"
+            )
+        n, saved_n = self.workers.num_workers, found.manifest["workers"]
+        self.last = found.folder
+        start = rescaled_steps(found.step, saved_n, n)
+        if self.is_main:
+            change = (
+                ""
+                if saved_n == n
+                else f"; it was taken right after a sync with {saved_n} workers, so all {n} workers start from its "
+                f"common state at joint epoch {start * examples_per_step / train_size:.3f} (step {start}); the "
+                "data order differs from an uninterrupted run"
+            )
+            tqdm.write(f"resume: continuing from {found.folder} (step {found.step}){change}")
+        return start, float(state["wall"]), list(state["records"])
+
+    def _check_compatible(self, found: checkpoint.Checkpoint) -> None:
+        """Refuse a checkpoint of another engine, config or (mid-period) number of workers: a user error, not a
+        damaged file, so no older checkpoint is tried."""
         manifest = found.manifest
         if manifest["engine"] != self.config.engine:
             raise CheckpointError(
@@ -111,30 +146,23 @@ class Checkpoints:
                 f"hold different states), so it can only be resumed with {saved_n} workers, not {n}; only a "
                 "checkpoint taken right after a full sync can change the number of workers"
             )
-        other_workers = saved_n != n  # every worker starts from the consensus state, rank 0's shard
+
+    def _load(self, found: checkpoint.Checkpoint) -> tuple[str | None, dict[str, Any] | None]:
+        """Load ``found`` into the workers and the RNG; (None, state) or (why it failed on some rank, None), agreed
+        by every rank (or the others would wait in the next collective)."""
+        other_workers = found.manifest["workers"] != self.workers.num_workers  # all start from rank 0's shard
         try:
-            state, problem = found.load(0 if other_workers else self.workers.shard_rank), None
-        except CheckpointError as error:  # every rank must learn of it, or the others wait in the next collective
-            state, problem = None, str(error)
+            state = found.load(0 if other_workers else self.workers.shard_rank)
+            self.workers.load(state["engine"], from_consensus=other_workers)
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.device(self.config.device).type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            float(state["wall"]), list(state["records"])
+            problem = None
+        except Exception as error:  # a shard of the wrong shapes, keys or types: try the previous checkpoint
+            state, problem = None, f"{found.folder}: {type(error).__name__}: {str(error)[:300]}"
         problems = [p for p in self.placement.gather(problem) if p is not None]
-        if problems:
-            raise CheckpointError(f"resume: a rank cannot read its shard of {found.folder}: {problems[0]}")
-        self.workers.load(state["engine"], from_consensus=other_workers)
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.device(self.config.device).type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        self.last = found.folder
-        start = rescaled_steps(found.step, saved_n, n)
-        if self.is_main:
-            change = (
-                ""
-                if not other_workers
-                else f"; it was taken right after a sync with {saved_n} workers, so all {n} workers start from its "
-                f"common state at joint epoch {start * examples_per_step / train_size:.3f} (step {start}); the "
-                "data order differs from an uninterrupted run"
-            )
-            tqdm.write(f"resume: continuing from {found.folder} (step {found.step}){change}")
-        return start, float(state["wall"]), list(state["records"])
+        return (problems[0], None) if problems else (None, state)
 
 
 def _dotted_items(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

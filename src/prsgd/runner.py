@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="output folder (default runs/<config name>)")
     parser.add_argument("--engine", choices=["simulator", "distributed"], help="override the config's engine")
     parser.add_argument("--resume", action="store_true", help="continue each run from its newest intact checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start afresh: move an earlier run's checkpoints aside (not deleted)"
+    )
     args = parser.parse_args(argv)
     overrides = parse_assignments(args.set)
     if args.resume:
         overrides["resume"] = "true"
+    if args.overwrite:
+        overrides["overwrite"] = "true"
     if args.engine:
         overrides["engine"] = args.engine
     config = load(args.config, overrides)

@@ -29,11 +29,12 @@ from prsgd import checkpoint
 from prsgd.config import ConfigError, RunConfig, add_flat_arguments, from_flat_arguments
 from prsgd.data import WorkerSampler, label_distribution, load_dataset, partition
 from prsgd.engines.torchrun import Torchrun
-from prsgd.errors import NonFiniteError, PrsgdError
+from prsgd.errors import NonFiniteError, PrsgdError, user_error
 from prsgd.models import build_model
+from prsgd.outdir import OutFolder, OutFolderError
 from prsgd.resume import Checkpoints
 from prsgd.theory import recommended_lr, recommended_period
-from prsgd.workers import make_workers, place
+from prsgd.workers import Placement, make_workers, place
 
 Record = dict[str, Any]
 
@@ -55,11 +56,31 @@ def run(
         image_size=config.data.image_size,
     )
     placement = place(config, torchrun)
+    folder = None
     try:
+        folder = _open_out(config, placement)
         return _train(config, data, placement, on_record)
     finally:
+        if folder is not None:
+            folder.close()
         if torchrun is None and placement.torchrun is not None:
             placement.torchrun.close()
+
+
+def _open_out(config: RunConfig, placement: Placement) -> OutFolder | None:
+    """The main process's :class:`prsgd.outdir.OutFolder` (checked and locked); every process stops if it fails."""
+    folder, problem = None, None
+    if config.out and placement.is_main:
+        try:
+            folder = OutFolder(config.out, resume=config.resume or placement.restarted, overwrite=config.overwrite)
+        except OutFolderError as error:
+            problem = str(error)
+        if folder is not None and folder.moved_aside is not None:
+            tqdm.write(f"overwrite: the earlier run's checkpoints were moved to {folder.moved_aside}")
+    problem = placement.broadcast(problem)
+    if problem:
+        raise OutFolderError(problem)
+    return folder
 
 
 def _train(config: RunConfig, data, placement, on_record: Callable[[Record], None] | None) -> list[Record]:
@@ -102,7 +123,10 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
     model = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
     workers = make_workers(placement, model, config, data)
 
-    eval_steps = sorted({round(k * total_steps / t.evals) for k in range(t.evals + 1)})
+    if t.evals >= total_steps:  # every step: no loop over a huge evals
+        eval_steps = set(range(total_steps + 1))
+    else:
+        eval_steps = {round(k * total_steps / t.evals) for k in range(t.evals + 1)}
     g = torch.Generator().manual_seed(t.seed)
     train_eval = torch.randperm(len(data.train), generator=g)[: t.eval_train_examples].sort().values
     test_eval = torch.arange(len(data.test))
@@ -111,9 +135,9 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
     resolved = config.to_dict()
     resolved["training"]["workers"] = num_workers
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        (out / "split.json").write_text(json.dumps({"split": config.data.split, **heterogeneity}) + "\n")
+        checkpoint.atomic_write(out / "config.json", (json.dumps(resolved, indent=2) + "\n").encode())
+        split = json.dumps({"split": config.data.split, **heterogeneity}) + "\n"
+        checkpoint.atomic_write(out / "split.json", split.encode())
     if is_main and config.data.split != "identical":
         tqdm.write(
             f"split={config.data.split}: mean total-variation distance of worker label distributions "
@@ -130,6 +154,11 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
             if failure is error:
                 raise
             raise failure from error
+    if start > total_steps:
+        raise ConfigError(
+            f"the checkpoint resumed is at step {start}, past this run's {total_steps} steps "
+            f"(training.epochs={t.epochs:g}); resume with at least as many epochs as the run it continues"
+        )
     if out is not None:
         checkpoint.atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
 
@@ -220,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
         records = run(config)
         if int(os.environ.get("RANK", "0")) == 0 or config.engine != "distributed":
             print(json.dumps(records[-1]))
-    except PrsgdError as error:
-        sys.exit(f"prsgd train: error: {error}")
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        sys.exit(f"prsgd train: error: {message}")
 
 
 if __name__ == "__main__":

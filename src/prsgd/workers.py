@@ -87,8 +87,14 @@ class Placement:
 def place(config: RunConfig, torchrun: Torchrun | None = None) -> Placement:
     """The run's :class:`Placement`; joins the process group torchrun describes (unless ``torchrun`` is given)
     for ``engine="distributed"`` and checks the world size against ``training.workers``."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            f"device={config.device!r} but this machine has {torch.cuda.device_count()} usable CUDA GPU(s) "
+            "(torch.cuda.is_available() is False or the index is too high); use device='cpu'"
+        )
     if config.engine != "distributed":
-        return Placement(torch.device(config.device), config.training.workers)
+        return Placement(device, config.training.workers)
     joined = torchrun is None
     torchrun = torchrun or Torchrun.join(config.device, config.worker_timeout)
     num_workers = distributed.group_size()

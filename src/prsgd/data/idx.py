@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{str(path)!r} is truncated in its IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python ints: no overflow
     if len(raw) - header != expected:
         raise DataError(
             f"{str(path)!r} holds {len(raw) - header} bytes of data but its header announces shape {shape} "
@@ -61,7 +62,7 @@ def load_idx_dataset(name: str, folder: str) -> Dataset:
         splits[split] = (x, torch.from_numpy(labels.astype(np.int64)))
     mean = splits["train"][0].float().div(255).mean().reshape(1)
     std = splits["train"][0].float().div(255).std().reshape(1)
-    num_classes = int(splits["train"][1].max()) + 1
+    num_classes = max(int(splits["train"][1].max()), int(splits["test"][1].max())) + 1  # both splits' labels
     train = ArraySplit(*splits["train"], mean=mean, std=std)
     test = ArraySplit(*splits["test"], mean=mean, std=std)
     return Dataset(name, train, test, num_classes, tuple(train.inputs.shape[1:]))

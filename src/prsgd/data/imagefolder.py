@@ -34,10 +34,10 @@ class ImageFileSplit:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as image:
+            with path.open("rb") as file, Image.open(file) as image:  # only regular files are listed
                 rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
                 return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
             raise DataError(f"imagefolder: cannot decode image {str(path)!r}: {error}") from None
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,10 +62,17 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
+        before = len(paths)
         for file in sorted(class_dir.rglob("*")):
-            if file.suffix.lower() in EXTENSIONS:
+            # regular files only: opening a FIFO or device named x.jpg would block or read forever
+            if file.suffix.lower() in EXTENSIONS and file.is_file():
                 paths.append(file)
                 labels.append(label)
+        if len(paths) == before:
+            raise DataError(
+                f"imagefolder: class folder {str(class_dir)!r} holds no images ({', '.join(sorted(EXTENSIONS))}); "
+                "remove it or add its images"
+            )
     if not paths:
         raise DataError(
             f"imagefolder: no images under {str(folder)!r}; expected class folders holding "

@@ -58,6 +58,15 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        for name, split in (("train", self.train), ("test", self.test)):
+            targets = split.targets
+            if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+                raise DataError(
+                    f"{self.name}: {name} labels range over [{int(targets.min())}, {int(targets.max())}]; with "
+                    f"{self.num_classes} classes they must lie in [0, {self.num_classes - 1}]"
+                )
+
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
