@@ -58,6 +58,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log in one write; a full disk is a :class:`CheckpointError` naming the file (a line
+    torn by a kill is skipped by readers, and a resumed run rewrites the log from its checkpoint)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CheckpointError(f"{path}: cannot be appended to ({reason}); free space, then --resume") from None
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

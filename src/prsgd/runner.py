@@ -25,8 +25,8 @@ from prsgd.train import run
 
 def plan_runs(config: RunConfig, out: Path, seeds: int = 1, sweep: str | None = None) -> list[RunConfig]:
     """Every run of the experiment, validated, with its output folder and seed."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds {seeds} is not allowed; it must be >= 1")
+    if not 1 <= seeds <= 1000:
+        raise ConfigError(f"--seeds {seeds} is not allowed; it must be in [1, 1000]")
     key, values = None, [None]
     if sweep:
         key, sep, listed = sweep.partition("=")

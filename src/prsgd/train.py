@@ -197,8 +197,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
                 records.append(record)
                 bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{test_acc:.3f}")
                 if out is not None:
-                    with (out / "log.jsonl").open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    checkpoint.append_line(out / "log.jsonl", json.dumps(record))
                 if on_record is not None:
                     on_record(record)
                 evaluating += time.perf_counter() - evaluation_started
@@ -239,7 +238,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prsgd.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="prsgd train", description=__doc__.split("\n")[0])
     add_flat_arguments(parser)
     args = parser.parse_args(argv)
     if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
