@@ -196,7 +196,8 @@ CASES = {
     "device bogus": (None, lambda d: ["train", *SMALL, "--device", "bogus"], ["device='bogus' is not known"]),
     "device cuda without a gpu": (None, lambda d: ["train", *SMALL, "--device", "cuda"], ["usable CUDA GPU"]),
     "lr 1e300": (None, lambda d: ["train", *SMALL, "--lr", "1e300"], ["training.lr=1e+300", "overflows float32"]),
-    "hidden 1e9 (a 256 GB model)": (None, lambda d: ["train", *SMALL, "--hidden", "1000000000"], ["out of memory"]),
+    "hidden 1e9 (a 256 GB model)": (None, lambda d: ["train", *SMALL, "--hidden", "1000000000"], ["need at least"]),
+    "workers 1e8": (None, lambda d: ["train", *SMALL, "--workers", "100000000", "--period", "1"], ["need at least"]),
     "period not an int": (None, lambda d: ["train", *SMALL, "--period", "8x"], ["type int or 'theory'"]),
     "seeds 1e9": (
         lambda d: (d / "c.toml").write_text('[data]\ndataset = "digits"\n'),

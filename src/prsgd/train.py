@@ -34,7 +34,7 @@ from prsgd.models import build_model
 from prsgd.outdir import OutFolder, OutFolderError
 from prsgd.resume import Checkpoints
 from prsgd.theory import recommended_lr, recommended_period
-from prsgd.workers import Placement, make_workers, place
+from prsgd.workers import Placement, check_memory, make_workers, place
 
 Record = dict[str, Any]
 
@@ -86,6 +86,10 @@ def _open_out(config: RunConfig, placement: Placement) -> OutFolder | None:
 def _train(config: RunConfig, data, placement, on_record: Callable[[Record], None] | None) -> list[Record]:
     t = config.training
     num_workers, is_main = placement.num_workers, placement.is_main
+    if placement.torchrun is None:  # N simulated workers in this process: will their state fit?
+        with torch.device("meta"):
+            shape_only = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
+        check_memory(shape_only, num_workers, placement.device)
     shards = partition(
         data.train.targets,
         num_workers,

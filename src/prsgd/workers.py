@@ -143,6 +143,34 @@ class _EngineWorkers:
         return self.engine.comm
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (MemAvailable for the CPU), or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: nn.Module, num_workers: int, device: torch.device) -> None:
+    """Refuse, before allocating, a simulator whose stacked state cannot fit: N workers x (parameters, momentum,
+    gradients, buffers) is a lower bound of what it holds. ``model`` may live on the meta device."""
+    state = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 3 * state + sum(b.numel() * b.element_size() for b in model.buffers())
+    need, free = num_workers * state, available_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"training.workers={num_workers} simulated workers of a {state / 2**20:.1f} MB model state need at least "
+            f"{need / 2**30:.1f} GB on {device}, which has {free / 2**30:.1f} GB available: fewer workers, a smaller "
+            "model, or engine='distributed'"
+        )
+
+
 class SimulatedWorkers(_EngineWorkers):
     """All N workers in this process (:class:`prsgd.Simulator`)."""
 

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import secrets
 import socket
 import threading
 import time
@@ -27,7 +28,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from prsgd.engines.distributed import all_reduce_sum_, group_rank, group_size, init_process_group, is_initialized
+from prsgd.engines.distributed import (
+    all_reduce_sum_,
+    broadcast_object,
+    group_rank,
+    group_size,
+    init_process_group,
+    is_initialized,
+)
 from prsgd.errors import InvalidArgument, PrsgdError, WorkerFailure
 
 
@@ -146,6 +154,9 @@ class Torchrun:
             # whether to resume, decided by all: any rank that knows of an earlier attempt makes it a restart
             flag = torch.tensor([float(attempt > 1)], device=local if backend == "nccl" else "cpu")
             restarted = bool(all_reduce_sum_(flag).item() > 0)
+            # the heartbeat's keys live under a prefix only the group knows: the store lists no keys, so a process
+            # that can reach it cannot read or plant them without guessing 64 random bits
+            token = broadcast_object(secrets.token_hex(8) if group_rank() == 0 else None)
         except (RuntimeError, TimeoutError, ValueError) as error:
             if is_initialized():
                 with contextlib.suppress(Exception):
@@ -154,7 +165,7 @@ class Torchrun:
             raise WorkerFailure(
                 f"rank {rank} of {world} could not join the process group: {setup_hint(error)} (cause: {cause})"
             ) from None
-        heartbeat = Heartbeat(timeout, group_rank(), group_size(), attempt) if group_size() > 1 else None
+        heartbeat = Heartbeat(timeout, group_rank(), group_size(), f"{attempt}/{token}") if group_size() > 1 else None
         return cls(local, heartbeat, attempt, restarted)
 
     def explain_failure(self, error: BaseException, doing: str) -> PrsgdError:
@@ -210,7 +221,7 @@ class Heartbeat:
     as lost, so a rank cut off from the rendezvous host exits ``worker_timeout + diagnosis_s`` after its last
     collective began instead of waiting for the network to come back."""
 
-    def __init__(self, timeout: float, rank: int, world_size: int, attempt: int = 1) -> None:
+    def __init__(self, timeout: float, rank: int, world_size: int, attempt: str = "1") -> None:
         self.interval = min(5.0, max(0.1, timeout / 20))
         self.rank, self.world_size = rank, world_size
         self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}"
