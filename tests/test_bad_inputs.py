@@ -106,6 +106,11 @@ def image_folder(root: Path, *, fifo: bool = False, bomb: bool = False, empty_cl
     return root
 
 
+def imagefolder_command(d: Path) -> list[str]:
+    image = ["--dataset", "imagefolder", "--model", "cnn", "--image-size", "8", "--period", "1", "--batch-size", "1"]
+    return ["train", *SMALL, *image, "--path", str(d / "i")]
+
+
 # (name, how to build the input in a folder, the command line, the command, what the error line must say)
 CASES = {
     "cifar pickle payload": (
@@ -125,62 +130,17 @@ CASES = {
     ),
     "imagefolder fifo only in a class": (
         lambda d: (image_folder(d / "i", fifo=True), (d / "i" / "train" / "a" / "0.png").unlink()),
-        lambda d: [
-            "train",
-            *SMALL,
-            "--dataset",
-            "imagefolder",
-            "--model",
-            "cnn",
-            "--image-size",
-            "8",
-            "--period",
-            "1",
-            "--batch-size",
-            "1",
-            "--path",
-            str(d / "i"),
-        ],
+        imagefolder_command,
         ["holds no images"],
     ),
     "imagefolder decompression bomb": (
         lambda d: image_folder(d / "i", bomb=True),
-        lambda d: [
-            "train",
-            *SMALL,
-            "--dataset",
-            "imagefolder",
-            "--model",
-            "cnn",
-            "--image-size",
-            "8",
-            "--period",
-            "1",
-            "--batch-size",
-            "1",
-            "--path",
-            str(d / "i"),
-        ],
+        imagefolder_command,
         ["cannot decode image", "decompression bomb"],
     ),
     "imagefolder empty class": (
         lambda d: image_folder(d / "i", empty_class=True),
-        lambda d: [
-            "train",
-            *SMALL,
-            "--dataset",
-            "imagefolder",
-            "--model",
-            "cnn",
-            "--image-size",
-            "8",
-            "--period",
-            "1",
-            "--batch-size",
-            "1",
-            "--path",
-            str(d / "i"),
-        ],
+        imagefolder_command,
         ["class folder", "holds no images"],
     ),
     "out is a file": (
