@@ -207,3 +207,27 @@ def test_lr_theory_is_the_corollarys_gamma_for_this_n_and_t(tmp_path):
     assert saved["training"]["lr"] == pytest.approx(0.5 * math.sqrt(4 / steps)) == records[0]["lr"]
     with pytest.raises(ConfigError, match=r"training\.lr_scale=-1\.0 is not allowed"):
         RunConfig().with_overrides({"training.lr": "theory", "training.lr_scale": "-1"})
+
+
+def test_a_sweep_is_checked_whole_before_any_run_starts(tmp_path):
+    config = write_config(tmp_path / "digits.toml", DIGITS)
+    out = tmp_path / "runs"
+    with pytest.raises(
+        ConfigError, match=r"run 3 of 3 .*period=1000.*larger than the run's 45 steps.*; no run was started"
+    ):
+        run_main([str(config), "--sweep", "algorithm.period=1,4,1000", "--out", str(out), "--set", "progress=false"])
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"--seeds 0 is not allowed"):
+        run_main([str(config), "--seeds", "0", "--out", str(out)])
+    with pytest.raises(DataError, match=r"data\.train_subset=12000 is more than the 1438 training examples of digits"):
+        run_main([str(config), "--set", "data.train_subset=12000", "--out", str(out)])
+
+
+def test_prsgd_help_and_version(capsys):
+    cli.main(["--help"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: prsgd COMMAND") and all(f"  {c}" in printed for c in cli.COMMANDS)
+    cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("prsgd 0.")
+    with pytest.raises(SystemExit, match=r"prsgd: error: 'bogus' is not a command; allowed: run, plot"):
+        cli.main(["bogus"])

@@ -18,11 +18,55 @@ COMMANDS = {
 }
 
 
+SUMMARIES = {
+    "run": "run an experiment config: one run, several seeds or a sweep (prsgd run CONFIG.toml)",
+    "plot": "draw the paper's figures from finished runs (prsgd plot OUT ...)",
+    "results": "fill docs/results.md's tables from run summaries",
+    "train": "one training run from flags, on the simulator or under torchrun",
+    "demo": "a real experiment on offline data, ending in a plot and a table",
+    "theory": "the corollaries' learning rate, period and rounds for N workers and T steps",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {SUMMARIES[name]}" for name in COMMANDS]
+    return "\n".join(
+        [
+            "usage: prsgd COMMAND [options]   (prsgd COMMAND --help for a command's options)",
+            "",
+            "PR-SGD-Momentum (Yu, Jin & Yang 2019): communication-efficient distributed momentum SGD.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "PRSGD_DEBUG=1 shows the traceback of a failure.",
+        ]
+    )
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("prsgd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv and argv[0] == "--version":
+        print(f"prsgd {version()}")
+        return
     if not argv or argv[0] not in COMMANDS:
-        given = repr(argv[0]) if argv else "nothing"
-        sys.exit(f"usage: prsgd {{{','.join(COMMANDS)}}} [options]; got {given}")
+        given = repr(argv[0]) if argv else "no command"
+        print(usage(), file=sys.stderr)
+        sys.exit(f"prsgd: error: {given} is not a command; allowed: {', '.join(COMMANDS)}")
     try:
         COMMANDS[argv[0]](argv[1:])
     except Exception as error:

@@ -20,7 +20,7 @@ from pathlib import Path
 from prsgd.config import ConfigError, RunConfig, load, parse_assignments
 from prsgd.engines.torchrun import Torchrun
 from prsgd.report import discover, summary_table
-from prsgd.train import run
+from prsgd.train import preflight, run
 
 
 def plan_runs(config: RunConfig, out: Path, seeds: int = 1, sweep: str | None = None) -> list[RunConfig]:
@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         # under torchrun the worker count is the world size, as for python -m prsgd.train
         config = config.with_overrides({"training.workers": os.environ["WORLD_SIZE"]})
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    plan = plan_runs(config, out, args.seeds or config.seeds, args.sweep or config.sweep or None)
+    seeds = args.seeds if args.seeds is not None else config.seeds
+    plan = plan_runs(config, out, seeds, args.sweep or config.sweep or None)
+    for index, run_config in enumerate(plan, start=1):  # every run checked before the first starts
+        try:
+            preflight(run_config)
+        except ConfigError as error:
+            raise ConfigError(f"run {index} of {len(plan)} ({run_config.out}): {error}; no run was started") from None
     # under torchrun: join once for all runs, so that only rank 0 reports
     torchrun = Torchrun.join(config.device, config.worker_timeout) if config.engine == "distributed" else None
     is_main = torchrun is None or torchrun.rank == 0

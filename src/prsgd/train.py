@@ -39,6 +39,44 @@ from prsgd.workers import Placement, check_memory, make_workers, place
 Record = dict[str, Any]
 
 
+def resolve_schedule(config: RunConfig, train_size: int, num_workers: int) -> tuple[RunConfig, int, list[str]]:
+    """(the config with ``"theory"`` values resolved, the run's steps T, what was resolved, for the log); refuses
+    a period longer than the run. Needs only the training-set size: a sweep checks every run with it first."""
+    t = config.training
+    total_steps = max(1, math.ceil(t.epochs * train_size / (num_workers * t.batch_size)))
+    notes = []
+    if config.algorithm.period == "theory":
+        period = recommended_period(num_workers, total_steps, identical=config.data.split == "identical")
+        config = config.with_overrides({"algorithm.period": period})
+        notes.append(f"algorithm.period = 'theory': I = {period} for N = {num_workers}, T = {total_steps}")
+    if config.training.lr == "theory":
+        lr = recommended_lr(num_workers, total_steps, lr_scale=t.lr_scale)
+        config = config.with_overrides({"training.lr": lr})
+        notes.append(
+            f"training.lr = 'theory': gamma = {t.lr_scale:g} sqrt(N / T) = {lr:.6g} for N = {num_workers}, "
+            f"T = {total_steps}"
+        )
+    if config.algorithm.period > total_steps and config.algorithm.sync not in ("gradients", "none"):
+        raise ConfigError(
+            f"algorithm.period={config.algorithm.period} is larger than the run's {total_steps} steps: "
+            "no communication would ever happen; lower the period or train longer"
+        )
+    return config, total_steps, notes
+
+
+def preflight(config: RunConfig, num_workers: int | None = None) -> None:
+    """Check ``config`` as far as can be done without training: its dataset loads (cached for the run) and its
+    schedule is valid. ``prsgd run`` checks every run of a sweep so before the first starts."""
+    data = load_dataset(
+        config.data.dataset,
+        config.data.path,
+        seed=config.training.seed,
+        train_subset=config.data.train_subset,
+        image_size=config.data.image_size,
+    )
+    resolve_schedule(config, len(data.train), num_workers or config.training.workers)
+
+
 def run(
     config: RunConfig, on_record: Callable[[Record], None] | None = None, torchrun: Torchrun | None = None
 ) -> list[Record]:
@@ -99,27 +137,12 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
         classes_per_worker=config.data.classes_per_worker,
         min_size=t.batch_size,
     )
+    config, total_steps, notes = resolve_schedule(config, len(data.train), num_workers)
+    t = config.training
     examples_per_step = num_workers * t.batch_size
-    total_steps = max(1, math.ceil(t.epochs * len(data.train) / examples_per_step))
-    if config.algorithm.period == "theory":
-        period = recommended_period(num_workers, total_steps, identical=config.data.split == "identical")
-        config = config.with_overrides({"algorithm.period": period})
-        if is_main:
-            tqdm.write(f"algorithm.period = 'theory': I = {period} for N = {num_workers}, T = {total_steps}")
-    if config.training.lr == "theory":
-        lr = recommended_lr(num_workers, total_steps, lr_scale=t.lr_scale)
-        config = config.with_overrides({"training.lr": lr})
-        t = config.training
-        if is_main:
-            tqdm.write(
-                f"training.lr = 'theory': gamma = {t.lr_scale:g} sqrt(N / T) = {lr:.6g} for N = {num_workers}, "
-                f"T = {total_steps}"
-            )
-    if config.algorithm.period > total_steps and config.algorithm.sync not in ("gradients", "none"):
-        raise ConfigError(
-            f"algorithm.period={config.algorithm.period} is larger than the run's {total_steps} steps: "
-            "no communication would ever happen; lower the period or train longer"
-        )
+    if is_main:
+        for note in notes:
+            tqdm.write(note)
     sampler = WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
     heterogeneity = label_distribution(data.train.targets, shards, num_workers, data.num_classes)
 

@@ -70,6 +70,11 @@ def load_dataset(name: str, path: str = "", seed: int = 0, train_subset: int = 0
         raise DataError(f"dataset={name!r} is not known; allowed: {', '.join(DATASET_NAMES)}")
     kwargs = {"image_size": image_size} if name == "imagefolder" else {}
     data = LOADERS[name](path=path, seed=seed, **kwargs)
+    if train_subset > len(data.train):
+        raise DataError(
+            f"data.train_subset={train_subset} is more than the {len(data.train)} training examples of {name}; "
+            "set it to at most that, or 0 for all"
+        )
     if train_subset and train_subset < len(data.train):
         keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         data = Dataset(data.name, data.train.subset(keep.sort().values), data.test, data.num_classes, data.input_shape)
