@@ -93,3 +93,14 @@ def test_distributed_engine_without_torchrun_says_how_to_launch():
 def test_bad_config_is_rejected_before_training(changes, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig().with_overrides(changes)
+
+
+def test_prsgd_train_ends_with_a_human_summary(tmp_path, capsys):
+    small = ["--dataset", "digits", "--model", "mlp", "--workers", "2", "--epochs", "0.5", "--evals", "1"]
+    main([*small, "--no-progress", "--out", str(tmp_path)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    final = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
+    assert (
+        last.startswith(f"done: {final['step']} steps (0.51 joint epochs") and f"{final['comm_rounds']} rounds" in last
+    )
+    assert last.endswith(f"log: {tmp_path / 'log.jsonl'}") and f"test accuracy {final['test_accuracy']:.4f}" in last

@@ -222,7 +222,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
                     "comm_bytes": workers.comm.bytes,
                 }
                 records.append(record)
-                bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{test_acc:.3f}")
+                bar.set_postfix({"train loss": f"{train_loss:.4f}", "test acc": f"{test_acc:.3f}"})
                 if out is not None:
                     checkpoint.append_line(out / "log.jsonl", json.dumps(record))
                 if on_record is not None:
@@ -264,6 +264,16 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
     return records
 
 
+def summary_line(final: Record, config: RunConfig) -> str:
+    """One human line for the end of a run (every record stays in ``OUT/log.jsonl``)."""
+    where = f"; log: {Path(config.out) / 'log.jsonl'}" if config.out else ""
+    return (
+        f"done: {final['step']} steps ({final['joint_epoch']:.2f} joint epochs, {final['wall_clock']:.1f} s training); "
+        f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}; "
+        f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker{where}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prsgd train", description=__doc__.split("\n")[0])
     add_flat_arguments(parser)
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         config = from_flat_arguments(args)
         records = run(config)
         if int(os.environ.get("RANK", "0")) == 0 or config.engine != "distributed":
-            print(json.dumps(records[-1]))
+            print(summary_line(records[-1], config))
     except Exception as error:
         message = user_error(error)
         if message is None:
