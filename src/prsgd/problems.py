@@ -156,6 +156,5 @@ def run(
     for t in range(steps):
         norms[t] = problem.full_gradient(xs.mean(0)).pow(2).sum()
         grads = problem.stochastic_gradients(xs, g)
-        engine.fields["grads"] = [grads]
-        algorithm.step([UpdateGroup([xs], [grads], momentum_buffers, hyper)])
+        algorithm.step([UpdateGroup([xs], engine.set_grads([grads]), momentum_buffers, hyper)])
     return RunResult(float(norms.mean()), norms, engine.comm.rounds, engine.comm.bytes)

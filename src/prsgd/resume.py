@@ -157,7 +157,8 @@ class Checkpoints:
             torch.set_rng_state(state["rng"]["torch"])
             if "cuda" in state["rng"] and torch.device(self.config.device).type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"])
-            float(state["wall"]), list(state["records"])
+            if not isinstance(state["wall"], float) or not isinstance(state["records"], list):
+                raise TypeError("the shard's wall clock or records are of the wrong type")
             problem = None
         except Exception as error:  # a shard of the wrong shapes, keys or types: try the previous checkpoint
             state, problem = None, f"{found.folder}: {type(error).__name__}: {str(error)[:300]}"

@@ -177,10 +177,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
         try:
             start, wall, records = saver.resume(examples_per_step, len(data.train))
         except (PrsgdError, RuntimeError) as error:
-            failure = placement.explain_failure(error, "resuming from a checkpoint")
-            if failure is error:
-                raise
-            raise failure from error
+            _raise_explained(placement, error, error, "resuming from a checkpoint")
     if start > total_steps:
         raise ConfigError(
             f"the checkpoint resumed is at step {start}, past this run's {total_steps} steps "
@@ -246,10 +243,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
         if isinstance(error, NonFiniteError):
             kept = saver.last if saver is not None and saver.last else "none was written"
             failure = NonFiniteError(f"{error}; training stopped, the last good checkpoint is kept: {kept}")
-        failure = placement.explain_failure(failure, f"training step {step}")
-        if failure is error:
-            raise
-        raise failure from error
+        _raise_explained(placement, error, failure, f"training step {step}")
     finally:
         bar.close()
     if out is not None and records:
@@ -262,6 +256,15 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
         summary = {"config": resolved, "final": records[-1], "time_s": times}
         checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return records
+
+
+def _raise_explained(placement: Placement, error: BaseException, failure: BaseException, doing: str) -> None:
+    """Raise ``failure`` (``error`` or a clearer error about it) as the run's placement explains it while
+    ``doing``: under torchrun, naming the rank that died, hung or stopped."""
+    explained = placement.explain_failure(failure, doing)
+    if explained is error:
+        raise error
+    raise explained from error
 
 
 def summary_line(final: Record, config: RunConfig) -> str:

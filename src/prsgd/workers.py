@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prsgd import batches
-from prsgd.algorithm import CommStats
+from prsgd.algorithm import CommStats, FollowsAlgorithm, PeriodicSync
 from prsgd.config import ConfigError, RunConfig
 from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
@@ -129,18 +129,15 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
     }
 
 
-class _EngineWorkers:
-    """What both kinds of workers read from their engine (a Simulator or a LocalSGD, as ``self.engine``)."""
+class _EngineWorkers(FollowsAlgorithm):
+    """What both kinds of workers read from their engine (a Simulator or a LocalSGD, as ``self.engine``): its
+    algorithm's counters and consensus."""
 
     engine: Simulator | LocalSGD
 
     @property
-    def in_consensus(self) -> bool:
-        return self.engine.in_consensus
-
-    @property
-    def comm(self) -> CommStats:
-        return self.engine.comm
+    def algorithm(self) -> PeriodicSync:  # type: ignore[override]
+        return self.engine.algorithm
 
 
 def available_bytes(device: torch.device) -> int | None:

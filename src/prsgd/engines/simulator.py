@@ -118,10 +118,9 @@ class Simulator(FollowsAlgorithm):
         grads, losses = self._gradients(self._params, self._buffers, inputs, targets, loss_fn)
         if self.check_finite:  # before the update and the averaging, so the worker named is where it arose
             self._raise_if_nonfinite([("loss", [losses.detach()]), ("gradient", list(grads.values()))], self.steps_done)
-        self.engine.fields["grads"] = [grads[name] for name in self._params]
         group = UpdateGroup(
             params=list(self._params.values()),
-            grads=self.engine.fields["grads"],
+            grads=self.engine.set_grads([grads[name] for name in self._params]),
             momentum_buffers=list(self._momentum.values()),
             hyper=self.hyper,
         )

@@ -114,6 +114,11 @@ class StackedCommunicator:
     def tensors(self, field: Field) -> list[Tensor]:
         return self.fields[field]
 
+    def set_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """This step's stacked gradients (what ``sync="gradients"`` averages); returns them."""
+        self.fields["grads"] = grads
+        return grads
+
     def _gather(self, fields: Sequence[Field]) -> list[Tensor]:
         return [t for field in fields for t in self.fields[field]]
 
