@@ -55,9 +55,11 @@ def generation(store: Any, rank: int, run_id: str) -> int:
 T = TypeVar("T")
 
 
-def within(seconds: float, work: Callable[[], T], what: str) -> T:
+def within(seconds: float, work: Callable[[], T], what: str, started: list[threading.Thread] | None = None) -> T:
     """``work()`` in a daemon thread, given up after ``seconds``: store reads can block far past the store's own
-    timeout when the network is cut (the rendezvous host unreachable). Raises :class:`TimeoutError` then."""
+    timeout when the network is cut (the rendezvous host unreachable). Raises :class:`TimeoutError` then. The thread
+    is appended to ``started`` so that its owner can wait for it before the process exits (a daemon thread still
+    inside a store call when the interpreter shuts down aborts the process)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -67,6 +69,8 @@ def within(seconds: float, work: Callable[[], T], what: str) -> T:
             box["error"] = error
 
     thread = threading.Thread(target=run, name=f"prsgd-{what}", daemon=True)
+    if started is not None:
+        started.append(thread)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
@@ -180,8 +184,8 @@ class Torchrun:
             return WorkerFailure(f"rank {me}: a collective failed while {doing}: {cause}")
         try:
             silent, stopped = self.heartbeat.unresponsive()
-        except Exception:
-            failure = WorkerFailure(
+        except Exception:  # nobody left to tell why this rank stops
+            return WorkerFailure(
                 f"rank {me}: lost the rendezvous store at {self.heartbeat.address} while {doing}: its host died or "
                 "the network to it is cut (the store runs in torchrun's agent on the rendezvous host or, without "
                 f"torchrun, in rank 0) (cause: {cause})"
@@ -216,10 +220,14 @@ class Heartbeat:
     :meth:`unresponsive` reads the counters twice, ``2.5 interval`` apart: a rank whose counter did not move is
     dead or hung. A rank that stops because of an error of its own says so under its key first.
 
-    Every store operation on the failure path is bounded (:func:`within`): the beating thread and the diagnosis use
-    separate store clients, and a diagnosis that cannot reach the store within :attr:`diagnosis_s` reports the store
-    as lost, so a rank cut off from the rendezvous host exits ``worker_timeout + diagnosis_s`` after its last
-    collective began instead of waiting for the network to come back."""
+    Every store operation on the failure path is bounded (:func:`within`). The beating thread and the failure path
+    use separate store clients, both connected at start while the store is up: a new connection to a store that has
+    gone keeps retrying for seconds, an open one fails at once when its host dies. A diagnosis that cannot reach the
+    store within :attr:`diagnosis_s` reports the store as lost, so a rank cut off from the rendezvous host exits
+    ``worker_timeout + diagnosis_s`` after its last collective began instead of waiting for the network to come
+    back. :meth:`close` gives the threads still inside a store call a second to finish: one that returns while the
+    interpreter shuts down aborts the process; one that stays blocked (a store that no longer answers: the client
+    has no read timeout) ends with it."""
 
     def __init__(self, timeout: float, rank: int, world_size: int, attempt: str = "1") -> None:
         self.interval = min(5.0, max(0.1, timeout / 20))
@@ -228,6 +236,8 @@ class Heartbeat:
         self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         self.diagnosis_s = 4.5 * self.interval + 2.0
         self._beat_store = self._client()
+        self._ask_store = self._client()
+        self._helpers: list[threading.Thread] = []
         self._stop = threading.Event()
         self._beats = 0
         self._beat()
@@ -261,22 +271,24 @@ class Heartbeat:
         """Tell the other ranks why this one stops (best effort, at most ``2 interval + 1`` seconds)."""
         key = f"{self.prefix}/stopped/{self.rank}"
         with contextlib.suppress(Exception):
-            within(2 * self.interval + 1.0, lambda: self._client().set(key, reason[:500]), "heartbeat-say")
+            say = lambda: self._ask_store.set(key, reason[:500])  # noqa: E731
+            within(2 * self.interval + 1.0, say, "heartbeat-say", self._helpers)
 
     def unresponsive(self) -> tuple[list[int], dict[int, str]]:
         """(ranks that stopped beating, {rank: the reason a rank gave for stopping}); raises (:class:`TimeoutError`
         among others) when the store cannot be reached within :attr:`diagnosis_s`."""
 
         def diagnose() -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-            store = self._client()
-            first = self._read(store, "beat")
+            first = self._read(self._ask_store, "beat")
             time.sleep(2.5 * self.interval)
-            return first, self._read(store, "beat"), self._read(store, "stopped")
+            return first, self._read(self._ask_store, "beat"), self._read(self._ask_store, "stopped")
 
-        first, second, stopped = within(self.diagnosis_s, diagnose, "heartbeat-diagnosis")
+        first, second, stopped = within(self.diagnosis_s, diagnose, "heartbeat-diagnosis", self._helpers)
         silent = [r for r in range(self.world_size) if r != self.rank and first.get(r) == second.get(r)]
         return [r for r in silent if r not in stopped], {r: why for r, why in stopped.items() if r != self.rank}
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=1.0)
+        deadline = time.monotonic() + 1.0
+        for thread in [self._thread, *self._helpers]:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
