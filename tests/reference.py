@@ -10,6 +10,15 @@ import torch
 PERIODIC = {"params_and_momentum", "params_clear_momentum", "params_only"}
 
 
+def call(model, inputs, i):
+    """model on worker i's inputs: a tensor, a tuple (positional) or a dict (keyword) of stacked tensors."""
+    if isinstance(inputs, dict):
+        return model(**{k: v[i] if torch.is_tensor(v) else v for k, v in inputs.items()})
+    if isinstance(inputs, tuple):
+        return model(*(v[i] if torch.is_tensor(v) else v for v in inputs))
+    return model(inputs[i])
+
+
 class ReferenceWorkers:
     def __init__(
         self,
@@ -49,7 +58,7 @@ class ReferenceWorkers:
         for i, (model, opt) in enumerate(zip(self.models, self.opts, strict=True)):
             model.train()
             opt.zero_grad()
-            loss = loss_fn(model(inputs[i]), targets[i])
+            loss = loss_fn(call(model, inputs, i), targets[i])
             loss.backward()
             losses.append(loss.item())
         if self.sync == "gradients":  # and BatchNorm statistics, so that all workers stay identical

@@ -72,7 +72,12 @@ def test_mixed_dtypes_cannot_share_one_flat_buffer():
 def test_lr_scheduler_changes_are_validated_at_step():
     model = mlp()
     opt = prsgd.LocalSGD(model, lr=0.1, momentum=0.9)
-    opt.param_groups[0]["lr"] = 0.0
+    opt.param_groups[0]["lr"] = -1.0
     F.cross_entropy(model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
-    with pytest.raises(ValueError, match=r"lr=0\.0"):
+    with pytest.raises(ValueError, match=r"lr=-1\.0 is not allowed; the learning rate must be >= 0"):
         opt.step()
+    # 0 is where cosine annealing ends (torch.optim.SGD takes it too): the step leaves the parameters alone
+    opt.param_groups[0]["lr"] = 0.0
+    before = [p.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

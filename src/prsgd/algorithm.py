@@ -145,8 +145,8 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         check_number("lr", self.lr)
-        if not self.lr > 0:
-            raise InvalidArgument(f"lr={self.lr!r} is not allowed; the learning rate must be > 0")
+        if not self.lr >= 0:  # 0 is where some schedules end (cosine annealing); a start needs > 0
+            raise InvalidArgument(f"lr={self.lr!r} is not allowed; the learning rate must be >= 0")
         check_number("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
             raise InvalidArgument(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
@@ -156,6 +156,14 @@ class Hyperparameters:
         check_number("weight_decay", self.weight_decay)
         if not self.weight_decay >= 0:
             raise InvalidArgument(f"weight_decay={self.weight_decay!r} is not allowed; it must be >= 0")
+
+    @classmethod
+    def at_start(cls, **kwargs: Any) -> Hyperparameters:
+        """The hyperparameters an engine is built with: as any, and a learning rate > 0."""
+        lr = check_number("lr", kwargs.get("lr"))
+        if not lr > 0:
+            raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be > 0")
+        return cls(**kwargs)
 
     def as_kwargs(self) -> dict[str, float | bool]:
         return {
@@ -388,6 +396,24 @@ class FollowsAlgorithm:
         after a round that averages all three (or ``synchronize()``), and always with ``sync="gradients"`` (see
         :attr:`PeriodicSync.in_consensus`)."""
         return self.algorithm.in_consensus
+
+    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Hyperparameters:
+        """A param group's hyperparameters, validated when they change (a ``torch.optim.lr_scheduler`` sets ``lr``,
+        some also ``momentum``, between steps). Momentum buffers exist only if the engine was built with momentum:
+        turning momentum on later is refused (until the engine sets ``_built``, any value is allowed)."""
+        key = (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
+        cache: dict[int, tuple[tuple, Hyperparameters]] = self.__dict__.setdefault("_hyper", {})
+        cached = cache.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hyper = Hyperparameters(*key)
+        if hyper.momentum > 0 and getattr(self, "_built", True) and not self.algorithm.has_momentum:
+            raise InvalidArgument(
+                f"momentum={hyper.momentum!r} was set after {type(self).__name__} was built with momentum 0; "
+                "momentum buffers are allocated at construction: construct it with momentum > 0"
+            )
+        cache[index] = (key, hyper)
+        return hyper
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

@@ -7,6 +7,8 @@ import math
 import os
 from collections.abc import Iterable
 
+import torch
+
 
 class PrsgdError(Exception):
     """Base class of every error prsgd raises on purpose."""
@@ -54,6 +56,21 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"{name}={value!r} is not allowed; it must be True or False")
     return value
+
+
+def check_device(name: str, value: object, error: type[InvalidArgument] = InvalidArgument) -> torch.device:
+    """``value`` as a ``torch.device`` this machine has, else ``error`` naming it (a CUDA device without a usable
+    GPU, or with too high an index, would otherwise fail later with a bare assertion from torch)."""
+    try:
+        device = torch.device(value)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise error(f"{name}={value!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise error(
+            f"{name}={value!r} but this machine has {torch.cuda.device_count()} usable CUDA GPU(s) "
+            "(torch.cuda.is_available() is False or the index is too high); use device='cpu'"
+        )
+    return device
 
 
 def check_choice(name: str, value: object, allowed: Iterable[str]) -> str:

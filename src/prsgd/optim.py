@@ -89,7 +89,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         model: nn.Module | None = None,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
-        Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
         check_process_group(process_group)
         if isinstance(params, nn.Module):
@@ -107,7 +107,6 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         self.topology = make_topology(topology, self.num_workers) if topology is not None else None
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         self._built = False
-        self._hyper: dict[int, tuple[tuple, Hyperparameters]] = {}
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             self._group_hyperparameters(index, group)
@@ -260,18 +259,3 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = view
         if counters is not None:
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
-
-    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Hyperparameters:
-        """The group's hyperparameters, validated when they change (a scheduler may set ``lr`` between steps)."""
-        key = (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
-        cached = self._hyper.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        hyper = Hyperparameters(*key)
-        if hyper.momentum > 0 and self._built and not self.has_momentum:
-            raise InvalidArgument(
-                f"momentum={hyper.momentum!r} was set after LocalSGD was built with momentum 0 everywhere; "
-                "momentum buffers are allocated at construction: construct it with momentum > 0"
-            )
-        self._hyper[index] = (key, hyper)
-        return hyper

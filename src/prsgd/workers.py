@@ -22,7 +22,7 @@ from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
 from prsgd.engines.simulator import Simulator
 from prsgd.engines.torchrun import Torchrun
-from prsgd.errors import NonFiniteError
+from prsgd.errors import NonFiniteError, check_device
 from prsgd.evaluation import loss_and_correct
 from prsgd.optim import LocalSGD
 
@@ -87,12 +87,7 @@ class Placement:
 def place(config: RunConfig, torchrun: Torchrun | None = None) -> Placement:
     """The run's :class:`Placement`; joins the process group torchrun describes (unless ``torchrun`` is given)
     for ``engine="distributed"`` and checks the world size against ``training.workers``."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(
-            f"device={config.device!r} but this machine has {torch.cuda.device_count()} usable CUDA GPU(s) "
-            "(torch.cuda.is_available() is False or the index is too high); use device='cpu'"
-        )
+    device = check_device("device", config.device, ConfigError)
     if config.engine != "distributed":
         return Placement(device, config.training.workers)
     joined = torchrun is None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,19 +23,80 @@ from prsgd.errors import InvalidArgument, check_bool, check_int
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Stacked = dict[str, Tensor]
+Inputs = Tensor | tuple | list | dict
+"""A model's inputs: one tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict (``model(**inputs)``)
+of tensors, each with the leading worker dimension; other values in a tuple or dict go to every worker as they are."""
 
 
-def _has(model: nn.Module, kind: type) -> bool:
+def worker_dims(inputs: Inputs) -> Any:
+    """``in_dims`` for :func:`torch.func.vmap` over ``inputs``: 0 for each tensor, None for anything else."""
+
+    def dim(value: object) -> int | None:
+        return 0 if isinstance(value, Tensor) else None
+
+    if isinstance(inputs, dict):
+        return {key: dim(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(dim(value) for value in inputs)
+    return 0
+
+
+def worker_inputs(inputs: Inputs, i: int) -> Inputs:
+    """Worker ``i``'s part of the stacked ``inputs``."""
+
+    def part(value: object) -> object:
+        return value[i] if isinstance(value, Tensor) else value
+
+    if isinstance(inputs, dict):
+        return {key: part(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(part(value) for value in inputs)
+    return inputs[i]
+
+
+def call_model(model: nn.Module, params: Stacked, buffers: Stacked, inputs: Inputs) -> Any:
+    """``model`` run on one worker's ``inputs`` with the given parameters and buffers (ties kept)."""
+    if isinstance(inputs, dict):
+        return functional_call(model, (params, buffers), (), inputs)
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, (params, buffers), tuple(inputs))
+    return functional_call(model, (params, buffers), (inputs,))
+
+
+def weightless(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no memory), in train mode, with the
+    original's sharing kept: a parameter two modules share (tied embedding and output weights) is one meta tensor
+    in the copy too, so that ``functional_call`` gives both places the one stacked tensor and autograd adds up
+    both uses' gradients. (``module.to("meta")`` would untie them.)"""
+    base = copy.deepcopy(model)
+    metas: dict[int, Tensor] = {}
+    for module in base.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in metas:
+                    meta = t.detach().to("meta")
+                    metas[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                store[name] = metas[id(t)]
+    return base.train()
+
+
+def _has(model: nn.Module, kind: type | tuple[type, ...]) -> bool:
     return any(isinstance(m, kind) for m in model.modules())
 
 
 def choose_compute(compute: str, model: nn.Module, device: torch.device, compile: bool) -> str:
-    """``compute`` checked, with ``"auto"`` resolved: per-worker loops for conv nets on CPU (convolutions run
-    faster per worker than as the grouped convolution vmap makes of them), vmap otherwise and when compiling."""
+    """``compute`` checked, with ``"auto"`` resolved by known rules (not by timing, so that a run's arithmetic, and
+    hence its result, does not depend on the machine's load): per-worker loops on CPU for conv nets (convolutions
+    run faster per worker than as the grouped convolution vmap makes of them) and for recurrent nets (vmap has no
+    batching rule for the CPU LSTM/GRU kernel and falls back to a slower per-sample loop); vmap otherwise and when
+    compiling."""
     if compute not in ("auto", "vmap", "loop"):
         raise InvalidArgument(f"compute={compute!r} is not known; allowed: auto, vmap, loop")
     check_bool("compile", compile)
-    loop_wins = _has(model, nn.modules.conv._ConvNd) and device.type == "cpu" and not compile
+    slow_under_vmap = (nn.modules.conv._ConvNd, nn.RNNBase)
+    loop_wins = _has(model, slow_under_vmap) and device.type == "cpu" and not compile
     chosen = compute if compute != "auto" else ("loop" if loop_wins else "vmap")
     if compile and chosen != "vmap":
         raise InvalidArgument(f"compile=True compiles the vmapped step; it needs compute='vmap' (got {compute!r})")
@@ -63,42 +126,45 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
 class WorkerGradients:
     """``gradients(params, buffers, inputs, targets, loss_fn) -> (grads, losses)``: every worker's gradient of
     ``loss_fn(model(inputs[i]), targets[i])`` at its own stacked parameters ``params[name][i]``, and the losses
-    (shape (N,)). BatchNorm statistics update the stacked ``buffers`` in place."""
+    (shape (N,)). ``inputs`` may be a tuple or dict of stacked tensors (:data:`Inputs`). BatchNorm statistics update
+    the stacked ``buffers`` in place."""
 
     def __init__(self, model: nn.Module, num_workers: int, compute: str, threads: int, compile: bool) -> None:
         self.num_workers, self.compute, self.compile = num_workers, compute, compile
-        base = copy.deepcopy(model).to("meta")
-        base.train()
+        base = weightless(model)
         # functional_call swaps tensors into the module: one module per thread
         self._bases = [base] + [copy.deepcopy(base) for _ in range(threads - 1)]
-        self._vmapped: dict[LossFn, Callable] = {}  # compiled steps only
+        self._vmapped: dict[tuple[LossFn, str], Callable] = {}  # compiled steps only
         self._grad_buffers: Stacked = {}
 
     def __call__(
-        self, params: Stacked, buffers: Stacked, inputs: Tensor, targets: Tensor, loss_fn: LossFn
+        self, params: Stacked, buffers: Stacked, inputs: Inputs, targets: Tensor, loss_fn: LossFn
     ) -> tuple[Stacked, Tensor]:
         if self.compute == "loop":
             return self._loop(params, buffers, inputs, targets, loss_fn)
-        per_worker = self._vmapped.get(loss_fn)
+        dims = worker_dims(inputs)
+        per_worker = self._vmapped.get((loss_fn, repr(dims)))
         if per_worker is None:
             base = self._bases[0]
 
-            def loss(p: Stacked, b: Stacked, x: Tensor, y: Tensor) -> Tensor:
-                return loss_fn(functional_call(base, (p, b), (x,)), y)
+            def loss(p: Stacked, b: Stacked, x: Inputs, y: Tensor) -> Tensor:
+                return loss_fn(call_model(base, p, b, x), y)
 
-            per_worker = vmap(grad_and_value(loss), randomness="different")
+            per_worker = vmap(grad_and_value(loss), in_dims=(0, 0, dims, 0), randomness="different")
             if self.compile:  # one compilation per input shape and per loss function object: kept
-                per_worker = self._vmapped[loss_fn] = torch.compile(per_worker, dynamic=False)
-        return per_worker(params, buffers, inputs, targets)
+                per_worker = self._vmapped[(loss_fn, repr(dims))] = torch.compile(per_worker, dynamic=False)
+        with warnings.catch_warnings():  # torch's per-op notice that vmap runs an op sample by sample
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return per_worker(params, buffers, inputs, targets)
 
     def _loop(
-        self, params: Stacked, buffers: Stacked, inputs: Tensor, targets: Tensor, loss_fn: LossFn
+        self, params: Stacked, buffers: Stacked, inputs: Inputs, targets: Tensor, loss_fn: LossFn
     ) -> tuple[Stacked, Tensor]:
         """Plain autograd per worker, written into stacked gradient buffers. With T > 1 threads, thread k computes
         workers k, k + T, ... with 1/T of the intra-op threads (workers touch disjoint memory)."""
         if not self._grad_buffers:
             self._grad_buffers = {name: torch.empty_like(p) for name, p in params.items()}
-        losses: list[Tensor] = [inputs.new_empty(())] * self.num_workers
+        losses: list[Tensor] = [torch.empty(())] * self.num_workers  # each worker writes its own entry
         names = list(params)
 
         def workers(part: int, intra_op_threads: int | None) -> None:
@@ -109,7 +175,7 @@ class WorkerGradients:
                 mine = {name: p[i].detach().requires_grad_() for name, p in params.items()}
                 own_buffers = {name: b[i] for name, b in buffers.items()}
                 with torch.enable_grad():
-                    loss = loss_fn(functional_call(base, (mine, own_buffers), (inputs[i],)), targets[i])
+                    loss = loss_fn(call_model(base, mine, own_buffers, worker_inputs(inputs, i)), targets[i])
                     grads = torch.autograd.grad(loss, [mine[n] for n in names], allow_unused=True)
                 for name, g in zip(names, grads, strict=True):
                     self._grad_buffers[name][i].copy_(g) if g is not None else self._grad_buffers[name][i].zero_()

@@ -15,14 +15,30 @@ import torch
 from torch import Tensor, nn
 
 from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup
-from prsgd.engines.gradients import LossFn, WorkerGradients, choose_compute, choose_threads
+from prsgd.engines.gradients import (
+    Inputs,
+    LossFn,
+    WorkerGradients,
+    call_model,
+    choose_compute,
+    choose_threads,
+    worker_inputs,
+)
 from prsgd.engines.stacked import StackedCommunicator
-from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool, check_int
+from prsgd.errors import (
+    CheckpointError,
+    InvalidArgument,
+    NonFiniteError,
+    PrsgdError,
+    check_bool,
+    check_device,
+    check_int,
+)
 from prsgd.functional import all_finite
 from prsgd.topology import make_topology
 
 
-class Simulator(FollowsAlgorithm):
+class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
     """N simulated workers running Algorithm 1 (or a baseline) with per-worker batches.
 
     Args:
@@ -31,9 +47,9 @@ class Simulator(FollowsAlgorithm):
         lr, momentum, nesterov, weight_decay, period, sync, topology: as in :class:`prsgd.LocalSGD`.
         device: where the stacked workers live.
         compute: how the N gradients are computed: ``"vmap"`` (one vectorized call), ``"loop"`` (plain autograd
-            per worker on views of the stacked tensors) or ``"auto"`` (loop for models with convolutions on CPU,
-            vmap otherwise; :func:`prsgd.engines.gradients.choose_compute` says why). Update and sync are
-            vectorized either way.
+            per worker on views of the stacked tensors) or ``"auto"`` (loop for models with convolutions or
+            recurrent layers on CPU, vmap otherwise; :func:`prsgd.engines.gradients.choose_compute` says why).
+            Update and sync are vectorized either way.
         threads: with ``compute="loop"``, how many workers compute their gradients at once, each in its own thread
             with 1/threads of torch's intra-op threads. Default: for conv nets on CPU, ``min(num_workers,
             torch.get_num_threads())``; 1 for models with dropout modules and elsewhere
@@ -50,6 +66,12 @@ class Simulator(FollowsAlgorithm):
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
+
+    The simulator is a ``torch.optim.Optimizer`` with one param group (the stacked parameters and ``lr``,
+    ``momentum``, ``nesterov``, ``weight_decay``), read at every step, so that any ``torch.optim.lr_scheduler``
+    drives it: ``sched = StepLR(sim, step_size=100)``, then ``sched.step()`` after ``sim.step(...)``. A model
+    with shared parameters (an embedding tied to the output layer) keeps them shared: the shared tensor is stacked
+    once and gets the sum of its uses' gradients, as autograd gives it.
     """
 
     def __init__(
@@ -73,11 +95,11 @@ class Simulator(FollowsAlgorithm):
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         check_int("num_workers", num_workers, 1)
-        self.hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
         self.num_workers = num_workers
         self.check_finite = check_bool("check_finite", check_finite)
-        self.device = torch.device(device)
+        self.device = check_device("device", device)
         self.compute = choose_compute(compute, model, self.device, compile)
         self.compile = compile
         self.threads = choose_threads(threads, self.compute, model, self.device, num_workers)
@@ -100,22 +122,39 @@ class Simulator(FollowsAlgorithm):
             topology=self.topology,
             device=self.device,
         )
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+        torch.optim.Optimizer.__init__(self, list(self._params.values()), defaults)
 
-    def step(self, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
+    @property
+    def hyper(self) -> Hyperparameters:
+        """The hyperparameters of the next step (what the param group holds now)."""
+        return self._group_hyperparameters(0, self.param_groups[0])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.__dict__.get("param_groups"):
+            raise InvalidArgument("a Simulator has one param group (every stacked parameter); it cannot add another")
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__  # all of it (Optimizer's keeps only its own fields)
+
+    def step(self, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> Tensor:  # type: ignore[override]
         """One step of every worker on its own batch ``inputs[i], targets[i]``; returns the losses, shape (N,).
 
-        ``loss_fn(outputs, targets)`` is the loss of one worker's batch (e.g. ``F.cross_entropy``).
+        ``inputs`` is a tensor (the model is called as ``model(x)``), a tuple of tensors (``model(*xs)``) or a dict
+        of tensors (``model(**xs)``, keyword arguments), each with the leading worker dimension N; values in a tuple
+        or dict that are not tensors go to every worker as they are. ``loss_fn(outputs, targets)`` is the loss of
+        one worker's batch (e.g. ``F.cross_entropy``).
         """
-        for name, t in (("inputs", inputs), ("targets", targets)):
-            if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != self.num_workers:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise InvalidArgument(
-                    f"{name} has shape {shape}; its leading dimension must be num_workers={self.num_workers} "
-                    "(one batch per worker, shape (N, b, ...))"
-                )
-        inputs = inputs.to(self.device)
+        inputs = _to_device(_checked_inputs(inputs, self.num_workers), self.device)
+        _check_leading("targets", targets, self.num_workers)
         targets = targets.to(self.device)
-        grads, losses = self._gradients(self._params, self._buffers, inputs, targets, loss_fn)
+        try:
+            grads, losses = self._gradients(self._params, self._buffers, inputs, targets, loss_fn)
+        except PrsgdError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise self._explained(error, inputs, targets, loss_fn) from error
         if self.check_finite:  # before the update and the averaging, so the worker named is where it arose
             self._raise_if_nonfinite([("loss", [losses.detach()]), ("gradient", list(grads.values()))], self.steps_done)
         group = UpdateGroup(
@@ -130,6 +169,24 @@ class Simulator(FollowsAlgorithm):
             kinds = [(what, e.tensors(field)) for what, field in self._KINDS]
             self._raise_if_nonfinite(kinds, self.steps_done - 1)
         return losses.detach()
+
+    def _explained(self, error: Exception, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> Exception:
+        """:class:`InvalidArgument` naming the batch's shapes and what the model's first layer takes when the model
+        (or the loss) fails on one worker's batch run plainly, which is then what is wrong (vmap's own message
+        names its internal shapes); else ``error`` itself."""
+        one = worker_inputs(inputs, 0)
+        try:
+            with torch.no_grad():
+                loss_fn(call_model(copy.deepcopy(self._template), {}, {}, one), targets[0])
+        except Exception as plain:
+            shapes = _shapes(one)
+            message = str(plain).strip().splitlines()[0][:300] if str(plain).strip() else type(plain).__name__
+            target_shape = tuple(targets.shape[1:])
+            return InvalidArgument(
+                f"the model or the loss fails on one worker's batch (inputs {shapes}, targets {target_shape})"
+                f"{_first_layer_takes(self._template)}: {message}"
+            )
+        return error
 
     _KINDS = (("parameter", "params"), ("buffer", "buffers"), ("momentum buffer", "momentum"))
 
@@ -156,7 +213,7 @@ class Simulator(FollowsAlgorithm):
         :meth:`prsgd.algorithm.PeriodicSync.synchronize`); counted in ``comm``. Later rounds keep their schedule."""
         self.algorithm.synchronize()
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, object]:  # type: ignore[override]
         """Everything needed to continue bit-identically: every worker's parameters, model buffers and momentum
         buffers, the learning rate, and the algorithm's state (step counter, hence the position within the period,
         and communication) under ``"prsgd"``, in the format :class:`prsgd.LocalSGD` saves too."""
@@ -165,11 +222,11 @@ class Simulator(FollowsAlgorithm):
             "params": self.params(),
             "buffers": self.buffers(),
             "momentum": self.momentum(),
-            "lr": self.hyper.lr,
+            "lr": self.param_groups[0]["lr"],
             "prsgd": self.algorithm.state_dict(),
         }
 
-    def load_state_dict(self, state: dict, *, from_consensus: bool = False) -> None:
+    def load_state_dict(self, state: dict, *, from_consensus: bool = False) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` output of a simulator of the same model and number of workers.
 
         ``from_consensus=True`` takes a state of any number of workers that was saved in consensus
@@ -190,8 +247,10 @@ class Simulator(FollowsAlgorithm):
         self.set_lr(float(state["lr"]))
 
     def set_lr(self, lr: float) -> None:
-        """Change the learning rate gamma for the following steps (e.g. from a schedule)."""
-        self.hyper = dataclasses.replace(self.hyper, lr=lr)
+        """Change the learning rate gamma for the following steps (what a ``torch.optim.lr_scheduler`` does through
+        ``param_groups``)."""
+        dataclasses.replace(self.hyper, lr=lr)  # checked now
+        self.param_groups[0]["lr"] = lr
 
     def params(self) -> dict[str, Tensor]:
         """Every worker's parameters: name -> ``(N, ...)`` tensor (a copy)."""
@@ -208,11 +267,79 @@ class Simulator(FollowsAlgorithm):
     def averaged_model(self) -> nn.Module:
         """A new module holding the node averages x_bar (and averaged float buffers), in eval mode."""
         model = copy.deepcopy(self._template)
-        state = {name: p.mean(dim=0) for name, p in self._params.items()}
+        averages = {name: p.mean(dim=0) for name, p in self._params.items()}
         for name, b in self._buffers.items():
-            state[name] = b.mean(dim=0) if b.is_floating_point() else b[0]
-        model.load_state_dict(state)
+            averages[name] = b.mean(dim=0) if b.is_floating_point() else b[0]
+        # a shared (tied) tensor is stacked once, under its first name; the state dict lists it under every name
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        first_name = {id(t): name for name, t in reversed(named)}
+        state = model.state_dict(keep_vars=True)
+        model.load_state_dict({name: averages[first_name[id(t)]] for name, t in state.items()})
         return model.eval()
+
+
+def _checked_inputs(inputs: Inputs, num_workers: int) -> Inputs:
+    """``inputs`` if each of its tensors has the leading worker dimension, else :class:`InvalidArgument` naming it."""
+    if isinstance(inputs, dict):
+        named = [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
+    elif isinstance(inputs, (tuple, list)):
+        named = [(f"inputs[{k}]", value) for k, value in enumerate(inputs)]
+    else:
+        named = [("inputs", inputs)]
+    if not any(isinstance(value, Tensor) for _, value in named):
+        raise InvalidArgument(
+            f"inputs is a {type(inputs).__name__} holding no tensor; allowed: a tensor, or a tuple or dict of tensors"
+        )
+    for name, value in named:
+        if isinstance(value, Tensor):
+            _check_leading(name, value, num_workers)
+    return inputs
+
+
+def _check_leading(name: str, t: object, num_workers: int) -> None:
+    if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[0] != num_workers:
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise InvalidArgument(
+            f"{name} has shape {shape}; its leading dimension must be num_workers={num_workers} "
+            "(one batch per worker, shape (N, b, ...))"
+        )
+
+
+def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    def move(value: object) -> object:
+        return value.to(device) if isinstance(value, Tensor) else value
+
+    if isinstance(inputs, dict):
+        return {key: move(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(move(value) for value in inputs)
+    return move(inputs)
+
+
+def _shapes(inputs: Inputs) -> str:
+    def shape(value: object) -> str:
+        return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
+
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{key!r}: {shape(value)}" for key, value in inputs.items()) + "}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(shape(value) for value in inputs) + ")"
+    return shape(inputs)
+
+
+def _first_layer_takes(model: nn.Module) -> str:
+    """What the model's first layer (in module order) takes, when it is a common kind; else ''."""
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.Linear):
+            return f"; its first layer {name} ({kind}) takes inputs whose last dimension is {module.in_features}"
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return f"; its first layer {name} ({kind}) takes {module.in_channels} input channels, shape (b, C, ...)"
+        if isinstance(module, nn.Embedding):
+            return f"; its first layer {name} ({kind}) takes integer indices below {module.num_embeddings}"
+        if isinstance(module, nn.RNNBase):
+            return f"; its first layer {name} ({kind}) takes inputs whose last dimension is {module.input_size}"
+    return ""
 
 
 def _older_algorithm_state(state: dict) -> dict:
