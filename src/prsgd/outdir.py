@@ -48,13 +48,10 @@ class OutFolder:
         self._lock = self._take_lock()
         sweep_temporary_files(self.path)
         checkpoints = self.path / "checkpoints"
-        if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if not resume and _holds_checkpoints(self.path):
             if not overwrite:
                 self.close()
-                raise OutFolderError(
-                    f"--out {str(self.path)!r} holds the checkpoints of an earlier run: continue that run with "
-                    "--resume, pass --overwrite to move them aside (nothing is deleted), or choose another --out"
-                )
+                raise _earlier_run(self.path)
             aside = _free_name(self.path / "checkpoints.old")
             checkpoints.rename(aside)
             self.moved_aside: Path | None = aside
@@ -81,6 +78,27 @@ class OutFolder:
             with contextlib.suppress(OSError):
                 os.close(self._lock)
             self._lock = None
+
+
+def check_out(path: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """What :class:`OutFolder` would refuse, checked without touching anything (a sweep checks every run's folder
+    before the first run starts); the lock is taken only when the run opens the folder."""
+    path = Path(path)
+    _writable_folder(path)
+    if not resume and not overwrite and _holds_checkpoints(path):
+        raise _earlier_run(path)
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    checkpoints = path / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
+def _earlier_run(path: Path) -> OutFolderError:
+    return OutFolderError(
+        f"--out {str(path)!r} holds the checkpoints of an earlier run: continue that run with --resume, pass "
+        "--overwrite to move them aside (nothing is deleted), or choose another --out"
+    )
 
 
 def _free_name(base: Path) -> Path:

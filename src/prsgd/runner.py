@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prsgd.config import ConfigError, RunConfig, load, parse_assignments
 from prsgd.engines.torchrun import Torchrun
+from prsgd.outdir import OutFolderError
 from prsgd.report import discover, summary_table
 from prsgd.train import preflight, run
 
@@ -33,6 +34,12 @@ def plan_runs(config: RunConfig, out: Path, seeds: int = 1, sweep: str | None = 
         values = [v.strip() for v in listed.split(",") if v.strip()] if sep else []
         if not values:
             raise ConfigError(f"--sweep {sweep!r} is not KEY=V1,V2,...")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(
+                f"--sweep {sweep!r} lists {', '.join(repeated)} more than once (each value's runs go to one folder); "
+                "for repeated runs use --seeds"
+            )
     plan = []
     for value in values:
         swept = config.with_overrides({key: value}) if key else config
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, run_config in enumerate(plan, start=1):  # every run checked before the first starts
         try:
             preflight(run_config)
-        except ConfigError as error:
+        except (ConfigError, OutFolderError) as error:
             raise ConfigError(f"run {index} of {len(plan)} ({run_config.out}): {error}; no run was started") from None
     # under torchrun: join once for all runs, so that only rank 0 reports
     torchrun = Torchrun.join(config.device, config.worker_timeout) if config.engine == "distributed" else None

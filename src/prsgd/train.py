@@ -13,6 +13,7 @@ wall-clock seconds spent training (evaluation excluded) and the communication so
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from prsgd.data import WorkerSampler, label_distribution, load_dataset, partitio
 from prsgd.engines.torchrun import Torchrun
 from prsgd.errors import NonFiniteError, PrsgdError, user_error
 from prsgd.models import build_model
-from prsgd.outdir import OutFolder, OutFolderError
+from prsgd.outdir import OutFolder, OutFolderError, check_out
 from prsgd.resume import Checkpoints
 from prsgd.theory import recommended_lr, recommended_period
 from prsgd.workers import Placement, check_memory, make_workers, place
@@ -65,8 +66,9 @@ def resolve_schedule(config: RunConfig, train_size: int, num_workers: int) -> tu
 
 
 def preflight(config: RunConfig, num_workers: int | None = None) -> None:
-    """Check ``config`` as far as can be done without training: its dataset loads (cached for the run) and its
-    schedule is valid. ``prsgd run`` checks every run of a sweep so before the first starts."""
+    """Check ``config`` as far as can be done without training: its dataset loads (cached for the run), its
+    schedule is valid, and its output folder can be used as asked. ``prsgd run`` checks every run of a sweep so
+    before the first starts."""
     data = load_dataset(
         config.data.dataset,
         config.data.path,
@@ -75,12 +77,22 @@ def preflight(config: RunConfig, num_workers: int | None = None) -> None:
         image_size=config.data.image_size,
     )
     resolve_schedule(config, len(data.train), num_workers or config.training.workers)
+    if config.out:
+        check_out(config.out, resume=config.resume, overwrite=config.overwrite)
 
 
 def run(
-    config: RunConfig, on_record: Callable[[Record], None] | None = None, torchrun: Torchrun | None = None
+    config: RunConfig,
+    on_record: Callable[[Record], None] | None = None,
+    torchrun: Torchrun | None = None,
+    times: dict[str, float] | None = None,
 ) -> list[Record]:
     """Train as ``config`` says; return (and, with ``config.out``, write) the evaluation records.
+
+    ``on_record(record)`` is called with each record as it is made: the hook for any tracker (W&B, MLflow, ...;
+    ``--logger`` covers CSV and TensorBoard). ``times``, if given, is filled with the seconds this process spent
+    training (``train``, what the records' ``wall_clock`` counts), warming up (``warm_up_untimed``), evaluating
+    and checkpointing.
 
     Everything that can be wrong with the config or the data is checked before the first step. With
     ``engine="distributed"`` the run joins the process group torchrun describes and leaves it at the end, unless
@@ -97,7 +109,7 @@ def run(
     folder = None
     try:
         folder = _open_out(config, placement)
-        return _train(config, data, placement, on_record)
+        return _train(config, data, placement, on_record, {} if times is None else times)
     finally:
         if folder is not None:
             folder.close()
@@ -121,7 +133,9 @@ def _open_out(config: RunConfig, placement: Placement) -> OutFolder | None:
     return folder
 
 
-def _train(config: RunConfig, data, placement, on_record: Callable[[Record], None] | None) -> list[Record]:
+def _train(
+    config: RunConfig, data, placement, on_record: Callable[[Record], None] | None, times: dict[str, float]
+) -> list[Record]:
     t = config.training
     num_workers, is_main = placement.num_workers, placement.is_main
     if placement.torchrun is None:  # N simulated workers in this process: will their state fit?
@@ -146,6 +160,7 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
     sampler = WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
     heterogeneity = label_distribution(data.train.targets, shards, num_workers, data.num_classes)
 
+    warm_up_s = _warm_up(config, data, placement, sampler)
     torch.manual_seed(t.seed)
     model = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
     workers = make_workers(placement, model, config, data)
@@ -246,16 +261,35 @@ def _train(config: RunConfig, data, placement, on_record: Callable[[Record], Non
         _raise_explained(placement, error, failure, f"training step {step}")
     finally:
         bar.close()
+    times.update(
+        train=wall,
+        warm_up_untimed=warm_up_s,
+        evaluation=evaluating,
+        checkpoints=checkpointing,
+        total_this_process=time.perf_counter() - began,
+    )
     if out is not None and records:
-        times = {
-            "train": wall,
-            "evaluation": evaluating,
-            "checkpoints": checkpointing,
-            "total_this_process": time.perf_counter() - began,
-        }
         summary = {"config": resolved, "final": records[-1], "time_s": times}
         checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return records
+
+
+WARM_UP_STEPS = 2
+
+
+def _warm_up(config: RunConfig, data, placement: Placement, sampler: WorkerSampler) -> float:
+    """Take :data:`WARM_UP_STEPS` steps on throwaway workers before the run's own, so that one-time start-up
+    (kernel and library initialization, thread pools, first calls) is not counted in the run's wall-clock: the
+    first run of a sweep would otherwise look slower than the same run later in it. Returns the seconds spent (not
+    counted). The run itself is unaffected: it builds its model after reseeding."""
+    started = time.perf_counter()
+    model = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
+    workers = make_workers(placement, model, config, data)
+    for step in range(WARM_UP_STEPS):
+        workers.step(sampler, step)
+    del workers
+    gc.collect()  # its memory is free before the run's own workers are built
+    return time.perf_counter() - started
 
 
 def _raise_explained(placement: Placement, error: BaseException, failure: BaseException, doing: str) -> None:
@@ -267,11 +301,12 @@ def _raise_explained(placement: Placement, error: BaseException, failure: BaseEx
     raise explained from error
 
 
-def summary_line(final: Record, config: RunConfig) -> str:
+def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
     """One human line for the end of a run (every record stays in ``OUT/log.jsonl``)."""
     where = f"; log: {Path(config.out) / 'log.jsonl'}" if config.out else ""
     return (
-        f"done: {final['step']} steps ({final['joint_epoch']:.2f} joint epochs, {final['wall_clock']:.1f} s training); "
+        f"done: {final['step']} steps ({final['joint_epoch']:.2f} joint epochs, {final['wall_clock']:.1f} s training, "
+        f"{evaluation_s:.1f} s evaluating); "
         f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}; "
         f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker{where}"
     )
@@ -285,9 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         args.workers = os.environ["WORLD_SIZE"]
     try:
         config = from_flat_arguments(args)
-        records = run(config)
+        times: dict[str, float] = {}
+        records = run(config, times=times)
         if int(os.environ.get("RANK", "0")) == 0 or config.engine != "distributed":
-            print(summary_line(records[-1], config))
+            print(summary_line(records[-1], config, times["evaluation"]))
     except Exception as error:
         message = user_error(error)
         if message is None:
