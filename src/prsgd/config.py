@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
 from prsgd.errors import InvalidArgument
 from prsgd.topology import BUILT_IN
+from prsgd.trackers import check_loggers
 
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
@@ -156,6 +157,7 @@ class RunConfig:
     resume: bool = False  # continue from the newest intact checkpoint in OUT/checkpoints (if there is one)
     overwrite: bool = False  # a fresh run into an OUT holding checkpoints moves them aside (never deletes)
     worker_timeout: float = 300.0  # distributed: seconds a collective waits before the run fails naming the rank
+    logger: str = "jsonl"  # comma-separated: jsonl (always, with out), csv (OUT/log.csv), tensorboard (OUT/tensorboard)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -168,6 +170,10 @@ class RunConfig:
         if self.seeds > 1000:
             raise ConfigError(f"seeds={self.seeds} is not allowed; at most 1000 runs of one config")
         _positive("worker_timeout", self.worker_timeout)
+        try:
+            check_loggers(self.logger)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         device = self.device.split(":")
         if device[0] not in ("cpu", "cuda") or len(device) > 2 or (len(device) == 2 and not device[1].isdigit()):
             raise ConfigError(f"device={self.device!r} is not known; allowed: cpu, cuda, cuda:N")

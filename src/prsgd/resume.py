@@ -30,7 +30,7 @@ class Checkpoints:
 
     # keys that may change between the run that wrote a checkpoint and the one resuming it
     MAY_CHANGE = frozenset(
-        {"out", "progress", "resume", "overwrite", "worker_timeout", "seeds", "sweep", "device"}
+        {"out", "progress", "resume", "overwrite", "worker_timeout", "seeds", "sweep", "device", "logger"}
         | {f"training.{k}" for k in ("epochs", "evals", "checkpoint_every", "keep_checkpoints", "workers")}
     )
 

@@ -35,6 +35,7 @@ from prsgd.models import build_model
 from prsgd.outdir import OutFolder, OutFolderError, check_out
 from prsgd.resume import Checkpoints
 from prsgd.theory import recommended_lr, recommended_period
+from prsgd.trackers import check_loggers, check_out_for, open_trackers
 from prsgd.workers import Placement, check_memory, make_workers, place
 
 Record = dict[str, Any]
@@ -65,6 +66,16 @@ def resolve_schedule(config: RunConfig, train_size: int, num_workers: int) -> tu
     return config, total_steps, notes
 
 
+def _loggers(config: RunConfig) -> tuple[str, ...]:
+    """The run's loggers (``--logger``), refused when they would write files without ``--out``."""
+    try:
+        names = check_loggers(config.logger)
+        check_out_for(names, config.out)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return names
+
+
 def preflight(config: RunConfig, num_workers: int | None = None) -> None:
     """Check ``config`` as far as can be done without training: its dataset loads (cached for the run), its
     schedule is valid, and its output folder can be used as asked. ``prsgd run`` checks every run of a sweep so
@@ -77,6 +88,7 @@ def preflight(config: RunConfig, num_workers: int | None = None) -> None:
         image_size=config.data.image_size,
     )
     resolve_schedule(config, len(data.train), num_workers or config.training.workers)
+    _loggers(config)
     if config.out:
         check_out(config.out, resume=config.resume, overwrite=config.overwrite)
 
@@ -97,6 +109,7 @@ def run(
     Everything that can be wrong with the config or the data is checked before the first step. With
     ``engine="distributed"`` the run joins the process group torchrun describes and leaves it at the end, unless
     the caller passes its own ``torchrun`` membership (``prsgd run`` joins once for all its runs)."""
+    _loggers(config)
     t = config.training
     data = load_dataset(
         config.data.dataset,
@@ -198,8 +211,10 @@ def _train(
             f"the checkpoint resumed is at step {start}, past this run's {total_steps} steps "
             f"(training.epochs={t.epochs:g}); resume with at least as many epochs as the run it continues"
         )
+    trackers = []
     if out is not None:
         checkpoint.atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+        trackers = open_trackers(_loggers(config), out, records, start + 1 if start > 0 else None)
 
     lr = None
     desc = f"{config.algorithm.sync} I={config.algorithm.period}"
@@ -237,6 +252,8 @@ def _train(
                 bar.set_postfix({"train loss": f"{train_loss:.4f}", "test acc": f"{test_acc:.3f}"})
                 if out is not None:
                     checkpoint.append_line(out / "log.jsonl", json.dumps(record))
+                for tracker in trackers:
+                    tracker.record(record)
                 if on_record is not None:
                     on_record(record)
                 evaluating += time.perf_counter() - evaluation_started
@@ -261,6 +278,8 @@ def _train(
         _raise_explained(placement, error, failure, f"training step {step}")
     finally:
         bar.close()
+        for tracker in trackers:
+            tracker.close()
     times.update(
         train=wall,
         warm_up_untimed=warm_up_s,

@@ -1,0 +1,62 @@
+"""``--logger csv,tensorboard``: the copies of log.jsonl, read back with the csv module and TensorBoard's own
+EventAccumulator, also across a resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from prsgd.train import main
+
+SMALL = ["--dataset", "digits", "--model", "mlp", "--hidden", "16", "--workers", "2", "--evals", "3", "--no-progress"]
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(out) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_copies_of_the_log(out):
+    records = log(out)
+    with (out / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [{k: float(v) for k, v in row.items()} for row in rows] == [
+        {k: float(v) for k, v in r.items()} for r in records
+    ]
+    scalars = tensorboard_scalars(out)
+    assert set(scalars) == set(records[0]) - {"step"}
+    for name, points in scalars.items():
+        assert [step for step, _ in points] == [r["step"] for r in records], name
+        assert [value for _, value in points] == pytest.approx([r[name] for r in records], rel=1e-6), name
+
+
+def test_csv_and_tensorboard_hold_every_record_also_after_a_resume(tmp_path):
+    out = tmp_path / "run"
+    main([*SMALL, "--epochs", "1", "--logger", "csv,tensorboard", "--out", str(out)])
+    assert len(log(out)) == 4
+    assert_copies_of_the_log(out)
+    # the same run continued to 2 epochs: the trackers continue too, the step resumed from is not logged twice
+    main([*SMALL, "--epochs", "2", "--logger", "jsonl,csv,tensorboard", "--out", str(out), "--resume"])
+    assert [r["step"] for r in log(out)] == [0, 15, 30, 45, 60, 90]  # evals over 90 steps, after 45
+    assert_copies_of_the_log(out)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--logger", "wandb"], r"logger='wandb' is not known; allowed: a comma-separated list of jsonl, csv, tens"),
+        (["--logger", "csv"], r"logger=csv writes into the run's folder: set --out too"),
+    ],
+)
+def test_bad_loggers_are_refused_before_training(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=f"prsgd train: error: {message}"):
+        main([*SMALL, "--epochs", "1", *flags])
+    assert not list(tmp_path.iterdir())
