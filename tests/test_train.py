@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -104,3 +105,22 @@ def test_prsgd_train_ends_with_a_human_summary(tmp_path, capsys):
         last.startswith(f"done: {final['step']} steps (0.51 joint epochs") and f"{final['comm_rounds']} rounds" in last
     )
     assert last.endswith(f"log: {tmp_path / 'log.jsonl'}") and f"test accuracy {final['test_accuracy']:.4f}" in last
+
+
+def test_every_flag_says_what_it_sets_its_type_choices_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith("usage: prsgd train ") and "``" not in text
+    assert "--period PERIOD I, local steps between rounds; 'theory': " in text
+    assert "(int or 'theory'; default: 8) [algorithm.period]" in text
+    assert "(str; one of: params_and_momentum, " in text and "default: 'params_and_momentum') [algorithm.sync]" in text
+    assert "(bool; default: False) [algorithm.nesterov]" in text
+    from prsgd.config import LEAVES
+
+    for leaf, dotted in LEAVES.items():
+        flag = "--" + leaf.replace("_", "-")
+        at = re.search(re.escape(flag) + "[ ,]", text[text.index("options:") :]).start() + text.index("options:")
+        help_text = text[at : text.index(f"[{dotted}]", at)]
+        assert "default: " in help_text and len(help_text.split("(")[0].split()) > 2, help_text

@@ -17,14 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from prsgd.algorithm import Hyperparameters, check_period, check_topology, sync_rule
+from prsgd.algorithm import SYNC_RULES, Hyperparameters, check_period, check_topology, sync_rule
+from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
+from prsgd.models import MODEL_NAMES
 from prsgd.topology import BUILT_IN
-from prsgd.trackers import check_loggers
+from prsgd.trackers import LOGGERS, check_loggers
 
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
 SCHEDULES = ("constant", "step")
+
+
+def option(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with the one-line description (and allowed values) ``--help`` shows."""
+    return field(default=default, metadata={"doc": doc, "choices": choices})
 
 
 Theory = Literal["theory"]
@@ -39,14 +46,16 @@ class ConfigError(InvalidArgument):
 class DataConfig:
     """Dataset and how it is split across workers (the paper's identical vs non-identical cases)."""
 
-    dataset: str = "digits"  # digits | fashion_mnist | mnist | cifar10 | imagefolder | synthetic
-    path: str = ""  # folder or file of the dataset; default: the dataset's usual place (fashion_mnist: Debian's)
-    split: str = "identical"  # identical | disjoint | dirichlet | classes
-    alpha: float = 0.5  # Dirichlet concentration over labels (split = "dirichlet"); smaller is more skewed
-    classes_per_worker: int = 2  # split = "classes"
-    augment: bool = False  # random crop (padding 4) and horizontal flip, for image datasets
-    train_subset: int = 0  # use only this many training examples (seeded choice); 0: all
-    image_size: int = 224  # imagefolder: images are resized to this square size
+    dataset: str = option("digits", "the dataset", choices=DATASET_NAMES)
+    path: str = option(
+        "", "folder or file of the dataset; default: the dataset's usual place (fashion_mnist: Debian's)"
+    )
+    split: str = option("identical", "how examples are spread over workers (identical: i.i.d.)", choices=SPLITS)
+    alpha: float = option(0.5, "Dirichlet concentration over labels (split = 'dirichlet'); smaller is more skewed")
+    classes_per_worker: int = option(2, "split = 'classes': labels each worker holds")
+    augment: bool = option(False, "random crop (padding 4) and horizontal flip, for image datasets")
+    train_subset: int = option(0, "use only this many training examples (seeded choice); 0: all")
+    image_size: int = option(224, "imagefolder: images are resized to this square size")
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -59,8 +68,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "mlp"  # mlp | cnn | resnet8 | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet50
-    hidden: int = 64  # mlp width
+    model: str = option(
+        "mlp",
+        "the network (resnet8-110: CIFAR ResNets; resnet50: ImageNet's)",
+        choices=MODEL_NAMES,
+    )
+    hidden: int = option(64, "mlp width")
 
     def __post_init__(self) -> None:
         _at_least("model.hidden", self.hidden, 1)
@@ -70,12 +83,20 @@ class ModelConfig:
 class AlgorithmConfig:
     """The sync rule and local update (see :class:`prsgd.LocalSGD`)."""
 
-    sync: str = "params_and_momentum"
-    period: int | Theory = 8  # or "theory": the paper's corollary for this N, T and data case (prsgd.theory)
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    topology: str = ""  # gossip rules only: ring, torus, complete, hypercube, exponential, one_peer_exponential
+    sync: str = option(
+        "params_and_momentum",
+        "params_and_momentum is Algorithm 1, gossip Algorithm 2; the others are the paper's baselines",
+        choices=tuple(SYNC_RULES),
+    )
+    period: int | Theory = option(8, "I, local steps between rounds; 'theory': the corollary's I for this N, T, data")
+    momentum: float = option(0.9, "beta, in [0, 1); 0 is local SGD")
+    nesterov: bool = option(False, "Nesterov momentum (option II, torch.optim.SGD's form) instead of Polyak's")
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient, as torch.optim.SGD does")
+    topology: str = option(
+        "",
+        "gossip rules only: the graph workers mix over",
+        choices=tuple(BUILT_IN),
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -94,22 +115,24 @@ class AlgorithmConfig:
 class TrainingConfig:
     """Workers, batches, length, learning-rate schedule, seeds and evaluation. Epochs are joint epochs."""
 
-    workers: int = 8  # simulator; under torchrun it must equal the world size
-    batch_size: int = 16  # per worker
-    epochs: float = 20.0  # joint epochs: examples read by all workers together / training-set size
-    lr: float | Theory = 0.05  # or "theory": gamma = lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)
-    lr_scale: float = 1.0  # with lr = "theory" only
-    lr_schedule: str = "constant"  # constant | step
-    milestones: tuple[float, ...] = ()  # joint epochs at which the step schedule multiplies lr by lr_decay
-    lr_decay: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up from lr / 10 over this many joint epochs
-    evals: int = 20  # evaluations over the run, plus one at step 0
-    eval_train_examples: int = 10_000  # training loss is measured on this many (seeded) training examples
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between checkpoints (with ``out``); 0: at every evaluation. Always at the end
-    keep_checkpoints: int = 2  # the newest this many complete checkpoints are kept
-    check_finite: bool = True  # stop with an error naming the step and worker at the first NaN/inf
-    compile: bool = False  # simulator engine: torch.compile the vmapped gradient step (prsgd.Simulator(compile=True))
+    workers: int = option(8, "N; under torchrun it must equal the world size")
+    batch_size: int = option(16, "examples per worker per step")
+    epochs: float = option(20.0, "joint epochs: examples read by all workers together / training-set size")
+    lr: float | Theory = option(0.05, "gamma; 'theory': lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)")
+    lr_scale: float = option(1.0, "with lr = 'theory' only")
+    lr_schedule: str = option("constant", "the learning-rate schedule over joint epochs", choices=SCHEDULES)
+    milestones: tuple[float, ...] = option((), "joint epochs at which the step schedule multiplies lr by lr_decay")
+    lr_decay: float = option(0.1, "the step schedule's factor at each milestone")
+    warmup_epochs: float = option(0.0, "linear warm-up from lr / 10 over this many joint epochs")
+    evals: int = option(20, "evaluations over the run, plus one at step 0")
+    eval_train_examples: int = option(10_000, "training loss is measured on this many (seeded) training examples")
+    seed: int = option(0, "seeds the model, the data order and the split")
+    checkpoint_every: int = option(0, "steps between checkpoints (with out); 0: at every evaluation. Always at the end")
+    keep_checkpoints: int = option(2, "the newest this many complete checkpoints are kept")
+    check_finite: bool = option(True, "stop with an error naming the step and worker at the first NaN/inf")
+    compile: bool = option(
+        False, "simulator engine: torch.compile the vmapped gradient step (prsgd.Simulator(compile=True))"
+    )
 
     def __post_init__(self) -> None:
         _at_least("training.workers", self.workers, 1)
@@ -148,16 +171,26 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    engine: str = "simulator"
-    device: str = "cpu"
-    out: str = ""  # folder for config.json, log.jsonl and split.json; empty: write nothing
-    progress: bool = True
-    seeds: int = 1  # prsgd run: seeds training.seed, +1, ... (each into OUT/seed<k>)
-    sweep: str = ""  # prsgd run: "KEY=V1,V2,..." runs once per value (each into OUT/<key>=<value>)
-    resume: bool = False  # continue from the newest intact checkpoint in OUT/checkpoints (if there is one)
-    overwrite: bool = False  # a fresh run into an OUT holding checkpoints moves them aside (never deletes)
-    worker_timeout: float = 300.0  # distributed: seconds a collective waits before the run fails naming the rank
-    logger: str = "jsonl"  # comma-separated: jsonl (always, with out), csv (OUT/log.csv), tensorboard (OUT/tensorboard)
+    engine: str = option(
+        "simulator",
+        "simulator: N workers in this process; distributed: one worker per torchrun process",
+        choices=ENGINES,
+    )
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    out: str = option("", "folder for the run's config, log, summary and checkpoints; empty: write nothing")
+    progress: bool = option(True, "show a progress bar")
+    seeds: int = option(1, "prsgd run: seeds training.seed, +1, ... (each into OUT/seed<k>)")
+    sweep: str = option("", "prsgd run: 'KEY=V1,V2,...' runs once per value (each into OUT/<key>=<value>)")
+    resume: bool = option(False, "continue from the newest intact checkpoint in OUT/checkpoints (if there is one)")
+    overwrite: bool = option(False, "a fresh run into an OUT holding checkpoints moves them aside (never deletes)")
+    worker_timeout: float = option(
+        300.0, "distributed: seconds a collective waits before the run fails naming the rank"
+    )
+    logger: str = option(
+        "jsonl",
+        "comma-separated list: jsonl (always, with out), csv (OUT/log.csv), tensorboard (OUT/tensorboard)",
+        choices=LOGGERS,
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -333,16 +366,44 @@ def parse_assignments(items: list[str] | None) -> dict[str, str]:
 
 
 def add_flat_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per config leaf (``--period``, ``--sync``, ``--nesterov/--no-nesterov``, ...); a flag not
-    given leaves the config's value."""
+    """One ``--flag`` per config leaf (``--period``, ``--sync``, ``--nesterov/--no-nesterov``, ...), its help the
+    field's description, type, allowed values and default; a flag not given leaves the config's value."""
+    groups = {
+        "": parser.add_argument_group("run"),
+        **{section: parser.add_argument_group(section) for section in SECTIONS},
+    }
     for leaf, dotted in LEAVES.items():
         flag = "--" + leaf.replace("_", "-")
         section, _, name = dotted.rpartition(".")
-        annotation = get_type_hints(SECTIONS[section] if section else RunConfig)[name]
+        owner = SECTIONS[section] if section else RunConfig
+        annotation = get_type_hints(owner)[name]
+        meta = next(f for f in dataclasses.fields(owner) if f.name == name)
+        help_text = f"{meta.metadata.get('doc', '')} ({_describe(annotation, meta)}) [{dotted}]".lstrip()
+        help_text = help_text.replace("%", "%%")
+        group = groups[section]
         if annotation is bool:
-            parser.add_argument(flag, dest=leaf, default=None, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, dest=leaf, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, dest=leaf, default=None, metavar=name.upper(), help=f"sets {dotted}")
+            group.add_argument(flag, dest=leaf, default=None, metavar=name.upper(), help=help_text)
+
+
+def _describe(annotation: Any, meta: dataclasses.Field) -> str:
+    """'int or 'theory'; default: 8', 'str; one of: a, b; default: 'a'' for a field's --help."""
+    if get_origin(annotation) is Union:
+        literals = [v for member in get_args(annotation) if get_origin(member) is Literal for v in get_args(member)]
+        plain = [m for m in get_args(annotation) if get_origin(m) is not Literal]
+        kind = " or ".join([*(getattr(m, "__name__", str(m)) for m in plain), *map(repr, literals)])
+    elif annotation == tuple[float, ...]:
+        kind = "comma-separated numbers"
+    else:
+        kind = getattr(annotation, "__name__", str(annotation))
+    parts = [kind]
+    if meta.metadata.get("choices"):
+        parts.append("one of: " + ", ".join(meta.metadata["choices"]))
+    default = meta.default
+    shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else repr(default)
+    parts.append(f"default: {shown if default not in ('', ()) else 'empty'}")
+    return "; ".join(parts)
 
 
 def from_flat_arguments(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:

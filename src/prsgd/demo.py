@@ -12,9 +12,9 @@ a markdown table and writes a plot of training loss and test accuracy vs joint e
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from prsgd import command
 from prsgd.config import RunConfig
 from prsgd.report import plot_groups, summary_table
 from prsgd.train import run
@@ -34,7 +34,7 @@ PRESETS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prsgd.demo", description=__doc__.split("\n")[0])
+    parser = command.parser("python -m prsgd.demo", __doc__)
     parser.add_argument("--dataset", choices=sorted(PRESETS), default="fashion_mnist")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=float, default=None, help="joint epochs (default: the preset's)")

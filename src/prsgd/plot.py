@@ -8,14 +8,14 @@ writes the markdown table beside them.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from prsgd import command
 from prsgd.report import X_AXES, discover, plot_groups, summary_table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prsgd plot", description=__doc__.split("\n")[0])
+    parser = command.parser("prsgd plot", __doc__)
     parser.add_argument("runs", nargs="+", help="run folders (a run, a folder of seeds, or a sweep folder)")
     parser.add_argument("--out", help="figure path without suffix (default: FIRST_RUN_DIR/figure)")
     parser.add_argument(

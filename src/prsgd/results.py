@@ -22,7 +22,6 @@ summaries give (the tests run it), so every number in the doc can be traced to a
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from prsgd import command
 from prsgd.checkpoint import atomic_write
 from prsgd.errors import InvalidArgument
 from prsgd.report import mean_sd as pm
@@ -193,7 +193,7 @@ def read_doc(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prsgd results", description=__doc__.split("\n")[0])
+    parser = command.parser("prsgd results", __doc__)
     parser.add_argument("runs", nargs="?", help="the folder of experiment folders (omit with --check)")
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--summaries", default="docs/results/runs.jsonl")

@@ -13,10 +13,10 @@ figures with ``prsgd plot OUT``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
+from prsgd import command
 from prsgd.config import ConfigError, RunConfig, load, parse_assignments
 from prsgd.engines.torchrun import Torchrun
 from prsgd.outdir import OutFolderError
@@ -54,7 +54,7 @@ def plan_runs(config: RunConfig, out: Path, seeds: int = 1, sweep: str | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prsgd run", description=__doc__.split("\n")[0])
+    parser = command.parser("prsgd run", __doc__)
     parser.add_argument("config", help="a TOML config file (see configs/)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. training.epochs=2")
     parser.add_argument("--seeds", type=int, help="run seeds s, s+1, ..., s+K-1 (s = training.seed)")

@@ -15,10 +15,10 @@ numbers). The period is rounded down and is at least 1.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
+from prsgd import command
 from prsgd.errors import InvalidArgument, check_number
 
 
@@ -95,7 +95,7 @@ def recommend(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prsgd theory", description=__doc__.split("\n")[0])
+    parser = command.parser("prsgd theory", __doc__)
     parser.add_argument("--workers", type=int, required=True, help="N")
     parser.add_argument("--steps", type=int, required=True, help="T, iterations of every worker")
     parser.add_argument("--non-identical", action="store_true", help="workers' data differ (zeta > 0)")

@@ -20,7 +20,6 @@ held, or not testable on this problem (and why).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prsgd import command
 from prsgd.config import ConfigError
 from prsgd.errors import check_int
 from prsgd.problems import NonConvexRegression, run
@@ -540,7 +540,7 @@ def decentralized(seeds: int, steps: int, sizes: list[int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prsgd.theory_experiments", description=__doc__.split("\n")[0])
+    parser = command.parser("python -m prsgd.theory_experiments", __doc__)
     parser.add_argument("--out", default="docs")
     parser.add_argument("--config", help="a TOML plan of sizes (configs/theory/full.toml is the default plan)")
     parser.add_argument("--seeds", type=int, help="override the plan's number of seeds")

@@ -12,7 +12,6 @@ wall-clock seconds spent training (evaluation excluded) and the communication so
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from prsgd import checkpoint
+from prsgd import checkpoint, command
 from prsgd.config import ConfigError, RunConfig, add_flat_arguments, from_flat_arguments
 from prsgd.data import WorkerSampler, label_distribution, load_dataset, partition
 from prsgd.engines.torchrun import Torchrun
@@ -332,7 +331,7 @@ def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prsgd train", description=__doc__.split("\n")[0])
+    parser = command.parser("prsgd train", __doc__)
     add_flat_arguments(parser)
     args = parser.parse_args(argv)
     if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
