@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import LOG_FIELDS
 from prsgd import cli
 from prsgd.config import ConfigError, RunConfig, TrainingConfig, load
 from prsgd.data import DataError
-from prsgd.report import discover
+from prsgd.report import describe_groups, discover, figure, group_configs
 from prsgd.runner import main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +129,26 @@ def test_seeds_and_sweep_fill_one_folder_and_plot_draws_them(tmp_path):
     groups = discover([out])
     assert set(groups) == {"runs/period=1", "runs/period=4"} and all(len(g) == 2 for g in groups.values())
     assert read_log(out / "period=1" / "seed0") != read_log(out / "period=1" / "seed1")
-    cli.main(["plot", str(out), "--out", str(tmp_path / "fig")])
+    cli.main(["plot", str(out), "--out", str(tmp_path / "fig"), "--x", "joint_epoch,bytes"])
     assert (tmp_path / "fig.png").stat().st_size > 10_000 and (tmp_path / "fig.pdf").is_file()
     table = (tmp_path / "fig.md").read_text()
     assert "| runs/period=4 | 2 |" in table
+    # the legend names the swept value, the title what the runs share
+    labels, title = describe_groups(group_configs([out]))
+    assert labels == {"runs/period=1": "period=1", "runs/period=4": "period=4"}
+    assert title == "dataset=digits, split=identical, model=mlp, workers=4, sync=params_and_momentum"
+    with pytest.raises(SystemExit, match=r"prsgd plot: error: x axis 'rounds' is not known; allowed: joint_epoch, "):
+        cli.main(["plot", str(out), "--out", str(tmp_path / "fig2"), "--x", "rounds"])
+    assert not (tmp_path / "fig2.png").exists()
+
+
+def test_a_narrow_log_axis_is_labelled_in_plain_numbers():
+    runs = [[{"joint_epoch": e, "train_loss": 2.33 - 0.01 * e, "test_accuracy": 0.5} for e in range(4)]]
+    fig = figure({"run": runs}, ["joint_epoch"], ["train_loss"])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in [*ax.get_yticklabels(), *ax.get_yticklabels(minor=True)] if t.get_text()]
+    assert shown and all(re.fullmatch(r"[0-9.]+", text) for text in shown), shown
 
 
 @pytest.mark.parametrize(

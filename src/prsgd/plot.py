@@ -1,9 +1,11 @@
 """``prsgd plot RUN_DIR...``: the paper's figure forms from finished runs, and a table of final metrics.
 
-    prsgd plot runs/periods [runs/other ...] [--out runs/periods/figure] [--x joint_epoch,wall_clock,comm_rounds]
+    prsgd plot runs/periods [runs/other ...] [--out runs/periods/figure] [--x joint_epoch,wall_clock,comm_rounds,bytes]
 
 Draws training loss and test accuracy (mean over seeds, min-max band) against each x axis, as PNG and PDF, and
-writes the markdown table beside them.
+writes the markdown table beside them. The legend names what differs between the runs' configs (the swept value),
+the title what they share. ``--x bytes`` shows the payload each worker sent: Algorithm 1 sends parameters and
+momentum, twice what parameter-only averaging sends per round.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prsgd import command
-from prsgd.report import X_AXES, discover, plot_groups, summary_table
+from prsgd.report import X_AXES, discover, group_configs, plot_groups, summary_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     groups = discover(args.runs)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "figure"
-    written = plot_groups(groups, out, x_axes=[x for x in args.x.split(",") if x])
+    x_axes = [x for x in args.x.split(",") if x]
+    written = plot_groups(groups, out, x_axes=x_axes, configs=group_configs(args.runs))
     table = summary_table(groups)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
