@@ -125,7 +125,7 @@ class TrainingConfig:
     lr_decay: float = option(0.1, "the step schedule's factor at each milestone")
     warmup_epochs: float = option(0.0, "linear warm-up from lr / 10 over this many joint epochs")
     evals: int = option(20, "evaluations over the run, plus one at step 0")
-    eval_train_examples: int = option(10_000, "training loss is measured on this many (seeded) training examples")
+    eval_train_examples: int = option(2000, "training loss is measured on this many (seeded) training examples")
     seed: int = option(0, "seeds the model, the data order and the split")
     checkpoint_every: int = option(0, "steps between checkpoints (with out); 0: at every evaluation. Always at the end")
     keep_checkpoints: int = option(2, "the newest this many complete checkpoints are kept")
