@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from prsgd.compression import CompressedRounds, check_compression
 from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_int, check_number
 from prsgd.functional import momentum_sgd_
 
@@ -220,6 +221,13 @@ class Communicator(Protocol):
 
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
 
+    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]: ...
+
+    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
+        """A compressed round's exchange (not a field: its payload, in its own dtype); see
+        :class:`prsgd.compression.PayloadExchange`. Counts the payload's bytes in ``comm``."""
+        ...
+
 
 @dataclass
 class UpdateGroup:
@@ -239,6 +247,9 @@ class PeriodicSync:
         period: I >= 1, local steps between rounds (ignored by ``"gradients"`` and ``"none"``).
         has_momentum: whether momentum buffers exist (momentum > 0 in some group).
         topology: whatever the engine builds its mixing from; only checked here (gossip rules need one).
+        compression: ``None`` (exact rounds), ``"bf16"`` or ``"fp16"``: averaging rounds send the change since
+            the last round in that format, with error feedback (:mod:`prsgd.compression`); only for the rules
+            that average parameters. :meth:`synchronize` stays exact.
         engine: the engine's :class:`Communicator`; an engine that validates its arguments before building its
             storage (as both do) attaches it afterwards (``algorithm.engine = ...``), before the first step.
 
@@ -254,10 +265,18 @@ class PeriodicSync:
         has_momentum: bool,
         topology: object = None,
         engine: Communicator | None = None,
+        compression: str | None = None,
     ) -> None:
         self.rule = sync_rule(sync)
         self.period = check_period(period)
         check_topology(self.rule, topology)
+        check_compression(compression)
+        if compression is not None and not self.rule.averages_params:
+            raise InvalidArgument(
+                f"compression={compression!r} compresses averaging rounds; sync={sync!r} has none (allowed with "
+                "params_and_momentum, params_clear_momentum, params_only)"
+            )
+        self.compression = CompressedRounds(compression) if compression is not None else None
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_momentum = has_momentum
         self.steps_done = 0
@@ -286,6 +305,8 @@ class PeriodicSync:
         are averaged in one collective, and the skip is decided on the averaged gradients, identical everywhere.
         """
         apply_update = not found_inf
+        if self.compression is not None and not self.compression.anchor:  # x^0: every worker starts equal
+            self.compression.restart(self._round_tensors())
         if self.rule.averages_gradients:
             self.engine.average(("buffers", "grads"))
             if found_inf is not None:
@@ -306,12 +327,19 @@ class PeriodicSync:
         self._round(exact=True)
         self.synchronized_at = self.steps_done
 
+    def _round_tensors(self) -> list[Tensor]:
+        return [t for field in self.rule.round_fields() for t in self.engine.tensors(field)]
+
     def _round(self, exact: bool) -> None:
         fields = self.rule.round_fields()
         if self.rule.mixes and not exact:
             self.engine.mix(fields, self.steps_done - 1)
+        elif self.compression is not None and not exact:
+            self.compression.round(self._round_tensors(), self.engine)
         else:
             self.engine.average(fields)
+            if self.compression is not None:  # everything is sent now: the next change starts from here
+                self.compression.restart(self._round_tensors())
         if self.rule.momentum == "clear":
             momentum = self.engine.tensors("momentum")
             if momentum:
@@ -339,6 +367,7 @@ class PeriodicSync:
             "steps_done": self.steps_done,
             "rounds": self.comm.rounds,
             "bytes": self.comm.bytes,
+            **({"compression": self.compression.state_dict()} if self.compression is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:
@@ -359,6 +388,13 @@ class PeriodicSync:
         self.steps_done = rescaled_steps(int(state["steps_done"]), saved, workers)
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
         self.synchronized_at = None
+        if self.compression is not None:
+            # a consensus state continued by another number of workers starts afresh from its (common) values;
+            # call this after the engine's tensors are loaded
+            if "compression" in state and not from_consensus:
+                self.compression.load_state_dict(state["compression"], self._round_tensors())
+            else:
+                self.compression.restart(self._round_tensors())
 
 
 class FollowsAlgorithm:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from prsgd.algorithm import SYNC_RULES, Hyperparameters, check_period, check_topology, sync_rule
+from prsgd.algorithm import SYNC_RULES, Hyperparameters, PeriodicSync, check_period, check_topology, sync_rule
+from prsgd.compression import CODECS
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
@@ -97,6 +98,11 @@ class AlgorithmConfig:
         "gossip rules only: the graph workers mix over",
         choices=tuple(BUILT_IN),
     )
+    compression: str = option(
+        "",
+        "averaging rounds send the change since the last round in this format (error feedback); empty: exact",
+        choices=tuple(CODECS),
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -104,6 +110,8 @@ class AlgorithmConfig:
             if self.period != "theory":
                 check_period(self.period)
             check_topology(rule, self.topology or None)
+            if self.compression:
+                PeriodicSync(self.sync, 1, has_momentum=True, compression=self.compression)
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None

@@ -55,6 +55,10 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         model: with ``params`` given as parameters or param groups, the model they belong to: its float buffers
             are averaged with the parameters, and its other tensors (frozen parameters, integer buffers) are
             broadcast from the first worker at construction.
+        compression: ``None`` (exact rounds, the paper's), ``"bf16"`` or ``"fp16"``: an averaging round sends the
+            change since the last round in that format (half the bytes: Algorithm 1's round then costs one fp32
+            gradient), with error feedback; after the round every worker holds bitwise the same values
+            (:mod:`prsgd.compression`). Beyond the paper's analysis, which covers exact averaging.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
@@ -87,10 +91,13 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         topology: object = None,
         check_finite: bool = False,
         model: nn.Module | None = None,
+        compression: str | None = None,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
+        self.algorithm = PeriodicSync(
+            sync, period, has_momentum=momentum > 0, topology=topology, compression=compression
+        )
         check_process_group(process_group)
         if isinstance(params, nn.Module):
             if model is not None:

@@ -121,6 +121,7 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
         "period": a.period,
         "sync": a.sync,
         "topology": a.topology or None,
+        "compression": a.compression or None,
     }
 
 

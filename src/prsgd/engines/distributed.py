@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from prsgd.algorithm import CommStats, Field
+from prsgd.compression import rounded_mean
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.topology import Topology, mix_row_
 
@@ -49,6 +50,29 @@ class ProcessGroupCommunicator:
         dist.all_reduce(span, op=dist.ReduceOp.SUM, group=self.process_group)
         span.div_(self.world_size)
         self.comm.record(span.numel() * span.element_size())
+
+    def _shard(self, payload: list[Tensor]) -> int:
+        total = sum(t.numel() for t in payload)
+        return -(-total // self.world_size)  # each rank's share of the payload, padded
+
+    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
+        return [torch.zeros(self._shard(payload), device=payload[0].device)]
+
+    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
+        """All-to-all of the payload (rank j receives every rank's j-th shard), :func:`rounded_mean` of the shard
+        this rank owns, all-gather of the rounded shards: the reduce-scatter and all-gather of a ring all-reduce,
+        with the sum taken exactly."""
+        if self.world_size == 1 or not payload:
+            return
+        shard, total = self._shard(payload), sum(t.numel() for t in payload)
+        flat = payload[0].new_zeros(shard * self.world_size)
+        flat[:total] = torch.cat([t.reshape(-1) for t in payload])
+        received = torch.empty_like(flat)
+        dist.all_to_all_single(received, flat, group=self.process_group)
+        mine = rounded_mean(received.view(self.world_size, shard), residual[0], flat.dtype)
+        dist.all_gather_single(flat, mine, group=self.process_group)
+        unpack_(flat[:total], payload)
+        self.comm.record(total * flat.element_size())
 
     def _peer(self, worker: int) -> int:
         if self.process_group is None:
@@ -92,8 +116,13 @@ def all_reduce_mean(tensors: list[Tensor], process_group: dist.ProcessGroup | No
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
         flat.div_(world_size)
-        chunks = torch.split(flat, [t.numel() for t in tensors])
-        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
+        unpack_(flat, tensors)
+
+
+def unpack_(flat: Tensor, tensors: list[Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` (a packed copy of ``tensors``) back into ``tensors``."""
+    chunks = torch.split(flat, [t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
 
 
 def is_initialized() -> bool:

@@ -63,6 +63,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             parameters, buffers and momentum and raise :class:`prsgd.NonFiniteError` naming the step and the
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
             so the worker named is the one where it arose). Costs two fused passes (one sync each) per step.
+        compression: as in :class:`prsgd.LocalSGD`: ``"bf16"`` or ``"fp16"`` rounds (:mod:`prsgd.compression`).
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -91,12 +92,15 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         threads: int | None = None,
         compile: bool = False,
         check_finite: bool = False,
+        compression: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         check_int("num_workers", num_workers, 1)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
+        self.algorithm = PeriodicSync(
+            sync, period, has_momentum=momentum > 0, topology=topology, compression=compression
+        )
         self.num_workers = num_workers
         self.check_finite = check_bool("check_finite", check_finite)
         self.device = check_device("device", device)

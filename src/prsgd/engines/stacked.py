@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm import CommStats, Field
+from prsgd.compression import rounded_mean
 from prsgd.errors import InvalidArgument
 from prsgd.topology import Neighbours, Topology, mix_row_
 
@@ -128,6 +129,16 @@ class StackedCommunicator:
         tensors = self._gather(fields)
         mean_over_workers_(tensors)
         self.comm.record(worker_bytes(tensors))
+
+    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
+        return [torch.zeros(t.shape[1:], device=t.device) for t in payload]
+
+    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
+        if self.num_workers == 1:
+            return
+        for t, e in zip(payload, residual, strict=True):
+            t.copy_(rounded_mean(t, e, t.dtype).unsqueeze(0).expand_as(t))
+        self.comm.record(worker_bytes(payload))
 
     def mix(self, fields: Sequence[Field], step: int) -> None:
         if self.mixer is None:

@@ -1,0 +1,170 @@
+"""Compressed averaging rounds (issue 18, first step) against a per-worker reference written here: the change since
+the last round sent in bf16/fp16 with error feedback; exact consensus after every round; bytes counted exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches, mlp
+
+import prsgd
+from prsgd.compression import CompressedRounds
+from prsgd.engines.stacked import StackedCommunicator
+
+N, STEPS = 4, 17
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CompressedReference:
+    """N models, each with its own torch.optim.SGD; every ``period`` steps each worker sends
+    low(x_i - anchor + r_i), keeps what rounding left out in r_i, and all set x = anchor = anchor + mean."""
+
+    def __init__(self, model, codec, *, lr, momentum, period, sync):
+        self.models = [copy.deepcopy(model) for _ in range(N)]
+        self.opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in self.models]
+        self.dtype, self.period, self.sync, self.t = DTYPES[codec], period, sync, 0
+        start = [p.detach().clone() for p in model.parameters()]  # x^0; momentum starts at 0 (the MLP has no buffers)
+        self.anchor = start + ([torch.zeros_like(p) for p in start] if sync == "params_and_momentum" else [])
+        self.residual = [[torch.zeros_like(a) for a in self.anchor] for _ in range(N)]
+        self.mean_residual = [torch.zeros_like(a) for a in self.anchor]  # what rounding the mean left out
+
+    def _tensors(self, i):
+        model, opt = self.models[i], self.opts[i]
+        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        if self.sync == "params_and_momentum":
+            tensors += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+        return tensors
+
+    def step(self, x, y):
+        for i, (model, opt) in enumerate(zip(self.models, self.opts, strict=True)):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+        self.t += 1
+        if self.t % self.period:
+            return
+        with torch.no_grad():
+            per_worker = [self._tensors(i) for i in range(N)]
+            for k in range(len(self.anchor)):
+                sent = []
+                for i in range(N):
+                    delta = per_worker[i][k] - self.anchor[k] + self.residual[i][k]
+                    low = delta.to(self.dtype)
+                    self.residual[i][k] = delta - low.float()
+                    sent.append(low.float())
+                exact = sum(sent) / N + self.mean_residual[k]  # summed in worker order, in fp32
+                mean = exact.to(self.dtype).float()
+                self.mean_residual[k] = exact - mean
+                self.anchor[k] = self.anchor[k] + mean
+                for i in range(N):
+                    per_worker[i][k].copy_(self.anchor[k])
+            if self.sync == "params_clear_momentum":
+                for opt in self.opts:
+                    for state in opt.state.values():
+                        state["momentum_buffer"].zero_()
+
+    def params(self):
+        names = [n for n, _ in self.models[0].named_parameters()]
+        return {n: torch.stack([dict(m.named_parameters())[n].detach() for m in self.models]) for n in names}
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16"])
+@pytest.mark.parametrize("sync", ["params_and_momentum", "params_clear_momentum", "params_only"])
+def test_compressed_rounds_match_the_per_worker_reference_and_end_in_exact_consensus(codec, sync):
+    kw = dict(lr=0.1, momentum=0.9, period=3, sync=sync)
+    model = mlp()
+    sim = prsgd.Simulator(model, num_workers=N, compression=codec, **kw)
+    ref = CompressedReference(model, codec, **kw)
+    for t, (x, y) in enumerate(batches(N, STEPS)):
+        sim.step(x, y, F.cross_entropy)
+        ref.step(x, y)
+        for name, p in ref.params().items():
+            torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
+        if (t + 1) % 3 == 0:  # right after a round every worker holds bitwise the same values
+            state = [*sim.params().values(), *(sim.momentum().values() if sync == "params_and_momentum" else [])]
+            assert all(torch.equal(s, s[:1].expand_as(s)) for s in state)
+    numel = sum(p[0].numel() for p in sim.params().values())
+    per_round = numel * (2 if sync == "params_and_momentum" else 1) * 2  # two bytes per value
+    assert (sim.comm.rounds, sim.comm.bytes) == (STEPS // 3, STEPS // 3 * per_round)
+
+
+def test_bf16_round_of_params_and_momentum_sends_one_fp32_gradients_bytes():
+    kw = dict(lr=0.1, momentum=0.9, period=1, sync="params_and_momentum")
+    exact, compressed = (prsgd.Simulator(mlp(), num_workers=N, compression=c, **kw) for c in (None, "bf16"))
+    for x, y in batches(N, 2):
+        exact.step(x, y, F.cross_entropy)
+        compressed.step(x, y, F.cross_entropy)
+    gradient_bytes = sum(p[0].numel() * 4 for p in exact.params().values())
+    assert compressed.comm.bytes == 2 * gradient_bytes == exact.comm.bytes // 2
+
+
+def test_error_feedback_keeps_the_compressed_average_within_rounding_of_the_exact_one():
+    """1000 rounds of random changes with a common drift: the compressed anchor stays within about one bf16
+    rounding step of the exact fp32 average (both roundings fed back); sending rounded changes without feedback
+    drifts away as a random walk."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(N, 512)
+    engine = StackedCommunicator(N, params=[x], buffers=[], momentum=[])
+    rounds = CompressedRounds("bf16")
+    rounds.restart([x])
+    exact, without = x[0].clone(), x[0].clone()
+    largest = 0.0
+    for _ in range(1000):
+        change = 1e-3 * (torch.randn(N, 512, generator=g) + 0.3)
+        largest = max(largest, change.abs().max().item())
+        x.add_(change)
+        exact += change.mean(0)
+        without += (change.to(torch.bfloat16).float().mean(0)).to(torch.bfloat16).float()
+        rounds.round([x], engine)
+        assert torch.equal(x, x[:1].expand_as(x))  # exact consensus after every round
+    step = largest * 2.0**-8  # a bf16 rounding step of the largest change
+    drift, drift_without = (x[0] - exact).abs().max().item(), (without - exact).abs().max().item()
+    print(f"\n1000 rounds: |compressed - exact| = {drift:.2e} ({drift / step:.2f} steps), {drift_without:.2e} without")
+    assert drift <= step < drift_without
+
+
+def test_compression_is_refused_where_there_is_no_averaging_round():
+    with pytest.raises(prsgd.InvalidArgument, match=r"compression='bf16' compresses averaging rounds; sync='gossip'"):
+        prsgd.Simulator(mlp(), num_workers=N, lr=0.1, sync="gossip", topology="ring", compression="bf16")
+    with pytest.raises(prsgd.InvalidArgument, match=r"compression='int3' is not known; allowed: None, bf16, fp16"):
+        prsgd.LocalSGD(mlp(), lr=0.1, compression="int3")
+
+
+def test_a_compressed_simulator_resumes_bit_identically():
+    kw = dict(lr=0.1, momentum=0.9, period=3, compression="bf16")
+    steps = batches(N, 12)
+    straight = prsgd.Simulator(mlp(), num_workers=N, **kw)
+    for x, y in steps:
+        straight.step(x, y, F.cross_entropy)
+    first = prsgd.Simulator(mlp(), num_workers=N, **kw)
+    for x, y in steps[:7]:
+        first.step(x, y, F.cross_entropy)
+    resumed = prsgd.Simulator(mlp(seed=5), num_workers=N, **kw)
+    resumed.load_state_dict(first.state_dict())
+    for x, y in steps[7:]:
+        resumed.step(x, y, F.cross_entropy)
+    for name, p in straight.params().items():
+        assert torch.equal(p, resumed.params()[name]), name
+
+
+def test_prsgd_train_with_compression_sends_half_the_bytes_and_resumes(tmp_path):
+    from prsgd.train import main
+
+    flags = ["--dataset", "digits", "--model", "mlp", "--hidden", "16", "--workers", "4", "--period", "4"]
+    flags += ["--evals", "2", "--no-progress"]
+    main([*flags, "--epochs", "1", "--out", str(tmp_path / "exact")])
+    main([*flags, "--epochs", "1", "--compression", "bf16", "--out", str(tmp_path / "bf16")])
+    main([*flags, "--epochs", "2", "--compression", "bf16", "--out", str(tmp_path / "bf16"), "--resume"])
+    main([*flags, "--epochs", "2", "--compression", "bf16", "--out", str(tmp_path / "straight")])
+
+    def final(name):
+        return json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+
+    exact, resumed, straight = final("exact"), final("bf16"), final("straight")
+    per_round = exact["comm_bytes"] // exact["comm_rounds"]
+    assert resumed["comm_bytes"] == straight["comm_bytes"] == straight["comm_rounds"] * per_round // 2
+    assert resumed["train_loss"] == straight["train_loss"] and resumed["test_loss"] == straight["test_loss"]
