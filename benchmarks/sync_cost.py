@@ -7,7 +7,9 @@ each process times, after warm-up and a barrier, the median over repeats of:
   limit      one bare all_reduce of a flat tensor of the same number of bytes;
   prsgd      one LocalSGD sync round (the optimizer's own averaging call, as step() makes it every period);
   naive      one all_reduce per parameter, per buffer and per momentum tensor;
-  torch      PyTorch's PeriodicModelAverager.average_parameters (parameters only, so fewer bytes).
+  torch      PyTorch's PeriodicModelAverager.average_parameters (parameters only, so fewer bytes);
+  bf16       one compressed round (LocalSGD(compression="bf16"): change since the last round in bf16, error
+             feedback, all-to-all + all-gather; half the bytes).
 Also the memory a sync allocates (torch's allocations, from the profiler; and the process's RSS growth) relative
 to the model's size.
 Rank 0 prints the ratios.
@@ -70,6 +72,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     def prsgd_sync():
         opt.algorithm.synchronize()
 
+    compressed = prsgd.LocalSGD(
+        build_model(args.model, (3, 32, 32), 10), lr=0.1, momentum=0.9, period=1, compression="bf16"
+    )
+    compressed.algorithm.compression.restart(compressed.algorithm._round_tensors())
+
+    def bf16_round():
+        compressed.algorithm._round(exact=False)
+
     def naive():
         with torch.no_grad():
             for t in every:
@@ -86,7 +96,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         averager.average_parameters(model.parameters())
 
     results = {
-        name: timed(fn, args.repeats) for name, fn in [("limit", limit), ("prsgd", prsgd_sync), ("naive", naive)]
+        name: timed(fn, args.repeats)
+        for name, fn in [("limit", limit), ("prsgd", prsgd_sync), ("naive", naive), ("bf16", bf16_round)]
     }
     span = opt.storage.span(("params", "buffers", "momentum"))
     assert span.numel() * span.element_size() == nbytes, "a round must be one span of flat storage"
@@ -113,6 +124,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             ("prsgd", "prsgd.LocalSGD sync"),
             ("naive", f"one all_reduce per tensor ({len(every)})"),
             ("torch", "PyTorch PeriodicModelAverager (params only)"),
+            ("bf16", "prsgd.LocalSGD compressed round (bf16, half the bytes)"),
         ]:
             print(f"| {label} | {results[name] * 1e3:.2f} | {results[name] / results['limit']:.2f}x |")
         print(

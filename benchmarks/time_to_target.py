@@ -1,12 +1,14 @@
 """Wall-clock to a target training loss over a slow network: Algorithm 1 vs gradient all-reduce (issue 6).
 
     sudo .venv/bin/python benchmarks/time_to_target.py [--rate 100mbit] [--model mlp] [--periods 2,4,8,16]
+                                                       [--compressions none,bf16]
 
 Real multi-process training (gloo, 4 workers, ``python -m prsgd.train --engine distributed``) where every worker
 lives in its own network namespace, linked to a bridge (in a namespace of its own) by a veth pair whose egress is
 rate-limited with ``tc qdisc ... tbf``. The script makes the namespaces and removes them; traffic stays between
 them (addresses 10.77.0.0/24 inside those namespaces only). Latency is not modelled (no netem in this kernel).
-Runs: sync="gradients" (every step) and params_and_momentum with each period; each logs the loss of the averaged
+Runs: sync="gradients" (every step) and params_and_momentum with each period (and each ``--compressions``
+codec: exact rounds, or rounds in bf16/fp16 with error feedback); each logs the loss of the averaged
 model against training wall-clock. Prints the time to reach the target loss (default: 1.1 x the final loss of the
 gradients run) and the final losses; plots loss vs wall-clock for all runs (the paper's Figure 3 form).
 
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit", help="tbf rate per worker link, e.g. 100mbit")
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument("--periods", default="2,4,8,16")
+    parser.add_argument("--compressions", default="none", help="comma-separated: none (exact rounds), bf16, fp16")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--target", type=float, default=None, help="target training loss")
     parser.add_argument("--out", default="runs/time_to_target")
@@ -142,7 +145,10 @@ def main() -> None:
     flags += ["--workers", str(args.workers), "--batch-size", "16", "--momentum", "0.9", "--evals", "40"]
     runs = {"gradients": ["--sync", "gradients", "--period", "1"]}
     for period in map(int, args.periods.split(",")):
-        runs[f"params_and_momentum I={period}"] = ["--sync", "params_and_momentum", "--period", str(period)]
+        for codec in args.compressions.split(","):
+            name = f"params_and_momentum I={period}" + (f" {codec}" if codec != "none" else "")
+            runs[name] = ["--sync", "params_and_momentum", "--period", str(period)]
+            runs[name] += ["--compression", codec] if codec != "none" else []
 
     namespaces = True
     try:

@@ -221,6 +221,11 @@ class Communicator(Protocol):
 
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
 
+    def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
+        """The fields' tensors for elementwise work over all of them (a compressed round): the tensors, or one
+        flat span of them where the engine keeps them contiguous."""
+        ...
+
     def mean_residual(self, payload: list[Tensor]) -> list[Tensor]: ...
 
     def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
@@ -328,7 +333,7 @@ class PeriodicSync:
         self.synchronized_at = self.steps_done
 
     def _round_tensors(self) -> list[Tensor]:
-        return [t for field in self.rule.round_fields() for t in self.engine.tensors(field)]
+        return self.engine.elementwise(self.rule.round_fields())
 
     def _round(self, exact: bool) -> None:
         fields = self.rule.round_fields()

@@ -51,6 +51,9 @@ class ProcessGroupCommunicator:
         span.div_(self.world_size)
         self.comm.record(span.numel() * span.element_size())
 
+    def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
+        return [self.storage.span(fields)]  # contiguous: one tensor for the whole round
+
     def _shard(self, payload: list[Tensor]) -> int:
         total = sum(t.numel() for t in payload)
         return -(-total // self.world_size)  # each rank's share of the payload, padded

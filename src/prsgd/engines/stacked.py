@@ -130,6 +130,9 @@ class StackedCommunicator:
         mean_over_workers_(tensors)
         self.comm.record(worker_bytes(tensors))
 
+    def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
+        return self._gather(fields)
+
     def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
         return [torch.zeros(t.shape[1:], device=t.device) for t in payload]
 
