@@ -254,7 +254,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
 
         ``from_consensus=True`` accepts a state saved by another number of workers while they were in consensus
         (:attr:`in_consensus`): the step counter is rescaled to keep the joint epoch (see
-        :meth:`prsgd.algorithm.PeriodicSync.load_state_dict`)."""
+        :meth:`prsgd.algorithm.PeriodicSync.load_state_dict`). With ``compression``, compressed rounds then start
+        afresh from the current parameters: load the model's state first."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
         views = {p: self.state[p]["momentum_buffer"] for group in self.param_groups for p in group["params"]}
