@@ -190,6 +190,17 @@ def check_topology(rule: SyncRule, topology: object) -> None:
         )
 
 
+def check_compression_rule(rule: SyncRule, compression: str | None) -> None:
+    """Compression is a known codec, and only for the rules whose rounds average parameters."""
+    check_compression(compression)
+    if compression is not None and not rule.averages_params:
+        allowed = ", ".join(name for name, r in SYNC_RULES.items() if r.averages_params)
+        raise InvalidArgument(
+            f"compression={compression!r} compresses averaging rounds; sync={rule.name!r} has none (allowed with "
+            f"{allowed})"
+        )
+
+
 @dataclass
 class CommStats:
     """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent)."""
@@ -275,12 +286,7 @@ class PeriodicSync:
         self.rule = sync_rule(sync)
         self.period = check_period(period)
         check_topology(self.rule, topology)
-        check_compression(compression)
-        if compression is not None and not self.rule.averages_params:
-            raise InvalidArgument(
-                f"compression={compression!r} compresses averaging rounds; sync={sync!r} has none (allowed with "
-                "params_and_momentum, params_clear_momentum, params_only)"
-            )
+        check_compression_rule(self.rule, compression)
         self.compression = CompressedRounds(compression) if compression is not None else None
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_momentum = has_momentum

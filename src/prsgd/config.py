@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from prsgd.algorithm import SYNC_RULES, Hyperparameters, PeriodicSync, check_period, check_topology, sync_rule
+from prsgd.algorithm import (
+    SYNC_RULES,
+    Hyperparameters,
+    check_compression_rule,
+    check_period,
+    check_topology,
+    sync_rule,
+)
 from prsgd.compression import CODECS
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
@@ -110,8 +117,7 @@ class AlgorithmConfig:
             if self.period != "theory":
                 check_period(self.period)
             check_topology(rule, self.topology or None)
-            if self.compression:
-                PeriodicSync(self.sync, 1, has_momentum=True, compression=self.compression)
+            check_compression_rule(rule, self.compression or None)
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
@@ -222,6 +228,11 @@ class RunConfig:
             raise ConfigError(
                 "training.compile=True compiles the simulator's vmapped step; engine='distributed' has none"
             )
+
+    @property
+    def loggers(self) -> tuple[str, ...]:
+        """``logger`` as the tuple of tracker names it lists."""
+        return check_loggers(self.logger)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys (``algorithm.period``) or unique leaf names (``period``) replaced."""

@@ -34,7 +34,7 @@ from prsgd.models import build_model
 from prsgd.outdir import OutFolder, OutFolderError, check_out
 from prsgd.resume import Checkpoints
 from prsgd.theory import recommended_lr, recommended_period
-from prsgd.trackers import check_loggers, check_out_for, open_trackers
+from prsgd.trackers import check_out_for, open_trackers
 from prsgd.workers import Placement, check_memory, make_workers, place
 
 Record = dict[str, Any]
@@ -65,14 +65,12 @@ def resolve_schedule(config: RunConfig, train_size: int, num_workers: int) -> tu
     return config, total_steps, notes
 
 
-def _loggers(config: RunConfig) -> tuple[str, ...]:
-    """The run's loggers (``--logger``), refused when they would write files without ``--out``."""
+def _check_loggers_have_out(config: RunConfig) -> None:
+    """Loggers other than jsonl write files: refused without ``--out`` (the names themselves the config checks)."""
     try:
-        names = check_loggers(config.logger)
-        check_out_for(names, config.out)
+        check_out_for(config.loggers, config.out)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return names
 
 
 def preflight(config: RunConfig, num_workers: int | None = None) -> None:
@@ -87,7 +85,7 @@ def preflight(config: RunConfig, num_workers: int | None = None) -> None:
         image_size=config.data.image_size,
     )
     resolve_schedule(config, len(data.train), num_workers or config.training.workers)
-    _loggers(config)
+    _check_loggers_have_out(config)
     if config.out:
         check_out(config.out, resume=config.resume, overwrite=config.overwrite)
 
@@ -108,7 +106,7 @@ def run(
     Everything that can be wrong with the config or the data is checked before the first step. With
     ``engine="distributed"`` the run joins the process group torchrun describes and leaves it at the end, unless
     the caller passes its own ``torchrun`` membership (``prsgd run`` joins once for all its runs)."""
-    _loggers(config)
+    _check_loggers_have_out(config)
     t = config.training
     data = load_dataset(
         config.data.dataset,
@@ -213,7 +211,7 @@ def _train(
     trackers = []
     if out is not None:
         checkpoint.atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
-        trackers = open_trackers(_loggers(config), out, records, start + 1 if start > 0 else None)
+        trackers = open_trackers(config.loggers, out, records, start + 1 if start > 0 else None)
 
     lr = None
     desc = f"{config.algorithm.sync} I={config.algorithm.period}"

@@ -69,7 +69,7 @@ class ProcessGroupCommunicator:
             return
         shard, total = self._shard(payload), sum(t.numel() for t in payload)
         flat = payload[0].new_zeros(shard * self.world_size)
-        flat[:total] = torch.cat([t.reshape(-1) for t in payload])
+        torch.cat([t.reshape(-1) for t in payload], out=flat[:total])
         received = torch.empty_like(flat)
         dist.all_to_all_single(received, flat, group=self.process_group)
         mine = rounded_mean(received.view(self.world_size, shard), residual[0], flat.dtype)

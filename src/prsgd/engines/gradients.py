@@ -28,30 +28,24 @@ Inputs = Tensor | tuple | list | dict
 of tensors, each with the leading worker dimension; other values in a tuple or dict go to every worker as they are."""
 
 
+def map_inputs(inputs: Inputs, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` of each value of ``inputs`` (the tensor itself, or each item of a tuple, list or dict), in the same
+    kind of container (a tuple for a list)."""
+    if isinstance(inputs, dict):
+        return {key: fn(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(fn(value) for value in inputs)
+    return fn(inputs)
+
+
 def worker_dims(inputs: Inputs) -> Any:
     """``in_dims`` for :func:`torch.func.vmap` over ``inputs``: 0 for each tensor, None for anything else."""
-
-    def dim(value: object) -> int | None:
-        return 0 if isinstance(value, Tensor) else None
-
-    if isinstance(inputs, dict):
-        return {key: dim(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(dim(value) for value in inputs)
-    return 0
+    return map_inputs(inputs, lambda value: 0 if isinstance(value, Tensor) else None)
 
 
 def worker_inputs(inputs: Inputs, i: int) -> Inputs:
     """Worker ``i``'s part of the stacked ``inputs``."""
-
-    def part(value: object) -> object:
-        return value[i] if isinstance(value, Tensor) else value
-
-    if isinstance(inputs, dict):
-        return {key: part(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(part(value) for value in inputs)
-    return inputs[i]
+    return map_inputs(inputs, lambda value: value[i] if isinstance(value, Tensor) else value)
 
 
 def call_model(model: nn.Module, params: Stacked, buffers: Stacked, inputs: Inputs) -> Any:

@@ -22,6 +22,7 @@ from prsgd.engines.gradients import (
     call_model,
     choose_compute,
     choose_threads,
+    map_inputs,
     worker_inputs,
 )
 from prsgd.engines.stacked import StackedCommunicator
@@ -150,7 +151,10 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         or dict that are not tensors go to every worker as they are. ``loss_fn(outputs, targets)`` is the loss of
         one worker's batch (e.g. ``F.cross_entropy``).
         """
-        inputs = _to_device(_checked_inputs(inputs, self.num_workers), self.device)
+        inputs = map_inputs(
+            _checked_inputs(inputs, self.num_workers),
+            lambda value: value.to(self.device) if isinstance(value, Tensor) else value,
+        )
         _check_leading("targets", targets, self.num_workers)
         targets = targets.to(self.device)
         try:
@@ -309,26 +313,8 @@ def _check_leading(name: str, t: object, num_workers: int) -> None:
         )
 
 
-def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
-    def move(value: object) -> object:
-        return value.to(device) if isinstance(value, Tensor) else value
-
-    if isinstance(inputs, dict):
-        return {key: move(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(move(value) for value in inputs)
-    return move(inputs)
-
-
 def _shapes(inputs: Inputs) -> str:
-    def shape(value: object) -> str:
-        return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
-
-    if isinstance(inputs, dict):
-        return "{" + ", ".join(f"{key!r}: {shape(value)}" for key, value in inputs.items()) + "}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(shape(value) for value in inputs) + ")"
-    return shape(inputs)
+    return str(map_inputs(inputs, lambda value: tuple(value.shape) if isinstance(value, Tensor) else value))
 
 
 def _first_layer_takes(model: nn.Module) -> str:

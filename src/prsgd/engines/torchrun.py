@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import ipaddress
 import os
 import secrets
@@ -271,7 +272,7 @@ class Heartbeat:
         """Tell the other ranks why this one stops (best effort, at most ``2 interval + 1`` seconds)."""
         key = f"{self.prefix}/stopped/{self.rank}"
         with contextlib.suppress(Exception):
-            say = lambda: self._ask_store.set(key, reason[:500])  # noqa: E731
+            say = functools.partial(self._ask_store.set, key, reason[:500])
             within(2 * self.interval + 1.0, say, "heartbeat-say", self._helpers)
 
     def unresponsive(self) -> tuple[list[int], dict[int, str]]:
