@@ -1,6 +1,7 @@
 """The cost of one prsgd.LocalSGD sync in 4 gloo processes on loopback, against its limit and naive code (issue 6).
 
     .venv/bin/python benchmarks/sync_cost.py [--workers 4] [--repeats 30] [--model resnet20]
+    sudo .venv/bin/python benchmarks/sync_cost.py --rate 100mbit [--repeats 10]
 
 For a ResNet-20-sized model (parameters, BatchNorm buffers and momentum: what params_and_momentum averages),
 each process times, after warm-up and a barrier, the median over repeats of:
@@ -13,6 +14,10 @@ each process times, after warm-up and a barrier, the median over repeats of:
 Also the memory a sync allocates (torch's allocations, from the profiler; and the process's RSS growth) relative
 to the model's size.
 Rank 0 prints the ratios.
+
+``--rate``: the same processes, each in its own network namespace with a link rate-limited by tbf (the network of
+``time_to_target.py``), timing only the rounds that matter there: the bare all_reduce, the fp32 round and the bf16
+round (the slow link's cost of a compressed round against an exact one).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import datetime
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -31,6 +38,8 @@ import torch.multiprocessing as mp
 import prsgd
 from prsgd.engines.distributed import init_process_group
 from prsgd.models import build_model
+
+PORT = 29590  # the rendezvous port inside the namespaces of --rate
 
 
 def rss_bytes() -> int:
@@ -50,11 +59,11 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str = "127.0.0.1") -> None:
     torch.set_num_threads(1)
     init_process_group(  # prsgd's: torch._dynamo imported first (see its docstring)
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"tcp://{addr}:{port}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=120),
@@ -95,10 +104,25 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     def torch_averager():
         averager.average_parameters(model.parameters())
 
-    results = {
-        name: timed(fn, args.repeats)
-        for name, fn in [("limit", limit), ("prsgd", prsgd_sync), ("naive", naive), ("bf16", bf16_round)]
-    }
+    measured = [("limit", limit), ("prsgd", prsgd_sync), ("bf16", bf16_round)]
+    if args.rate:  # over the slow link: the exact and the compressed round
+        results = {name: timed(fn, args.repeats) for name, fn in measured}
+        if rank == 0:
+            print(
+                f"{world} gloo processes, each in its own namespace, links {args.rate} (tbf), {args.model}: one "
+                f"round of {nbytes / 1e6:.2f} MB in fp32, {nbytes / 2e6:.2f} MB in bf16; median of {args.repeats}"
+            )
+            print("| what | median time (ms) | / fp32 round |")
+            print("|---|---:|---:|")
+            for name, label in [
+                ("limit", "one bare fp32 all_reduce, same bytes"),
+                ("prsgd", "prsgd.LocalSGD fp32 round"),
+                ("bf16", "prsgd.LocalSGD bf16 round (compression='bf16')"),
+            ]:
+                print(f"| {label} | {results[name] * 1e3:.1f} | {results[name] / results['prsgd']:.2f}x |")
+        dist.destroy_process_group()
+        return
+    results = {name: timed(fn, args.repeats) for name, fn in [*measured, ("naive", naive)]}
     span = opt.storage.span(("params", "buffers", "momentum"))
     assert span.numel() * span.element_size() == nbytes, "a round must be one span of flat storage"
     before = rss_bytes()
@@ -134,16 +158,44 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def over_slow_links(args: argparse.Namespace) -> None:
+    """Every rank in its own namespace behind a tbf-limited link (time_to_target.py's network)."""
+    import time_to_target as network
+
+    network.remove_network(args.workers)
+    network.make_network(args.workers, args.rate)
+    try:
+        procs = []
+        for rank in range(args.workers):
+            cmd = ["ip", "netns", "exec", f"{network.NS}-w{rank}", sys.executable, __file__, "--rank", str(rank)]
+            cmd += ["--workers", str(args.workers), "--repeats", str(args.repeats), "--model", args.model]
+            cmd += ["--rate", args.rate]
+            env = dict(os.environ, GLOO_SOCKET_IFNAME=f"tt{rank}a", OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait(timeout=1200) for p in procs]
+        if any(codes):
+            raise SystemExit(f"a worker failed (exit codes {codes})")
+    finally:
+        network.remove_network(args.workers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--rate", default="", help="e.g. 100mbit: over tbf-limited links in namespaces (as root)")
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # a worker of --rate
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.workers, port, args), nprocs=args.workers, join=True)
+    if args.rate and args.rank is None:
+        over_slow_links(args)
+    elif args.rate:
+        worker(args.rank, args.workers, PORT, args, addr="10.77.0.1")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(worker, args=(args.workers, port, args), nprocs=args.workers, join=True)
 
 
 if __name__ == "__main__":

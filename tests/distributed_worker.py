@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 
@@ -60,6 +61,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     else [],
                     "rounds": opt.comm.rounds,
                     "bytes": opt.comm.bytes,
+                    "comm": dataclasses.astuple(opt.comm),
                     "steps_done": opt.steps_done,
                     "applied": applied,
                 },

@@ -42,6 +42,17 @@ def test_time_to_target_benchmark(tmp_path):
     assert (tmp_path / "loss_vs_wall_clock.png").is_file()
 
 
+def test_time_to_target_benchmark_with_overlap_compression_and_seeds(tmp_path):
+    args = ["--workers", "2", "--periods", "2", "--compressions", "bf16", "--overlaps", "I", "--seeds", "2"]
+    out = run_script("time_to_target.py", *args, "--epochs", "1", "--out", str(tmp_path))
+    assert "| params_and_momentum I=2 bf16 overlap=2 |" in out and " +- " in out
+
+
+def test_time_to_target_hierarchical_benchmark(tmp_path):
+    out = run_script("time_to_target.py", "--hierarchical", "--epochs", "1", "--out", str(tmp_path))
+    assert "2 hosts x 2 ranks" in out and "| two-level 1/8 |" in out and "| flat I=8 |" in out
+
+
 @pytest.mark.parametrize(
     ("rate", "bits"), [("100mbit", 1e8), ("1gbit", 1e9), ("2.5gbit", 2.5e9), ("512kbit", 512e3), ("800bit", 800.0)]
 )

@@ -12,7 +12,10 @@ The algorithm says *what* a round communicates, as field names (``"params"``, ``
 ``"momentum"``); the engine owns where those tensors live and how they travel, and counts what it sent. The
 simulator's communicator averages over a leading worker dimension (:mod:`prsgd.engines.stacked`);
 :class:`prsgd.LocalSGD`'s reduces one span of its flat storage with one ``all_reduce``
-(:mod:`prsgd.engines.distributed`). Compression, overlap or hierarchy belong behind that contract.
+(:mod:`prsgd.engines.distributed`). Beyond the paper, three options change how a round travels, each defined once
+here and in its module, and each off by default: compressed rounds (:mod:`prsgd.compression`), overlapped rounds
+(:mod:`prsgd.overlap`) and hierarchical rounds (``inner_period``: an exact average within each node every
+``inner_period`` steps, over all workers every ``period`` steps).
 
 Floating-point model buffers (BatchNorm running statistics) travel with the parameters at every round; with
 ``sync="gradients"`` they are averaged at every step, in the gradients' collective, so that all workers stay
@@ -22,7 +25,7 @@ identical (DDP instead broadcasts rank 0's buffers before every forward). Intege
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -32,11 +35,14 @@ from torch import Tensor
 from prsgd.compression import CompressedRounds, check_compression
 from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_int, check_number
 from prsgd.functional import momentum_sgd_
+from prsgd.overlap import OverlappedRounds, check_overlap
 
 Field = Literal["params", "buffers", "grads", "momentum"]
 """What a round communicates: all parameters, floating-point model buffers, this step's gradients, momentum."""
 
 Round = Literal["gradients", "average", "mix", "nothing"]
+Scope = Literal["all", "node"]
+"""Who averages together: every worker, or the workers of each node (a hierarchical run's inner rounds)."""
 Momentum = Literal["average", "clear", "keep"]
 
 
@@ -193,26 +199,87 @@ def check_topology(rule: SyncRule, topology: object) -> None:
 def check_compression_rule(rule: SyncRule, compression: str | None) -> None:
     """Compression is a known codec, and only for the rules whose rounds average parameters."""
     check_compression(compression)
-    if compression is not None and not rule.averages_params:
+    if compression is not None:
+        check_averaging_option(rule, "compression", compression)
+
+
+def check_overlap_rule(rule: SyncRule, overlap: bool | int, period: int, inner_period: int | None) -> int:
+    """The delay ``overlap`` asks for (:func:`prsgd.overlap.check_overlap`), only for averaging rules and not
+    with hierarchical rounds."""
+    delay = check_overlap(overlap, period)
+    if delay:
+        check_averaging_option(rule, "overlap", overlap)
+        if inner_period is not None:
+            raise InvalidArgument(
+                f"overlap={overlap!r} with inner_period={inner_period} is not supported; use one of them"
+            )
+    return delay
+
+
+def check_averaging_option(rule: SyncRule, name: str, value: object) -> None:
+    """An option of averaging rounds (compression, overlap, inner_period) is only for the rules that have them."""
+    if not rule.averages_params:
         allowed = ", ".join(name for name, r in SYNC_RULES.items() if r.averages_params)
         raise InvalidArgument(
-            f"compression={compression!r} compresses averaging rounds; sync={rule.name!r} has none (allowed with "
-            f"{allowed})"
+            f"{name}={value!r} changes averaging rounds; sync={rule.name!r} has none (allowed with {allowed})"
         )
+
+
+def check_inner_period(rule: SyncRule, inner_period: int | None, period: int) -> int | None:
+    """``inner_period`` (steps between averages within a node) is None, or in [1, period] and divides ``period``,
+    for the averaging rules."""
+    if inner_period is None:
+        return None
+    check_averaging_option(rule, "inner_period", inner_period)
+    check_int("inner_period", inner_period, 1)
+    if inner_period > period or period % inner_period:
+        raise InvalidArgument(
+            f"inner_period={inner_period} is not allowed with period={period}; the global round must fall on an "
+            "inner one: inner_period must divide period"
+        )
+    return inner_period
+
+
+def check_nodes(nodes: int | None, num_workers: int, inner_period: int | None) -> int | None:
+    """``nodes`` (hierarchical rounds' groups of consecutive workers) divides the number of workers, and is given
+    with ``inner_period`` only."""
+    if nodes is None:
+        return None
+    if inner_period is None:
+        raise InvalidArgument(f"nodes={nodes!r} groups workers for inner rounds; it needs inner_period=")
+    check_int("nodes", nodes, 1)
+    if num_workers % nodes:
+        raise InvalidArgument(
+            f"nodes={nodes} does not divide the {num_workers} workers; each node must hold as many workers"
+        )
+    return nodes
 
 
 @dataclass
 class CommStats:
-    """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent)."""
+    """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent), of which
+    ``node_rounds`` and ``node_bytes`` within a node (hierarchical runs' inner rounds)."""
 
     rounds: int = 0
     bytes: int = 0
+    node_rounds: int = 0
+    node_bytes: int = 0
 
-    def record(self, nbytes: int) -> None:
+    def record(self, nbytes: int, scope: Scope = "all") -> None:
         """Count one round that sent ``nbytes``; a round that sent nothing (a single worker) is not counted."""
         if nbytes > 0:
             self.rounds += 1
             self.bytes += nbytes
+            if scope == "node":
+                self.node_rounds += 1
+                self.node_bytes += nbytes
+
+    def add(self, other: CommStats) -> None:
+        """Count ``other``'s rounds too (an overlapped round's, once it has been waited for)."""
+        self.rounds += other.rounds
+        self.bytes += other.bytes
+        self.node_rounds += other.node_rounds
+        self.node_bytes += other.node_bytes
 
 
 class Communicator(Protocol):
@@ -228,7 +295,21 @@ class Communicator(Protocol):
 
     def tensors(self, field: Field) -> list[Tensor]: ...
 
-    def average(self, fields: Sequence[Field]) -> None: ...
+    def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
+        """Replace the fields' tensors by their mean over all workers (``scope="all"``) or over the workers of each
+        node (``"node"``), in place, and count it."""
+        ...
+
+    def average_tensors(self, tensors: list[Tensor]) -> None:
+        """As :meth:`average` over all workers, of tensors that are not fields (an overlapped round's snapshot)."""
+        ...
+
+    def start(self, work: Callable[[Communicator], None]) -> Callable[[], None]:
+        """Run ``work`` (an overlapped round's exchange) with a communicator for exchanges that overlap training,
+        and return how to wait for it: at once on the simulator, on a background thread and a process group of
+        its own under ``torch.distributed``. What it sends is counted in ``comm`` when it is waited for, on both
+        engines alike."""
+        ...
 
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
 
@@ -266,6 +347,13 @@ class PeriodicSync:
         compression: ``None`` (exact rounds), ``"bf16"`` or ``"fp16"``: averaging rounds send the change since
             the last round in that format, with error feedback (:mod:`prsgd.compression`); only for the rules
             that average parameters. :meth:`synchronize` stays exact.
+        overlap: ``False`` (rounds applied at once), ``True`` or a delay in steps (1..period): an averaging
+            round's exchange runs on a snapshot while local steps continue, and is applied ``delay`` steps later
+            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`).
+        inner_period: hierarchical rounds: average within each node (exactly, over the fast link) every
+            ``inner_period`` steps and over all workers every ``period`` steps; must divide ``period``. Momentum
+            is averaged at both levels for Algorithm 1 (cleared at both for ``params_clear_momentum``). The
+            engine knows the nodes.
         engine: the engine's :class:`Communicator`; an engine that validates its arguments before building its
             storage (as both do) attaches it afterwards (``algorithm.engine = ...``), before the first step.
 
@@ -282,12 +370,17 @@ class PeriodicSync:
         topology: object = None,
         engine: Communicator | None = None,
         compression: str | None = None,
+        overlap: bool | int = False,
+        inner_period: int | None = None,
     ) -> None:
         self.rule = sync_rule(sync)
         self.period = check_period(period)
         check_topology(self.rule, topology)
         check_compression_rule(self.rule, compression)
+        self.inner_period = check_inner_period(self.rule, inner_period, self.period)
+        delay = check_overlap_rule(self.rule, overlap, self.period, self.inner_period)
         self.compression = CompressedRounds(compression) if compression is not None else None
+        self.overlap = OverlappedRounds(delay) if delay else None
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_momentum = has_momentum
         self.steps_done = 0
@@ -301,10 +394,23 @@ class PeriodicSync:
         """Whether a round (eq. 6 or 18) follows local step number ``step_number`` (counted from 1)."""
         return self.rule.periodic and step_number % self.period == 0
 
+    def inner_round_after(self, step_number: int) -> bool:
+        """Whether a round within each node (and no global one) follows local step number ``step_number``."""
+        return (
+            self.inner_period is not None and step_number % self.inner_period == 0 and not self.round_after(step_number)
+        )
+
     @property
     def communicates_next_step(self) -> bool:
-        """Whether the next :meth:`step` communicates (gradients every step, or a round after it)."""
-        return self.rule.averages_gradients or self.round_after(self.steps_done + 1)
+        """Whether the next :meth:`step` communicates, or applies a round (gradients every step, a round after it,
+        an inner round, or an overlapped round that completes)."""
+        following = self.steps_done + 1
+        return (
+            self.rule.averages_gradients
+            or self.round_after(following)
+            or self.inner_round_after(following)
+            or (self.overlap is not None and self.overlap.due == following)
+        )
 
     def step(self, groups: Sequence[UpdateGroup], found_inf: bool | None = None) -> bool:
         """One step of every worker; returns whether the local update was applied.
@@ -326,15 +432,22 @@ class PeriodicSync:
             for group in groups:
                 momentum_sgd_(group.params, group.grads, group.momentum_buffers, **group.hyper.as_kwargs())
         self.steps_done += 1
+        self._complete_due()  # a round started `delay` steps ago, before the next one starts
         if self.round_after(self.steps_done):
             self._round(exact=False)
+            self._complete_due()  # delay 0: at once
+        elif self.inner_round_after(self.steps_done):
+            self.engine.average(self.rule.round_fields(), scope="node")
+            self._clear_momentum_if_the_rule_does()
         return apply_update
 
     def synchronize(self) -> None:
         """One round now, outside the schedule (before evaluation, export or the end of training), with the exact
         average over all workers, gossip rules included (the point is one common model). Momentum is averaged,
         cleared or kept as the rule's own rounds do (``params_only``, ``gossip_params_only``, ``gradients`` and
-        ``none`` keep each worker's; with ``gradients`` they are equal). Counted; the schedule is unchanged."""
+        ``none`` keep each worker's; with ``gradients`` they are equal). Counted; the schedule is unchanged.
+        An overlapped round in flight is completed first."""
+        self._complete()
         self._round(exact=True)
         self.synchronized_at = self.steps_done
 
@@ -345,16 +458,49 @@ class PeriodicSync:
         fields = self.rule.round_fields()
         if self.rule.mixes and not exact:
             self.engine.mix(fields, self.steps_done - 1)
+        elif self.overlap is not None and not exact:
+            self._start_overlapped()
+            return  # momentum is cleared when the round is applied
         elif self.compression is not None and not exact:
             self.compression.round(self._round_tensors(), self.engine)
         else:
             self.engine.average(fields)
             if self.compression is not None:  # everything is sent now: the next change starts from here
                 self.compression.restart(self._round_tensors())
+        self._clear_momentum_if_the_rule_does()
+
+    def _clear_momentum_if_the_rule_does(self) -> None:
         if self.rule.momentum == "clear":
             momentum = self.engine.tensors("momentum")
             if momentum:
                 torch._foreach_zero_(momentum)
+
+    def _start_overlapped(self) -> None:
+        """Start an overlapped round (:mod:`prsgd.overlap`) on the round's tensors as they are now."""
+        tensors, compression = self._round_tensors(), self.compression
+        if compression is not None:
+            result, finish = compression.encode(tensors), compression.decode
+
+            def exchange(engine: Communicator) -> None:
+                compression.exchange(result, engine)
+        else:
+            result, finish = [t.detach().clone() for t in tensors], _unchanged
+
+            def exchange(engine: Communicator) -> None:
+                engine.average_tensors(result)
+
+        due = self.steps_done + self.overlap.delay
+        self.overlap.start(tensors, due, result, self.engine.start(exchange), finish)
+
+    def _complete_due(self) -> None:
+        if self.overlap is not None and self.overlap.due == self.steps_done:
+            self._complete()
+
+    def _complete(self) -> None:
+        """Apply the overlapped round in flight, if any: x <- avg(snapshot) + (x - snapshot)."""
+        if self.overlap is not None and self.overlap.in_flight:
+            self.overlap.complete(self._round_tensors())
+            self._clear_momentum_if_the_rule_does()
 
     @property
     def in_consensus(self) -> bool:
@@ -367,10 +513,14 @@ class PeriodicSync:
         full_round = self.rule.momentum != "keep" or not self.has_momentum
         if self.synchronized_at == self.steps_done:
             return full_round
+        if self.overlap is not None and (self.overlap.delay or self.overlap.in_flight):
+            return False  # every worker keeps its own progress made while the round was in flight
         return self.rule.averages_params and self.steps_done % self.period == 0 and full_round
 
     def state_dict(self) -> dict[str, Any]:
         """The one format both engines save: the rule and period, the number of workers, steps and communication."""
+        if self.overlap is not None:
+            self.overlap.wait()  # a round in flight is saved exchanged, and counted
         return {
             "sync": self.rule.name,
             "workers": self.engine.num_workers,
@@ -379,6 +529,12 @@ class PeriodicSync:
             "rounds": self.comm.rounds,
             "bytes": self.comm.bytes,
             **({"compression": self.compression.state_dict()} if self.compression is not None else {}),
+            **({"overlap": self.overlap.state_dict()} if self.overlap is not None else {}),
+            **(
+                {"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes}
+                if self.inner_period is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:
@@ -397,8 +553,18 @@ class PeriodicSync:
                 "be loaded with from_consensus=True)"
             )
         self.steps_done = rescaled_steps(int(state["steps_done"]), saved, workers)
+        in_flight = state.get("overlap", {}).get("due") is not None
+        if in_flight and (self.overlap is None or from_consensus):
+            raise CheckpointError(
+                "the state was saved with an overlapped round in flight; continue it with overlap= on the same "
+                "workers, or save after synchronize()"
+            )
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
+        self.comm.node_rounds, self.comm.node_bytes = int(state.get("node_rounds", 0)), int(state.get("node_bytes", 0))
         self.synchronized_at = None
+        if self.overlap is not None:
+            finish = self.compression.decode if self.compression is not None else _unchanged
+            self.overlap.load_state_dict(state.get("overlap", {}), self._round_tensors(), finish)
         if self.compression is not None:
             # a consensus state continued by another number of workers starts afresh from its (common) values;
             # call this after the engine's tensors are loaded
@@ -461,6 +627,11 @@ class FollowsAlgorithm:
             )
         cache[index] = (key, hyper)
         return hyper
+
+
+def _unchanged(result: list[Tensor]) -> list[Tensor]:
+    """An exact overlapped round's result is avg(snapshot) as exchanged."""
+    return result
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

@@ -92,19 +92,35 @@ class CompressedRounds:
     @torch.no_grad()
     def round(self, tensors: Sequence[Tensor], engine: PayloadExchange) -> None:
         """One compressed round over ``tensors``, in place, exchanging the payload through ``engine``."""
+        payload = self.encode(tensors)
+        self.exchange(payload, engine)
+        torch._foreach_copy_(list(tensors), self.decode(payload))
+
+    @torch.no_grad()
+    def encode(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """This worker's payload for a round over ``tensors``: their change since the anchor plus the residual,
+        in the low-precision dtype; the residual keeps what rounding (and clipping) left out."""
         if not self.anchor:
-            raise RuntimeError("CompressedRounds.round before restart()")
+            raise RuntimeError("CompressedRounds.encode before restart()")
         delta = torch._foreach_sub(list(tensors), self.anchor)
         torch._foreach_add_(delta, self.residual)
         clipped = [d.clamp(-self.clip, self.clip) for d in delta] if self.clip is not None else delta
         payload = [d.to(self.dtype) for d in clipped]
         # what this round leaves out (rounding, and anything clipped) goes with the next
         self.residual = torch._foreach_sub(delta, [p.to(d.dtype) for p, d in zip(payload, delta, strict=True)])
+        return payload
+
+    def exchange(self, payload: list[Tensor], engine: PayloadExchange) -> None:
+        """Replace ``payload`` by the rounded mean of every worker's (through ``engine``), in place."""
         if not self.mean_residual:
             self.mean_residual = engine.mean_residual(payload)
         engine.average_payload(payload, self.mean_residual)
+
+    @torch.no_grad()
+    def decode(self, payload: list[Tensor]) -> list[Tensor]:
+        """The new anchor, the same on every worker: the old one plus the exchanged (rounded mean) ``payload``."""
         torch._foreach_add_(self.anchor, [p.to(a.dtype) for p, a in zip(payload, self.anchor, strict=True)])
-        torch._foreach_copy_(list(tensors), self.anchor)
+        return self.anchor
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,9 @@ from prsgd.algorithm import (
     SYNC_RULES,
     Hyperparameters,
     check_compression_rule,
+    check_inner_period,
+    check_nodes,
+    check_overlap_rule,
     check_period,
     check_topology,
     sync_rule,
@@ -110,14 +113,21 @@ class AlgorithmConfig:
         "averaging rounds send the change since the last round in this format (error feedback); empty: exact",
         choices=tuple(CODECS),
     )
+    overlap: int = option(0, "delay in steps: an averaging round runs while training goes on, applied then; 0: off")
+    inner_period: int = option(0, "hierarchical rounds: average within each node every this many steps; 0: off")
+    nodes: int = option(0, "with inner_period: nodes the workers form (distributed: default from torchrun)")
 
     def __post_init__(self) -> None:
         try:
             rule = sync_rule(self.sync)
             if self.period != "theory":
                 check_period(self.period)
+                inner_period = check_inner_period(rule, self.inner_period or None, self.period)
+                check_overlap_rule(rule, self.overlap, self.period, inner_period)
             check_topology(rule, self.topology or None)
             check_compression_rule(rule, self.compression or None)
+            if self.nodes:
+                check_nodes(self.nodes, self.nodes, self.inner_period or None)
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
@@ -224,6 +234,10 @@ class RunConfig:
         device = self.device.split(":")
         if device[0] not in ("cpu", "cuda") or len(device) > 2 or (len(device) == 2 and not device[1].isdigit()):
             raise ConfigError(f"device={self.device!r} is not known; allowed: cpu, cuda, cuda:N")
+        if self.algorithm.nodes and self.training.workers % self.algorithm.nodes:
+            raise ConfigError(
+                f"algorithm.nodes={self.algorithm.nodes} does not divide training.workers={self.training.workers}"
+            )
         if self.engine == "distributed" and self.training.compile:
             raise ConfigError(
                 "training.compile=True compiles the simulator's vmapped step; engine='distributed' has none"

@@ -8,6 +8,7 @@ is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessG
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -15,8 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup
-from prsgd.engines.distributed import ProcessGroupCommunicator, broadcast_from_first, group_rank, group_size
+from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
+from prsgd.engines.distributed import (
+    ProcessGroupCommunicator,
+    broadcast_from_first,
+    group_rank,
+    group_size,
+    node_group,
+    same_ranks_group,
+)
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
@@ -59,6 +67,16 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             change since the last round in that format (half the bytes: Algorithm 1's round then costs one fp32
             gradient), with error feedback; after the round every worker holds bitwise the same values
             (:mod:`prsgd.compression`). Beyond the paper's analysis, which covers exact averaging.
+        overlap: ``False``, ``True`` or a delay in steps (1..period): an averaging round's collective runs in the
+            background on a snapshot while training continues, and is applied ``delay`` steps later (``True``: 1)
+            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`). Beyond the paper's analysis.
+        inner_period: hierarchical rounds: average within each node every ``inner_period`` steps (over the fast
+            link), over all ranks every ``period`` steps; must divide ``period``.
+        nodes: with ``inner_period``, how many nodes the ranks form (consecutive ranks per node, as torchrun
+            numbers them); default: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment.
+
+    With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
+    every rank of the world constructs its LocalSGD at the same point.
 
     Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
     round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
@@ -92,13 +110,27 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         check_finite: bool = False,
         model: nn.Module | None = None,
         compression: str | None = None,
+        overlap: bool | int = False,
+        inner_period: int | None = None,
+        nodes: int | None = None,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.algorithm = PeriodicSync(
-            sync, period, has_momentum=momentum > 0, topology=topology, compression=compression
+            sync,
+            period,
+            has_momentum=momentum > 0,
+            topology=topology,
+            compression=compression,
+            overlap=overlap,
+            inner_period=inner_period,
         )
         check_process_group(process_group)
+        self.nodes = check_nodes(
+            nodes if nodes is not None or inner_period is None else torchrun_nodes(),
+            group_size(process_group),
+            inner_period,
+        )
         if isinstance(params, nn.Module):
             if model is not None:
                 raise InvalidArgument(
@@ -141,7 +173,13 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         for k, p in enumerate(all_params):
             self.state[p]["momentum_buffer"] = momentum_buffers[k] if self.has_momentum else None
         self.process_group = process_group
-        self.algorithm.engine = self.engine = ProcessGroupCommunicator(self.storage, process_group, self.topology)
+        self.algorithm.engine = self.engine = ProcessGroupCommunicator(
+            self.storage,
+            process_group,
+            self.topology,
+            node_group=node_group(self.nodes, process_group) if self.nodes is not None else None,
+            background_group=same_ranks_group(process_group) if self.algorithm.overlap is not None else None,
+        )
         broadcast_from_first(self.storage.span(("params", "buffers")), process_group)
         if model is not None:  # frozen parameters and integer buffers: the same everywhere too
             flat_ids = {id(t) for t in (*all_params, *model_buffers)}
@@ -267,3 +305,16 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = view
         if counters is not None:
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
+
+
+def torchrun_nodes() -> int:
+    """How many nodes torchrun started: ``WORLD_SIZE / LOCAL_WORLD_SIZE``; :class:`InvalidArgument` without them."""
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if not world or not local or not world.isdigit() or not local.isdigit() or int(local) == 0:
+        raise InvalidArgument(
+            "inner_period= needs to know the nodes: pass nodes= (how many nodes the ranks form), or launch with "
+            "torchrun (WORLD_SIZE and LOCAL_WORLD_SIZE)"
+        )
+    if int(world) % int(local):
+        raise InvalidArgument(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: pass nodes=")
+    return int(world) // int(local)

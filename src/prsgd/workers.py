@@ -122,6 +122,9 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
         "sync": a.sync,
         "topology": a.topology or None,
         "compression": a.compression or None,
+        "overlap": a.overlap,
+        "inner_period": a.inner_period or None,
+        "nodes": a.nodes or None,
     }
 
 

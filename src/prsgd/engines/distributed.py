@@ -8,14 +8,16 @@ one member) every operation does nothing, so the same code runs in a single proc
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prsgd.algorithm import CommStats, Field
+from prsgd.algorithm import CommStats, Field, Scope
 from prsgd.compression import rounded_mean
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.topology import Topology, mix_row_
@@ -27,29 +29,83 @@ class ProcessGroupCommunicator:
     the group size) over one span of it, in place, and ``mix`` (eq. 18) sends that span to this worker's
     out-neighbours and receives its in-neighbours' point to point (``batch_isend_irecv``), never a collective over
     all workers; receive buffers (in-degree x payload) are kept between rounds. ``comm`` counts the span's bytes
-    per all-reduce and out-degree x span bytes per mixing round; a single worker sends and counts nothing."""
+    per all-reduce and out-degree x span bytes per mixing round; a single worker sends and counts nothing.
+
+    ``node_group``: this rank's node, for hierarchical runs' inner rounds (``average(..., scope="node")``).
+    ``background_group``: a second group of the same ranks, on which overlapped rounds' exchanges run in a
+    background thread (:meth:`start`), so that they never interleave with collectives of the training thread."""
 
     def __init__(
-        self, storage: FlatStorage, process_group: dist.ProcessGroup | None = None, topology: Topology | None = None
+        self,
+        storage: FlatStorage,
+        process_group: dist.ProcessGroup | None = None,
+        topology: Topology | None = None,
+        *,
+        node_group: dist.ProcessGroup | None = None,
+        background_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.storage = storage
         self.process_group = process_group
         self.num_workers = self.world_size = group_size(process_group)
         self.rank = group_rank(process_group)
         self.topology = topology
+        self.node_group = node_group
         self.comm = CommStats()
         self._receive: list[Tensor] = []
+        self._background = None
+        if background_group is not None:
+            self._background = ProcessGroupCommunicator(storage, background_group)
 
     def tensors(self, field: Field) -> list[Tensor]:
         return self.storage.tensors(field)
 
-    def average(self, fields: Sequence[Field]) -> None:
+    def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
         span = self.storage.span(fields)
-        if self.world_size == 1 or span.numel() == 0:
+        if scope == "node":
+            if self.node_group is None:
+                raise RuntimeError("average(scope='node') needs a node_group")
+            self._average(span, self.node_group, scope)
+        else:
+            self._average(span, self.process_group, scope)
+
+    def average_tensors(self, tensors: list[Tensor]) -> None:
+        for t in tensors:  # one: an overlapped round's snapshot of a span
+            self._average(t, self.process_group, "all")
+
+    def _average(self, span: Tensor, group: dist.ProcessGroup | None, scope: Scope) -> None:
+        size = group_size(group)
+        if size == 1 or span.numel() == 0:
             return
-        dist.all_reduce(span, op=dist.ReduceOp.SUM, group=self.process_group)
-        span.div_(self.world_size)
-        self.comm.record(span.numel() * span.element_size())
+        dist.all_reduce(span, op=dist.ReduceOp.SUM, group=group)
+        span.div_(size)
+        self.comm.record(span.numel() * span.element_size(), scope)
+
+    def start(self, work: Callable[[ProcessGroupCommunicator], None]) -> Callable[[], None]:
+        """Run ``work`` on a background thread with the background group's communicator (at once without one);
+        returns how to wait for it (re-raising what it raised), which also counts what it sent."""
+        background = self._background or copy.copy(self)
+        background.comm = CommStats()
+        if self._background is None:
+            work(background)
+            return functools.partial(self.comm.add, background.comm)
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work(background)
+            except BaseException as error:  # re-raised in the training thread by wait()
+                failed.append(error)
+
+        thread = threading.Thread(target=run, name="prsgd-overlapped-round", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if failed:
+                raise failed[0]
+            self.comm.add(background.comm)
+
+        return wait
 
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         return [self.storage.span(fields)]  # contiguous: one tensor for the whole round
@@ -101,6 +157,35 @@ class ProcessGroupCommunicator:
         with torch.no_grad():
             mix_row_(flat, flat, nbrs, received)
         self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size())
+
+
+def same_ranks_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """A new process group of the same ranks as ``process_group`` (the world by default), or None without more
+    than one. Every rank of the world must call it at the same point (``dist.new_group``)."""
+    if group_size(process_group) == 1:
+        return None
+    return dist.new_group(_global_ranks(process_group))
+
+
+def node_group(nodes: int, process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """This rank's node: the group's ranks split into ``nodes`` runs of consecutive ranks (as torchrun numbers them,
+    node by node). Every rank of the world must call it at the same point: it creates every node's group."""
+    if group_size(process_group) == 1:
+        return None
+    ranks = _global_ranks(process_group)
+    per_node = len(ranks) // nodes
+    mine = None
+    for node in range(nodes):
+        group = dist.new_group(ranks[node * per_node : (node + 1) * per_node])
+        if node == group_rank(process_group) // per_node:
+            mine = group
+    return mine
+
+
+def _global_ranks(process_group: dist.ProcessGroup | None) -> list[int]:
+    if process_group is None:
+        return list(range(group_size()))
+    return [dist.get_global_rank(process_group, i) for i in range(group_size(process_group))]
 
 
 def all_reduce_sum_(tensor: Tensor, process_group: dist.ProcessGroup | None = None) -> Tensor:

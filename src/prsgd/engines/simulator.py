@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup
+from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
 from prsgd.engines.gradients import (
     Inputs,
     LossFn,
@@ -65,6 +65,11 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
             so the worker named is the one where it arose). Costs two fused passes (one sync each) per step.
         compression: as in :class:`prsgd.LocalSGD`: ``"bf16"`` or ``"fp16"`` rounds (:mod:`prsgd.compression`).
+        overlap: as in :class:`prsgd.LocalSGD`: the round applied ``delay`` steps after it starts, as
+            x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`); here the exchange itself takes no time.
+        inner_period, nodes: hierarchical rounds: the workers form ``nodes`` nodes of consecutive workers (worker
+            i is on node i // (N / nodes)); each node averages every ``inner_period`` steps, all workers every
+            ``period`` steps.
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -94,14 +99,26 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         compile: bool = False,
         check_finite: bool = False,
         compression: str | None = None,
+        overlap: bool | int = False,
+        inner_period: int | None = None,
+        nodes: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         check_int("num_workers", num_workers, 1)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.algorithm = PeriodicSync(
-            sync, period, has_momentum=momentum > 0, topology=topology, compression=compression
+            sync,
+            period,
+            has_momentum=momentum > 0,
+            topology=topology,
+            compression=compression,
+            overlap=overlap,
+            inner_period=inner_period,
         )
+        if inner_period is not None and nodes is None:
+            raise InvalidArgument("inner_period= needs nodes= (how many nodes the workers form)")
+        self.nodes = check_nodes(nodes, num_workers, inner_period)
         self.num_workers = num_workers
         self.check_finite = check_bool("check_finite", check_finite)
         self.device = check_device("device", device)
@@ -126,6 +143,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             momentum=list(self._momentum.values()),
             topology=self.topology,
             device=self.device,
+            nodes=self.nodes or 1,
         )
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         torch.optim.Optimizer.__init__(self, list(self._params.values()), defaults)

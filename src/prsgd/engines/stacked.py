@@ -7,12 +7,14 @@ one worker of a real run would send.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from prsgd.algorithm import CommStats, Field
+from prsgd.algorithm import CommStats, Field, Scope
 from prsgd.compression import rounded_mean
 from prsgd.errors import InvalidArgument
 from prsgd.topology import Neighbours, Topology, mix_row_
@@ -22,6 +24,14 @@ def mean_over_workers_(tensors: Sequence[Tensor]) -> None:
     """Replace each stacked ``(N, ...)`` tensor by its mean over workers, in place."""
     for t in tensors:
         t.copy_(t.mean(dim=0, keepdim=True).expand_as(t))
+
+
+def mean_within_nodes_(tensors: Sequence[Tensor], nodes: int) -> None:
+    """Replace each stacked ``(N, ...)`` tensor's rows by their mean over each node's consecutive N/nodes
+    workers, in place."""
+    for t in tensors:
+        grouped = t.reshape(nodes, t.shape[0] // nodes, *t.shape[1:])
+        t.copy_(grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(t.shape))
 
 
 def worker_bytes(tensors: Sequence[Tensor]) -> int:
@@ -91,7 +101,9 @@ class StackedMixer:
 
 class StackedCommunicator:
     """The simulator's :class:`prsgd.algorithm.Communicator`: each field is a list of stacked ``(N, ...)``
-    tensors; ``grads`` is set by the simulator before each step (the gradients it just computed)."""
+    tensors; ``grads`` is set by the simulator before each step (the gradients it just computed). ``nodes``
+    groups consecutive workers for hierarchical runs' inner rounds. An overlapped round's exchange runs at once
+    (:meth:`start`): the simulator has no network to wait for, the delay is the algorithm's."""
 
     def __init__(
         self,
@@ -101,8 +113,10 @@ class StackedCommunicator:
         momentum: list[Tensor],
         topology: Topology | None = None,
         device: torch.device | None = None,
+        nodes: int = 1,
     ) -> None:
         self.num_workers = num_workers
+        self.nodes = nodes
         self.fields: dict[Field, list[Tensor]] = {
             "params": params,
             "buffers": buffers,
@@ -123,12 +137,26 @@ class StackedCommunicator:
     def _gather(self, fields: Sequence[Field]) -> list[Tensor]:
         return [t for field in fields for t in self.fields[field]]
 
-    def average(self, fields: Sequence[Field]) -> None:
+    def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
+        tensors = self._gather(fields)
+        if scope == "node":
+            if self.nodes < self.num_workers:  # one worker per node: nothing to average
+                mean_within_nodes_(tensors, self.nodes)
+                self.comm.record(worker_bytes(tensors), scope)
+        else:
+            self.average_tensors(tensors)
+
+    def average_tensors(self, tensors: list[Tensor]) -> None:
         if self.num_workers == 1:
             return
-        tensors = self._gather(fields)
         mean_over_workers_(tensors)
         self.comm.record(worker_bytes(tensors))
+
+    def start(self, work: Callable[[StackedCommunicator], None]) -> Callable[[], None]:
+        background = copy.copy(self)  # the same tensors, its own count until waited for
+        background.comm = CommStats()
+        work(background)
+        return functools.partial(self.comm.add, background.comm)
 
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         return self._gather(fields)
