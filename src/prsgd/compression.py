@@ -107,7 +107,8 @@ class CompressedRounds:
         clipped = [d.clamp(-self.clip, self.clip) for d in delta] if self.clip is not None else delta
         payload = [d.to(self.dtype) for d in clipped]
         # what this round leaves out (rounding, and anything clipped) goes with the next
-        self.residual = torch._foreach_sub(delta, [p.to(d.dtype) for p, d in zip(payload, delta, strict=True)])
+        for residual, d, p in zip(self.residual, delta, payload, strict=True):
+            torch.sub(d, p, out=residual)
         return payload
 
     def exchange(self, payload: list[Tensor], engine: PayloadExchange) -> None:
