@@ -20,7 +20,8 @@ the gradients run of the same seed (paired). Plots loss vs wall-clock for all ru
 loopback, unlimited), the hosts are linked at ``--rate``. Runs: gradients, flat Algorithm 1 at I = 8 and 32, and
 two-level rounds (within a host every ``inner_period`` steps, across hosts every I) at (1, 8) and (2, 32); also
 reports the bytes that crossed the host links, read from the veth counters (all traffic: rounds, evaluation,
-rendezvous).
+checkpoints, rendezvous). ``--floor`` adds sync='none' (no communication at all): its training time is the
+floor that no communication scheme can beat on this machine.
 
 If namespaces cannot be made (not root, no iproute2), it says so and falls back to loopback runs whose times are
 then *modelled*: measured time + rounds x (bytes / rate), labelled as such.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -147,6 +149,9 @@ def main() -> None:
     parser.add_argument("--overlaps", default="0", help="comma-separated delays in steps; I: the period; 0: none")
     parser.add_argument("--seeds", type=int, default=1, help="repeat every run with seeds 0..seeds-1")
     parser.add_argument("--hierarchical", action="store_true", help="2 hosts x 2 ranks: flat vs two-level rounds")
+    parser.add_argument(
+        "--floor", action="store_true", help="also sync='none' (no communication): the training time's floor"
+    )
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--target", type=float, default=None, help="target training loss")
     parser.add_argument("--out", default="runs/time_to_target")
@@ -170,6 +175,8 @@ def main() -> None:
         ]
     flags += ["--workers", str(args.workers), "--batch-size", "16", "--momentum", "0.9", "--evals", "40"]
     runs = {"gradients": ["--sync", "gradients", "--period", "1"]}
+    if args.floor:
+        runs["none (no communication)"] = ["--sync", "none"]
     per_host = 1
     if args.hierarchical:
         per_host = 2
@@ -237,10 +244,10 @@ def main() -> None:
         + f" ({', '.join(f'{t:.4f}' for t in targets)})"
     )
     print(
-        "| run | time to target (s) | speed-up vs gradients | final train loss | vs gradients (paired) | rounds "
-        "| MB/worker | MB over host links |"
+        "| run | time to target (s) | speed-up vs gradients | final train loss | vs gradients (paired) "
+        "| training time (s) | rounds | MB/worker | MB over host links |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = logs["gradients"]
     for name, per_seed in logs.items():
         times = [time_to(records, target) for records, target in zip(per_seed, targets, strict=True)]
@@ -249,8 +256,9 @@ def main() -> None:
         differences = [100 * (f / b[-1]["train_loss"] - 1) for f, b in zip(finals, base, strict=True)]
         last = per_seed[0][-1]
         print(
-            f"| {name} | {spread(times, '.2f')} | {spread(speedups, '.2f')}x | {spread(finals, '.4f')} "
-            f"| {spread(differences, '+.1f')}% | {last['comm_rounds']} | {last['comm_bytes'] / 1e6:.2f} "
+            f"| {name} | {spread(times, '.2f')} | {spread(speedups, '.2f', 'x')} | {spread(finals, '.4f')} "
+            f"| {spread(differences, '+.1f', '%')} | {spread([r[-1]['wall_clock'] for r in per_seed], '.1f')} "
+            f"| {last['comm_rounds']} | {last['comm_bytes'] / 1e6:.2f} "
             f"| {statistics.mean(crossed[name]) / 1e6:.2f} |"
         )
     from prsgd.report import plot_groups
@@ -260,11 +268,13 @@ def main() -> None:
     print(f"plot: {written[0]}")
 
 
-def spread(values: list[float], fmt: str) -> str:
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
     """``mean +- sd`` over seeds (just the value for one seed)."""
+    if any(math.isnan(v) for v in values):
+        return "not reached" if all(math.isnan(v) for v in values) else f"not reached in {sum(map(math.isnan, values))}"
     if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} +- {format(statistics.stdev(values), fmt.lstrip('+'))}"
+        return format(values[0], fmt) + unit
+    return f"{format(statistics.mean(values), fmt)}{unit} +- {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 if __name__ == "__main__":
