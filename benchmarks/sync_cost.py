@@ -10,14 +10,15 @@ each process times, after warm-up and a barrier, the median over repeats of:
   naive      one all_reduce per parameter, per buffer and per momentum tensor;
   torch      PyTorch's PeriodicModelAverager.average_parameters (parameters only, so fewer bytes);
   bf16       one compressed round (LocalSGD(compression="bf16"): change since the last round in bf16, error
-             feedback, all-to-all + all-gather; half the bytes).
+             feedback, all-to-all + all-gather; half the bytes);
+  int8       the same with compression="int8" (0.254x the bytes).
 Also the memory a sync allocates (torch's allocations, from the profiler; and the process's RSS growth) relative
 to the model's size.
 Rank 0 prints the ratios.
 
 ``--rate``: the same processes, each in its own network namespace with a link rate-limited by tbf (the network of
 ``time_to_target.py``), timing only the rounds that matter there: the bare all_reduce, the fp32 round and the bf16
-round (the slow link's cost of a compressed round against an exact one).
+and int8 rounds (the slow link's cost of a compressed round against an exact one).
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
     def prsgd_sync():
         opt.algorithm.synchronize()
 
-    compressed = prsgd.LocalSGD(
-        build_model(args.model, (3, 32, 32), 10), lr=0.1, momentum=0.9, period=1, compression="bf16"
-    )
-    compressed.algorithm.compression.restart(compressed.algorithm._round_tensors())
+    def compressed_round(codec: str):
+        compressed = prsgd.LocalSGD(
+            build_model(args.model, (3, 32, 32), 10), lr=0.1, momentum=0.9, period=1, compression=codec
+        )
+        compressed.algorithm.compression.restart(compressed.algorithm._round_tensors())
+        return lambda: compressed.algorithm._round(exact=False)
 
-    def bf16_round():
-        compressed.algorithm._round(exact=False)
+    bf16_round, int8_round = compressed_round("bf16"), compressed_round("int8")
 
     def naive():
         with torch.no_grad():
@@ -104,7 +106,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
     def torch_averager():
         averager.average_parameters(model.parameters())
 
-    measured = [("limit", limit), ("prsgd", prsgd_sync), ("bf16", bf16_round)]
+    measured = [("limit", limit), ("prsgd", prsgd_sync), ("bf16", bf16_round), ("int8", int8_round)]
     if args.rate:  # over the slow link: the exact and the compressed round
         results = {name: timed(fn, args.repeats) for name, fn in measured}
         if rank == 0:
@@ -118,6 +120,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
                 ("limit", "one bare fp32 all_reduce, same bytes"),
                 ("prsgd", "prsgd.LocalSGD fp32 round"),
                 ("bf16", "prsgd.LocalSGD bf16 round (compression='bf16')"),
+                ("int8", "prsgd.LocalSGD int8 round (compression='int8')"),
             ]:
                 print(f"| {label} | {results[name] * 1e3:.1f} | {results[name] / results['prsgd']:.2f}x |")
         dist.destroy_process_group()
@@ -149,6 +152,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
             ("naive", f"one all_reduce per tensor ({len(every)})"),
             ("torch", "PyTorch PeriodicModelAverager (params only)"),
             ("bf16", "prsgd.LocalSGD compressed round (bf16, half the bytes)"),
+            ("int8", "prsgd.LocalSGD compressed round (int8 + a scale per 256 values)"),
         ]:
             print(f"| {label} | {results[name] * 1e3:.2f} | {results[name] / results['limit']:.2f}x |")
         print(

@@ -36,6 +36,11 @@ def test_sync_cost_benchmark():
     assert "prsgd.LocalSGD sync" in out and "torch allocated" in out
 
 
+def test_sync_cost_over_slow_links_benchmark():
+    out = run_script("sync_cost.py", "--rate", "1gbit", "--workers", "2", "--repeats", "2", "--model", "resnet8")
+    assert "prsgd.LocalSGD int8 round" in out and "/ fp32 round" in out
+
+
 def test_time_to_target_benchmark(tmp_path):
     out = run_script("time_to_target.py", "--workers", "2", "--periods", "4", "--epochs", "2", "--out", str(tmp_path))
     assert "| params_and_momentum I=4 |" in out

@@ -32,6 +32,10 @@ CASES = [
     dict(lr=0.1, momentum=0.9, period=4, sync="params_clear_momentum", overlap=True),
     dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", inner_period=1, nodes=2, batchnorm=True),
     dict(lr=0.1, momentum=0.9, period=4, sync="params_and_momentum", inner_period=2, nodes=2, compression="bf16"),
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", compression="int8", batchnorm=True),
+    dict(lr=0.1, momentum=0.9, period=2, sync="params_only", overlap=1, compression="int8"),
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", outer_lr=0.7, outer_momentum=0.9),
+    dict(lr=0.1, momentum=0.9, period=2, compression="bf16", outer_lr=0.7, outer_momentum=0.9, batchnorm=True),
 ]
 
 
@@ -48,8 +52,8 @@ def test_local_sgd_in_gloo_processes_matches_the_simulator(world_size, tmp_path)
         model = mlp(batchnorm=case.pop("batchnorm", False))
         sim = prsgd.Simulator(model, num_workers=world_size, **case)
         # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
-        # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp of a delta of ~1e-2)
-        atol = {None: 1e-6, "fp16": 2e-5, "bf16": 1e-4}[case.get("compression")]
+        # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
+        atol = {None: 1e-6, "fp16": 2e-5, "bf16": 1e-4, "int8": 1e-3}[case.get("compression")]
         for t, (x, y) in enumerate(batches(world_size, STEPS)):
             sim.step(x, y, F.cross_entropy)
             for rank, saved in enumerate(ranks):

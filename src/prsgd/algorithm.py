@@ -32,9 +32,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from prsgd.compression import CompressedRounds, check_compression
+from prsgd.compression import Codec, CompressedRounds, check_compression
 from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_int, check_number
 from prsgd.functional import momentum_sgd_
+from prsgd.outer import OuterOptimizer, check_outer
 from prsgd.overlap import OverlappedRounds, check_overlap
 
 Field = Literal["params", "buffers", "grads", "momentum"]
@@ -314,14 +315,15 @@ class Communicator(Protocol):
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
 
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
-        """The fields' tensors for elementwise work over all of them (a compressed round): the tensors, or one
-        flat span of them where the engine keeps them contiguous."""
+        """The fields' tensors for elementwise work over all of them (compressed and overlapped rounds), with the
+        workers as leading dimension: the stacked tensors, or one row (1, n) of a flat span where the engine keeps
+        them contiguous."""
         ...
 
-    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]: ...
+    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor: ...
 
-    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
-        """A compressed round's exchange (not a field: its payload, in its own dtype); see
+    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
+        """A compressed round's exchange (not a field: its payload, one row per worker, in the codec's dtype); see
         :class:`prsgd.compression.PayloadExchange`. Counts the payload's bytes in ``comm``."""
         ...
 
@@ -344,9 +346,9 @@ class PeriodicSync:
         period: I >= 1, local steps between rounds (ignored by ``"gradients"`` and ``"none"``).
         has_momentum: whether momentum buffers exist (momentum > 0 in some group).
         topology: whatever the engine builds its mixing from; only checked here (gossip rules need one).
-        compression: ``None`` (exact rounds), ``"bf16"`` or ``"fp16"``: averaging rounds send the change since
-            the last round in that format, with error feedback (:mod:`prsgd.compression`); only for the rules
-            that average parameters. :meth:`synchronize` stays exact.
+        compression: ``None`` (exact rounds), ``"bf16"``, ``"fp16"`` or ``"int8"``: averaging rounds send the
+            change since the last round in that format, with error feedback (:mod:`prsgd.compression`); only for
+            the rules that average parameters. :meth:`synchronize` stays exact.
         overlap: ``False`` (rounds applied at once), ``True`` or a delay in steps (1..period): an averaging
             round's exchange runs on a snapshot while local steps continue, and is applied ``delay`` steps later
             as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`).
@@ -354,6 +356,9 @@ class PeriodicSync:
             ``inner_period`` steps and over all workers every ``period`` steps; must divide ``period``. Momentum
             is averaged at both levels for Algorithm 1 (cleared at both for ``params_clear_momentum``). The
             engine knows the nodes.
+        outer_lr, outer_momentum: an outer optimizer at every scheduled averaging round (DiLoCo: Nesterov
+            momentum on the averaged change of the parameters, :mod:`prsgd.outer`); on when either is given. 1 and
+            0 give Algorithm 1 exactly. Not with ``overlap``.
         engine: the engine's :class:`Communicator`; an engine that validates its arguments before building its
             storage (as both do) attaches it afterwards (``algorithm.engine = ...``), before the first step.
 
@@ -372,6 +377,8 @@ class PeriodicSync:
         compression: str | None = None,
         overlap: bool | int = False,
         inner_period: int | None = None,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
     ) -> None:
         self.rule = sync_rule(sync)
         self.period = check_period(period)
@@ -381,6 +388,12 @@ class PeriodicSync:
         delay = check_overlap_rule(self.rule, overlap, self.period, self.inner_period)
         self.compression = CompressedRounds(compression) if compression is not None else None
         self.overlap = OverlappedRounds(delay) if delay else None
+        outer = check_outer(outer_lr, outer_momentum)
+        if outer is not None:
+            check_averaging_option(self.rule, "outer_lr", outer[0])
+            if delay:
+                raise InvalidArgument(f"outer_lr/outer_momentum with overlap={overlap!r} is not supported")
+        self.outer = OuterOptimizer(*outer) if outer is not None else None
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_momentum = has_momentum
         self.steps_done = 0
@@ -424,6 +437,8 @@ class PeriodicSync:
         apply_update = not found_inf
         if self.compression is not None and not self.compression.anchor:  # x^0: every worker starts equal
             self.compression.restart(self._round_tensors())
+        if self.outer is not None and not self.outer.anchor:
+            self.outer.rebase(self.engine.elementwise(("params",)))
         if self.rule.averages_gradients:
             self.engine.average(("buffers", "grads"))
             if found_inf is not None:
@@ -467,7 +482,20 @@ class PeriodicSync:
             self.engine.average(fields)
             if self.compression is not None:  # everything is sent now: the next change starts from here
                 self.compression.restart(self._round_tensors())
+        if self.outer is not None:
+            self._outer_step(exact)
         self._clear_momentum_if_the_rule_does()
+
+    def _outer_step(self, exact: bool) -> None:
+        """After a scheduled round the outer optimizer's step (:mod:`prsgd.outer`); after :meth:`synchronize` its
+        anchor moves to the plain average."""
+        params = self.engine.elementwise(("params",))
+        if exact:
+            self.outer.rebase(params)
+            return
+        self.outer.step(params)
+        if self.compression is not None:  # the values every worker holds now
+            self.compression.rebase(self._round_tensors())
 
     def _clear_momentum_if_the_rule_does(self) -> None:
         if self.rule.momentum == "clear":
@@ -479,18 +507,22 @@ class PeriodicSync:
         """Start an overlapped round (:mod:`prsgd.overlap`) on the round's tensors as they are now."""
         tensors, compression = self._round_tensors(), self.compression
         if compression is not None:
-            result, finish = compression.encode(tensors), compression.decode
+            result = [compression.encode(tensors)]
 
             def exchange(engine: Communicator) -> None:
-                compression.exchange(result, engine)
+                compression.exchange(result[0], engine)
         else:
-            result, finish = [t.detach().clone() for t in tensors], _unchanged
+            result = [t.detach().clone() for t in tensors]
 
             def exchange(engine: Communicator) -> None:
                 engine.average_tensors(result)
 
         due = self.steps_done + self.overlap.delay
-        self.overlap.start(tensors, due, result, self.engine.start(exchange), finish)
+        self.overlap.start(tensors, due, result, self.engine.start(exchange), self._finish_overlapped)
+
+    def _finish_overlapped(self, exchanged: list[Tensor]) -> list[Tensor]:
+        """avg(snapshot) from an overlapped round's exchanged result: itself, or the new compressed anchor."""
+        return self.compression.decode(exchanged[0]) if self.compression is not None else exchanged
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:
@@ -530,6 +562,7 @@ class PeriodicSync:
             "bytes": self.comm.bytes,
             **({"compression": self.compression.state_dict()} if self.compression is not None else {}),
             **({"overlap": self.overlap.state_dict()} if self.overlap is not None else {}),
+            **({"outer": self.outer.state_dict()} if self.outer is not None else {}),
             **(
                 {"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes}
                 if self.inner_period is not None
@@ -562,9 +595,15 @@ class PeriodicSync:
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
         self.comm.node_rounds, self.comm.node_bytes = int(state.get("node_rounds", 0)), int(state.get("node_bytes", 0))
         self.synchronized_at = None
+        if self.outer is not None:
+            params = self.engine.elementwise(("params",))
+            if "outer" in state and not from_consensus:
+                self.outer.load_state_dict(state["outer"], params)
+            else:
+                self.outer.velocity = []
+                self.outer.rebase(params)
         if self.overlap is not None:
-            finish = self.compression.decode if self.compression is not None else _unchanged
-            self.overlap.load_state_dict(state.get("overlap", {}), self._round_tensors(), finish)
+            self.overlap.load_state_dict(state.get("overlap", {}), self._round_tensors(), self._finish_overlapped)
         if self.compression is not None:
             # a consensus state continued by another number of workers starts afresh from its (common) values;
             # call this after the engine's tensors are loaded
@@ -627,11 +666,6 @@ class FollowsAlgorithm:
             )
         cache[index] = (key, hyper)
         return hyper
-
-
-def _unchanged(result: list[Tensor]) -> list[Tensor]:
-    """An exact overlapped round's result is avg(snapshot) as exchanged."""
-    return result
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

@@ -21,7 +21,13 @@ Under ``torch.distributed`` the exchange is a reduce-scatter done as an all-to-a
 (N-1)/N of the payload twice, half the traffic of an fp32 ring all-reduce, and the arithmetic is the simulator's
 exactly, whatever N. ``"bf16"`` keeps fp32's range with 8 bits of mantissa; ``"fp16"`` has 11 bits but a range of
 +-65504 (deltas beyond it are clipped, the clipped part carried in the residual). With either, Algorithm 1's round
-(parameters and momentum) sends the bytes of one fp32 gradient.
+(parameters and momentum) sends the bytes of one fp32 gradient. ``"int8"`` sends each chunk of 256 values as
+int8 with one fp32 scale (its largest magnitude / 127, rounded to nearest): 260 bytes per 256 values, about a
+quarter of fp32, with a coarser rounding step (1/254 of the chunk's range) that the same two feedbacks carry.
+
+A round works on every tensor of the round at once: each worker's values are laid out as one row (the tensors
+flattened and concatenated in the round's order, which both engines share), so the int8 chunks are the same on
+both engines and a rank's shard of the exchange is whole chunks.
 """
 
 from __future__ import annotations
@@ -30,11 +36,73 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from prsgd.errors import CheckpointError, InvalidArgument
 
-CODECS: dict[str, tuple[torch.dtype, float | None]] = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, 65504.0)}
+
+class FloatCodec:
+    """A 16-bit float format: each value rounded to ``dtype`` (to nearest), clipped to +-``clip`` first."""
+
+    unit = 1  # payload elements that travel together
+    values_per_unit = 1
+
+    def __init__(self, dtype: torch.dtype, clip: float | None = None) -> None:
+        self.dtype, self.clip = dtype, clip
+
+    def encode(self, values: Tensor) -> Tensor:
+        """``values`` (rows, L) in fp32 -> the payload (rows, L) in ``dtype``."""
+        return (values.clamp(-self.clip, self.clip) if self.clip is not None else values).to(self.dtype)
+
+    def decode(self, payload: Tensor) -> Tensor:
+        return payload.float()
+
+    def values_numel(self, payload_numel: int) -> int:
+        """How many values a payload of ``payload_numel`` elements decodes to."""
+        return payload_numel
+
+
+class Int8Codec:
+    """Chunks of ``chunk`` values as int8, each chunk with one fp32 scale (largest magnitude / 127), packed into
+    one int8 payload: per chunk, ``chunk`` quantized values then the scale's 4 bytes."""
+
+    values_per_unit = 256
+
+    def __init__(self) -> None:
+        self.dtype = torch.int8
+        self.unit = self.values_per_unit + 4
+
+    def encode(self, values: Tensor) -> Tensor:
+        """``values`` (rows, L) in fp32 -> (rows, chunks x (chunk + 4)) int8, zero-padded to whole chunks."""
+        rows, chunk = values.shape[0], self.values_per_unit
+        chunks = -(-values.shape[1] // chunk)
+        v = F.pad(values, (0, chunks * chunk - values.shape[1])).view(rows, chunks, chunk)
+        scale = v.abs().amax(dim=-1, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        packed = torch.empty(rows, chunks, self.unit, dtype=torch.int8, device=values.device)
+        packed[..., :chunk] = torch.round(v / scale).clamp_(-127, 127)
+        packed[..., chunk:] = scale.view(torch.int8)
+        return packed.view(rows, -1)
+
+    def decode(self, payload: Tensor) -> Tensor:
+        """The payload (rows, P) -> its values (rows, chunks x chunk) in fp32."""
+        rows, chunk = payload.shape[0], self.values_per_unit
+        packed = payload.reshape(rows, -1, self.unit)
+        scale = packed[..., chunk:].contiguous().view(torch.float32)
+        return (packed[..., :chunk].float() * scale).view(rows, -1)
+
+    def values_numel(self, payload_numel: int) -> int:
+        return payload_numel // self.unit * self.values_per_unit
+
+
+Codec = FloatCodec | Int8Codec
+
+CODECS: dict[str, Codec] = {
+    "bf16": FloatCodec(torch.bfloat16),
+    "fp16": FloatCodec(torch.float16, 65504.0),
+    "int8": Int8Codec(),
+}
 
 
 def check_compression(compression: str | None) -> str | None:
@@ -45,49 +113,57 @@ def check_compression(compression: str | None) -> str | None:
     return compression
 
 
-def rounded_mean(payloads: Tensor, residual: Tensor, dtype: torch.dtype) -> Tensor:
-    """The mean of every worker's payload (``payloads``: shape (N, ...), in worker order), summed exactly in fp32
-    in that order, plus ``residual``, rounded to ``dtype``; ``residual`` keeps what the rounding left out. Both
-    engines call this, so their arithmetic is the same."""
-    total = payloads[0].float()
-    for i in range(1, payloads.shape[0]):
-        total += payloads[i].float()
-    mean = total / payloads.shape[0] + residual
-    low = mean.to(dtype)
-    residual.copy_(mean - low.float())
-    return low
+def rounded_mean(payloads: Tensor, residual: Tensor, codec: Codec) -> Tensor:
+    """The mean of every worker's payload (``payloads``: shape (N, P), in worker order), decoded and summed exactly
+    in fp32 in that order, plus ``residual`` (one per value), encoded again; ``residual`` keeps what that encoding
+    left out. Both engines call this, so their arithmetic is the same."""
+    values = codec.decode(payloads)
+    total = values[0].clone()
+    for i in range(1, values.shape[0]):
+        total += values[i]
+    mean = (total / payloads.shape[0] + residual).unsqueeze(0)
+    low = codec.encode(mean)
+    residual.copy_(mean[0] - codec.decode(low)[0, : mean.shape[1]])
+    return low[0]
 
 
 class PayloadExchange(Protocol):
     """What an engine provides for compressed rounds (part of :class:`prsgd.algorithm.Communicator`)."""
 
-    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
-        """Zeros for the rounded mean's residual ``e`` of ``payload``, laid out as :meth:`average_payload` uses it
-        (per value, or this rank's shard)."""
+    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
+        """Zeros for the rounded mean's residual ``e`` of ``payload`` (rows, P), one per value of the part of the
+        payload whose mean this engine rounds (all of it, or this rank's shard)."""
         ...
 
-    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
-        """Replace each worker's ``payload`` by :func:`rounded_mean` of all workers', in place, and count it."""
+    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
+        """Replace each worker's row of ``payload`` by :func:`rounded_mean` of all workers', in place, and count
+        the payload's bytes."""
         ...
 
 
 class CompressedRounds:
-    """The state and the rule of compressed rounds over some tensors (one worker's, or stacked ``(N, ...)``):
-    ``anchor`` (the values after the last round), ``residual`` (what rounding left out, per worker) and
-    ``mean_residual`` (what rounding the mean left out, the same for every worker)."""
+    """The state and the rule of compressed rounds over some tensors (one worker's, or stacked ``(N, ...)``; the
+    leading dimension is the workers, 1 for one worker): ``anchor`` (the values after the last round),
+    ``residual`` (what rounding left out, per worker) and ``mean_residual`` (what rounding the mean left out, the
+    same for every worker)."""
 
     def __init__(self, codec: str) -> None:
-        self.codec = check_compression(codec)
-        self.dtype, self.clip = CODECS[codec]
+        self.codec_name = check_compression(codec)
+        self.codec: Codec = CODECS[codec]
         self.anchor: list[Tensor] = []
         self.residual: list[Tensor] = []
-        self.mean_residual: list[Tensor] = []
+        self.mean_residual: Tensor | None = None
 
     def restart(self, tensors: Sequence[Tensor]) -> None:
         """Take ``tensors`` (in consensus: at the start, or after an exact round) as the anchor; nothing unsent."""
         self.anchor = [t.detach().clone() for t in tensors]
         self.residual = [torch.zeros_like(t) for t in tensors]
-        self.mean_residual = []
+        self.mean_residual = None
+
+    def rebase(self, tensors: Sequence[Tensor]) -> None:
+        """Take ``tensors`` (in consensus: after a round that an outer step changed) as the anchor; what is unsent
+        stays unsent."""
+        self.anchor = [t.detach().clone() for t in tensors]
 
     @torch.no_grad()
     def round(self, tensors: Sequence[Tensor], engine: PayloadExchange) -> None:
@@ -97,48 +173,67 @@ class CompressedRounds:
         torch._foreach_copy_(list(tensors), self.decode(payload))
 
     @torch.no_grad()
-    def encode(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """This worker's payload for a round over ``tensors``: their change since the anchor plus the residual,
-        in the low-precision dtype; the residual keeps what rounding (and clipping) left out."""
+    def encode(self, tensors: Sequence[Tensor]) -> Tensor:
+        """This worker's payload (rows, P) for a round over ``tensors``: their change since the anchor plus the
+        residual, as one row per worker, encoded; the residual keeps what encoding left out."""
         if not self.anchor:
             raise RuntimeError("CompressedRounds.encode before restart()")
         delta = torch._foreach_sub(list(tensors), self.anchor)
         torch._foreach_add_(delta, self.residual)
-        clipped = [d.clamp(-self.clip, self.clip) for d in delta] if self.clip is not None else delta
-        payload = [d.to(self.dtype) for d in clipped]
+        rows = _rows(delta)
+        payload = self.codec.encode(rows)
         # what this round leaves out (rounding, and anything clipped) goes with the next
-        for residual, d, p in zip(self.residual, delta, payload, strict=True):
-            torch.sub(d, p, out=residual)
+        sent = self.codec.decode(payload)[:, : rows.shape[1]]
+        torch._foreach_copy_(self.residual, _split(rows.sub_(sent), self.residual))
         return payload
 
-    def exchange(self, payload: list[Tensor], engine: PayloadExchange) -> None:
+    def exchange(self, payload: Tensor, engine: PayloadExchange) -> None:
         """Replace ``payload`` by the rounded mean of every worker's (through ``engine``), in place."""
-        if not self.mean_residual:
-            self.mean_residual = engine.mean_residual(payload)
-        engine.average_payload(payload, self.mean_residual)
+        if self.mean_residual is None:
+            self.mean_residual = engine.mean_residual(payload, self.codec)
+        engine.average_payload(payload, self.mean_residual, self.codec)
 
     @torch.no_grad()
-    def decode(self, payload: list[Tensor]) -> list[Tensor]:
+    def decode(self, payload: Tensor) -> list[Tensor]:
         """The new anchor, the same on every worker: the old one plus the exchanged (rounded mean) ``payload``."""
-        torch._foreach_add_(self.anchor, [p.to(a.dtype) for p, a in zip(payload, self.anchor, strict=True)])
+        numel = sum(a[0].numel() for a in self.anchor)
+        torch._foreach_add_(self.anchor, _split(self.codec.decode(payload)[:, :numel], self.anchor))
         return self.anchor
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "codec": self.codec,
+            "codec": self.codec_name,
             "anchor": [a.clone() for a in self.anchor],
             "residual": [r.clone() for r in self.residual],
-            "mean_residual": [r.clone() for r in self.mean_residual],
+            "mean_residual": [] if self.mean_residual is None else [self.mean_residual.clone()],
         }
 
     def load_state_dict(self, state: dict[str, Any], tensors: Sequence[Tensor]) -> None:
-        if state.get("codec") != self.codec:
+        if state.get("codec") != self.codec_name:
             raise CheckpointError(
-                f"the state was saved with compression={state.get('codec')!r}; this run uses {self.codec!r}"
+                f"the state was saved with compression={state.get('codec')!r}; this run uses {self.codec_name!r}"
             )
         anchor, residual = state["anchor"], state["residual"]
-        if len(anchor) != len(tensors) or any(a.shape != t.shape for a, t in zip(anchor, tensors, strict=True)):
+        if len(anchor) != len(tensors) or any(a.numel() != t.numel() for a, t in zip(anchor, tensors, strict=True)):
             raise CheckpointError("the state's compression anchor does not match this model's tensors")
-        self.anchor = [a.to(t.device, t.dtype).clone() for a, t in zip(anchor, tensors, strict=True)]
-        self.residual = [r.to(t.device, t.dtype).clone() for r, t in zip(residual, tensors, strict=True)]
-        self.mean_residual = [r.to(tensors[0].device).clone() for r in state.get("mean_residual", [])]
+        # (the shapes may differ by a leading 1: states saved before rounds were laid out as rows)
+        self.anchor = [a.to(t.device, t.dtype).reshape(t.shape).clone() for a, t in zip(anchor, tensors, strict=True)]
+        self.residual = [
+            r.to(t.device, t.dtype).reshape(t.shape).clone() for r, t in zip(residual, tensors, strict=True)
+        ]
+        mean_residual = state.get("mean_residual", [])  # (states of the simulator saved before: one per tensor)
+        self.mean_residual = (
+            torch.cat([r.reshape(-1) for r in mean_residual]).to(tensors[0].device) if mean_residual else None
+        )
+
+
+def _rows(tensors: list[Tensor]) -> Tensor:
+    """Each worker's values of ``tensors`` (leading dimension: the workers) as one row: (rows, total)."""
+    rows = tensors[0].shape[0]
+    return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
+
+
+def _split(rows: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``rows`` (rows, total) cut back into tensors shaped as ``like``."""
+    pieces = torch.split(rows, [t[0].numel() for t in like], dim=1)
+    return [p.reshape(t.shape) for p, t in zip(pieces, like, strict=True)]

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from prsgd.algorithm import (
     SYNC_RULES,
     Hyperparameters,
+    check_averaging_option,
     check_compression_rule,
     check_inner_period,
     check_nodes,
@@ -32,6 +33,7 @@ from prsgd.compression import CODECS
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
+from prsgd.outer import check_outer
 from prsgd.topology import BUILT_IN
 from prsgd.trackers import LOGGERS, check_loggers
 
@@ -116,6 +118,8 @@ class AlgorithmConfig:
     overlap: int = option(0, "delay in steps: an averaging round runs while training goes on, applied then; 0: off")
     inner_period: int = option(0, "hierarchical rounds: average within each node every this many steps; 0: off")
     nodes: int = option(0, "with inner_period: nodes the workers form (distributed: default from torchrun)")
+    outer_lr: float = option(1.0, "DiLoCo's outer step at each round: its learning rate (1, momentum 0: Algorithm 1)")
+    outer_momentum: float = option(0.0, "DiLoCo's outer step: Nesterov momentum in [0, 1)")
 
     def __post_init__(self) -> None:
         try:
@@ -128,11 +132,21 @@ class AlgorithmConfig:
             check_compression_rule(rule, self.compression or None)
             if self.nodes:
                 check_nodes(self.nodes, self.nodes, self.inner_period or None)
+            outer = check_outer(self.outer_lr, self.outer_momentum)
+            if self.outer_in_use:
+                check_averaging_option(rule, "outer_lr", outer[0])
+                if self.overlap:
+                    raise ConfigError(f"algorithm.outer_lr/outer_momentum with overlap={self.overlap} is not supported")
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
         if self.topology and self.topology not in BUILT_IN:
             raise ConfigError(f"algorithm.topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
+
+    @property
+    def outer_in_use(self) -> bool:
+        """Whether rounds take an outer step (any value but outer_lr 1 and outer_momentum 0)."""
+        return (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,10 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         model: with ``params`` given as parameters or param groups, the model they belong to: its float buffers
             are averaged with the parameters, and its other tensors (frozen parameters, integer buffers) are
             broadcast from the first worker at construction.
-        compression: ``None`` (exact rounds, the paper's), ``"bf16"`` or ``"fp16"``: an averaging round sends the
-            change since the last round in that format (half the bytes: Algorithm 1's round then costs one fp32
-            gradient), with error feedback; after the round every worker holds bitwise the same values
+        compression: ``None`` (exact rounds, the paper's), ``"bf16"``, ``"fp16"`` (half the bytes: Algorithm
+            1's round then costs one fp32 gradient) or ``"int8"`` (int8 chunks of 256 values with an fp32 scale
+            each: 0.254x the bytes): an averaging round sends the change since the last round in that format,
+            with error feedback; after the round every worker holds bitwise the same values
             (:mod:`prsgd.compression`). Beyond the paper's analysis, which covers exact averaging.
         overlap: ``False``, ``True`` or a delay in steps (1..period): an averaging round's collective runs in the
             background on a snapshot while training continues, and is applied ``delay`` steps later (``True``: 1)
@@ -74,6 +75,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             link), over all ranks every ``period`` steps; must divide ``period``.
         nodes: with ``inner_period``, how many nodes the ranks form (consecutive ranks per node, as torchrun
             numbers them); default: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment.
+        outer_lr, outer_momentum: DiLoCo's outer optimizer at every scheduled averaging round: Nesterov momentum
+            on the change of the averaged parameters since the last round (:mod:`prsgd.outer`); on when either is
+            given; 1 and 0 are Algorithm 1 exactly. Beyond the paper's analysis.
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
     every rank of the world constructs its LocalSGD at the same point.
@@ -113,6 +117,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         overlap: bool | int = False,
         inner_period: int | None = None,
         nodes: int | None = None,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
@@ -124,6 +130,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             compression=compression,
             overlap=overlap,
             inner_period=inner_period,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
         )
         check_process_group(process_group)
         self.nodes = check_nodes(

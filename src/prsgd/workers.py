@@ -125,6 +125,7 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
         "overlap": a.overlap,
         "inner_period": a.inner_period or None,
         "nodes": a.nodes or None,
+        **({"outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum} if a.outer_in_use else {}),
     }
 
 

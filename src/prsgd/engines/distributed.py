@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.compression import rounded_mean
+from prsgd.compression import Codec, rounded_mean
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.topology import Topology, mix_row_
 
@@ -108,29 +108,30 @@ class ProcessGroupCommunicator:
         return wait
 
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
-        return [self.storage.span(fields)]  # contiguous: one tensor for the whole round
+        return [self.storage.span(fields).unsqueeze(0)]  # contiguous: one row (this worker's) for the whole round
 
-    def _shard(self, payload: list[Tensor]) -> int:
-        total = sum(t.numel() for t in payload)
-        return -(-total // self.world_size)  # each rank's share of the payload, padded
+    def _shard(self, payload: Tensor, codec: Codec) -> int:
+        """Each rank's share of the payload, in whole units of the codec (padded)."""
+        units = -(-payload.shape[1] // codec.unit)
+        return -(-units // self.world_size) * codec.unit
 
-    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
-        return [torch.zeros(self._shard(payload), device=payload[0].device)]
+    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
+        return torch.zeros(codec.values_numel(self._shard(payload, codec)), device=payload.device)
 
-    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
+    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
         """All-to-all of the payload (rank j receives every rank's j-th shard), :func:`rounded_mean` of the shard
         this rank owns, all-gather of the rounded shards: the reduce-scatter and all-gather of a ring all-reduce,
         with the sum taken exactly."""
-        if self.world_size == 1 or not payload:
+        if self.world_size == 1 or payload.numel() == 0:
             return
-        shard, total = self._shard(payload), sum(t.numel() for t in payload)
-        flat = payload[0].new_zeros(shard * self.world_size)
-        torch.cat([t.reshape(-1) for t in payload], out=flat[:total])
+        shard, total = self._shard(payload, codec), payload.shape[1]
+        flat = payload.new_zeros(shard * self.world_size)
+        flat[:total] = payload[0]
         received = torch.empty_like(flat)
         dist.all_to_all_single(received, flat, group=self.process_group)
-        mine = rounded_mean(received.view(self.world_size, shard), residual[0], flat.dtype)
+        mine = rounded_mean(received.view(self.world_size, shard), residual, codec)
         dist.all_gather_single(flat, mine, group=self.process_group)
-        unpack_(flat[:total], payload)
+        payload[0].copy_(flat[:total])
         self.comm.record(total * flat.element_size())
 
     def _peer(self, worker: int) -> int:

@@ -64,12 +64,15 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             parameters, buffers and momentum and raise :class:`prsgd.NonFiniteError` naming the step and the
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
             so the worker named is the one where it arose). Costs two fused passes (one sync each) per step.
-        compression: as in :class:`prsgd.LocalSGD`: ``"bf16"`` or ``"fp16"`` rounds (:mod:`prsgd.compression`).
+        compression: as in :class:`prsgd.LocalSGD`: ``"bf16"``, ``"fp16"`` or ``"int8"`` rounds
+            (:mod:`prsgd.compression`).
         overlap: as in :class:`prsgd.LocalSGD`: the round applied ``delay`` steps after it starts, as
             x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`); here the exchange itself takes no time.
         inner_period, nodes: hierarchical rounds: the workers form ``nodes`` nodes of consecutive workers (worker
             i is on node i // (N / nodes)); each node averages every ``inner_period`` steps, all workers every
             ``period`` steps.
+        outer_lr, outer_momentum: as in :class:`prsgd.LocalSGD`: DiLoCo's outer step at the round
+            (:mod:`prsgd.outer`).
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -102,6 +105,8 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         overlap: bool | int = False,
         inner_period: int | None = None,
         nodes: int | None = None,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
@@ -115,6 +120,8 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             compression=compression,
             overlap=overlap,
             inner_period=inner_period,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
         )
         if inner_period is not None and nodes is None:
             raise InvalidArgument("inner_period= needs nodes= (how many nodes the workers form)")

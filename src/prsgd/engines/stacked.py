@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.compression import rounded_mean
+from prsgd.compression import Codec, rounded_mean
 from prsgd.errors import InvalidArgument
 from prsgd.topology import Neighbours, Topology, mix_row_
 
@@ -161,15 +161,14 @@ class StackedCommunicator:
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         return self._gather(fields)
 
-    def mean_residual(self, payload: list[Tensor]) -> list[Tensor]:
-        return [torch.zeros(t.shape[1:], device=t.device) for t in payload]
+    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
+        return torch.zeros(codec.values_numel(payload.shape[1]), device=payload.device)
 
-    def average_payload(self, payload: list[Tensor], residual: list[Tensor]) -> None:
+    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
         if self.num_workers == 1:
             return
-        for t, e in zip(payload, residual, strict=True):
-            t.copy_(rounded_mean(t, e, t.dtype).unsqueeze(0).expand_as(t))
-        self.comm.record(worker_bytes(payload))
+        payload.copy_(rounded_mean(payload, residual, codec).unsqueeze(0).expand_as(payload))
+        self.comm.record(payload[0].numel() * payload.element_size())
 
     def mix(self, fields: Sequence[Field], step: int) -> None:
         if self.mixer is None:
