@@ -182,9 +182,8 @@ class CompressedRounds:
         torch._foreach_add_(delta, self.residual)
         rows = _rows(delta)
         payload = self.codec.encode(rows)
-        # what this round leaves out (rounding, and anything clipped) goes with the next
-        sent = self.codec.decode(payload)[:, : rows.shape[1]]
-        torch._foreach_copy_(self.residual, _split(rows.sub_(sent), self.residual))
+        # what this round leaves out (rounding, and anything clipped) goes with the next: views of `rows`
+        self.residual = _split(rows.sub_(self.codec.decode(payload)[:, : rows.shape[1]]), self.residual)
         return payload
 
     def exchange(self, payload: Tensor, engine: PayloadExchange) -> None:
@@ -230,6 +229,8 @@ class CompressedRounds:
 def _rows(tensors: list[Tensor]) -> Tensor:
     """Each worker's values of ``tensors`` (leading dimension: the workers) as one row: (rows, total)."""
     rows = tensors[0].shape[0]
+    if len(tensors) == 1:  # one flat span (LocalSGD): a view, no copy
+        return tensors[0].reshape(rows, -1)
     return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
 
 
