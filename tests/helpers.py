@@ -72,6 +72,21 @@ def step_and_check_equation_10(sim, x, y, lr, beta, nesterov):
         torch.testing.assert_close(sim.params()[n].mean(0), params[n].mean(0) - lr * direction, rtol=1e-5, atol=1e-6)
 
 
+def assert_bitwise_equal(a, b, step=None):
+    """Two simulators hold exactly the same parameters, momentum buffers and model buffers."""
+    for get in ("params", "momentum", "buffers"):
+        for name, value in getattr(a, get)().items():
+            assert torch.equal(getattr(b, get)()[name], value), (step, get, name)
+
+
+def assert_workers_close(sim, ref, step):
+    """A simulator's workers hold a reference's parameters and momentum buffers (to float noise)."""
+    for name, p in ref.params().items():
+        torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+    for name, m in ref.momentum().items():
+        torch.testing.assert_close(sim.momentum()[name], m, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+
+
 LOG_FIELDS = {
     "joint_epoch",
     "step",

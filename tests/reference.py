@@ -19,6 +19,15 @@ def call(model, inputs, i):
     return model(inputs[i])
 
 
+def round_tensors(model, opt, sync):
+    """What an averaging round of ``sync`` communicates for one worker: its parameters, float buffers and, for
+    Algorithm 1, momentum buffers (once they exist)."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if sync == "params_and_momentum" and opt.state:
+        tensors += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    return tensors
+
+
 class ReferenceWorkers:
     def __init__(
         self,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import batches, mlp
+from reference import round_tensors
 
 import prsgd
 from prsgd.compression import CompressedRounds
@@ -53,11 +54,7 @@ class CompressedReference:
         self.mean_residual = torch.zeros(-(-self.anchor.numel() // 256) * 256 if codec == "int8" else len(self.anchor))
 
     def _tensors(self, i):
-        model, opt = self.models[i], self.opts[i]
-        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-        if self.sync == "params_and_momentum":
-            tensors += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
-        return tensors
+        return round_tensors(self.models[i], self.opts[i], self.sync)
 
     def step(self, x, y):
         for i, (model, opt) in enumerate(zip(self.models, self.opts, strict=True)):
@@ -124,14 +121,23 @@ def test_bf16_round_of_params_and_momentum_sends_one_fp32_gradients_bytes():
     assert compressed.comm.bytes == 2 * gradient_bytes == exact.comm.bytes // 2
 
 
-def test_error_feedback_keeps_the_compressed_average_within_rounding_of_the_exact_one():
-    """1000 rounds of random changes with a common drift: the compressed anchor stays within about one bf16
-    rounding step of the exact fp32 average (both roundings fed back); sending rounded changes without feedback
-    drifts away as a random walk."""
+def rounded_without_feedback(codec, change):
+    """The mean of each worker's rounded change, rounded again: what plain low-precision averaging applies."""
+    if codec == "bf16":
+        return change.to(torch.bfloat16).float().mean(0).to(torch.bfloat16).float()
+    scale = change.view(N, -1, 256).abs().amax(-1, keepdim=True) / 127
+    return ((change.view(N, -1, 256) / scale).round() * scale).view(N, -1).mean(0)
+
+
+@pytest.mark.parametrize(("codec", "step_of_largest"), [("bf16", 2.0**-8), ("int8", 1 / 127)])
+def test_error_feedback_keeps_the_compressed_average_within_one_rounding_step(codec, step_of_largest):
+    """1000 rounds of random changes with a common drift: the compressed anchor stays within one rounding step (of
+    the largest change: a bf16 ulp, or an int8 chunk's scale) of the exact fp32 average (both roundings fed back);
+    sending rounded changes without feedback drifts away as a random walk."""
     g = torch.Generator().manual_seed(0)
     x = torch.ones(N, 512)
     engine = StackedCommunicator(N, params=[x], buffers=[], momentum=[])
-    rounds = CompressedRounds("bf16")
+    rounds = CompressedRounds(codec)
     rounds.restart([x])
     exact, without = x[0].clone(), x[0].clone()
     largest = 0.0
@@ -140,37 +146,12 @@ def test_error_feedback_keeps_the_compressed_average_within_rounding_of_the_exac
         largest = max(largest, change.abs().max().item())
         x.add_(change)
         exact += change.mean(0)
-        without += (change.to(torch.bfloat16).float().mean(0)).to(torch.bfloat16).float()
+        without += rounded_without_feedback(codec, change)
         rounds.round([x], engine)
         assert torch.equal(x, x[:1].expand_as(x))  # exact consensus after every round
-    step = largest * 2.0**-8  # a bf16 rounding step of the largest change
+    step = largest * step_of_largest
     drift, drift_without = (x[0] - exact).abs().max().item(), (without - exact).abs().max().item()
-    print(f"\n1000 rounds: |compressed - exact| = {drift:.2e} ({drift / step:.2f} steps), {drift_without:.2e} without")
-    assert drift <= step < drift_without
-
-
-def test_int8_error_feedback_keeps_the_average_within_one_rounding_step():
-    """The same 1000 rounds with int8 chunks: each chunk's rounding step is its largest change / 127; the anchor
-    stays within one such step of the exact average, while sending the rounded change without feedback drifts."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.ones(N, 512)
-    engine = StackedCommunicator(N, params=[x], buffers=[], momentum=[])
-    rounds = CompressedRounds("int8")
-    rounds.restart([x])
-    exact, without = x[0].clone(), x[0].clone()
-    largest = 0.0
-    for _ in range(1000):
-        change = 1e-3 * (torch.randn(N, 512, generator=g) + 0.3)
-        largest = max(largest, change.abs().max().item())
-        x.add_(change)
-        exact += change.mean(0)
-        scale = change.view(N, 2, 256).abs().amax(-1, keepdim=True) / 127
-        without += ((change.view(N, 2, 256) / scale).round() * scale).view(N, 512).mean(0)
-        rounds.round([x], engine)
-        assert torch.equal(x, x[:1].expand_as(x))
-    step = largest / 127
-    drift, drift_without = (x[0] - exact).abs().max().item(), (without - exact).abs().max().item()
-    print(f"\n1000 int8 rounds: |compressed - exact| = {drift / step:.2f} steps, {drift_without / step:.2f} without")
+    print(f"\n1000 {codec} rounds: |compressed - exact| = {drift / step:.2f} steps, {drift_without / step:.2f} without")
     assert drift <= step < drift_without
 
 

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn.functional as F
-from helpers import batches, mlp
+from helpers import assert_bitwise_equal, assert_workers_close, batches, mlp
 from reference import ReferenceWorkers
 
 import prsgd
@@ -62,10 +61,7 @@ def test_two_level_rounds_match_the_per_worker_reference(sync, nodes, inner_peri
     for t, (x, y) in enumerate(batches(N, STEPS)):
         sim.step(x, y, F.cross_entropy)
         ref.step(x, y, F.cross_entropy)
-        for name, p in ref.params().items():
-            torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
-        for name, m in ref.momentum().items():
-            torch.testing.assert_close(sim.momentum()[name], m, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
+        assert_workers_close(sim, ref, t)
         assert sim.in_consensus == ((t + 1) % period == 0 and sync != "params_only")
     params = sum(p[0].numel() for p in sim.params().values())
     buffers = sum(b[0].numel() for b in sim.buffers().values() if b.is_floating_point())
@@ -82,9 +78,7 @@ def test_inner_period_equal_to_period_is_flat_algorithm_1_bit_for_bit():
     for x, y in batches(N, 10):
         flat.step(x, y, F.cross_entropy)
         two_level.step(x, y, F.cross_entropy)
-        for get in ("params", "momentum", "buffers"):
-            for name, value in getattr(flat, get)().items():
-                assert torch.equal(getattr(two_level, get)()[name], value), (get, name)
+        assert_bitwise_equal(flat, two_level)
     assert (two_level.comm.rounds, two_level.comm.bytes) == (flat.comm.rounds, flat.comm.bytes)
     assert two_level.comm.node_rounds == 0
 

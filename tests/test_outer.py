@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches, mlp
+from helpers import assert_bitwise_equal, assert_workers_close, batches, mlp
 from reference import ReferenceWorkers
 
 import prsgd
@@ -51,10 +51,7 @@ def test_outer_step_matches_torch_sgd_on_the_averaged_change(outer_lr, outer_mom
     for t, (x, y) in enumerate(batches(N, STEPS)):
         sim.step(x, y, F.cross_entropy)
         ref.step(x, y, F.cross_entropy)
-        for name, p in ref.params().items():
-            torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
-        for name, m in ref.momentum().items():
-            torch.testing.assert_close(sim.momentum()[name], m, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
+        assert_workers_close(sim, ref, t)
 
 
 @pytest.mark.parametrize("compression", [None, "bf16"])
@@ -66,9 +63,7 @@ def test_outer_lr_1_and_momentum_0_are_algorithm_1_bit_for_bit(compression):
     for x, y in batches(N, 9):
         plain.step(x, y, F.cross_entropy)
         outer.step(x, y, F.cross_entropy)
-        for get in ("params", "momentum", "buffers"):
-            for name, value in getattr(plain, get)().items():
-                assert torch.equal(getattr(outer, get)()[name], value), (get, name)
+        assert_bitwise_equal(plain, outer)
 
 
 def test_the_outer_state_survives_a_checkpoint():

@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches, mlp, step_and_check_equation_10
+from helpers import assert_bitwise_equal, assert_workers_close, batches, mlp, step_and_check_equation_10
+from reference import round_tensors
 
 import prsgd
 from prsgd.overlap import OverlappedRounds
@@ -29,11 +30,7 @@ class OverlapReference:
         self.pending = None  # (due step, every worker's snapshot, the snapshots' mean)
 
     def _tensors(self, i):
-        model, opt = self.models[i], self.opts[i]
-        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-        if self.sync == "params_and_momentum" and opt.state:
-            tensors += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
-        return tensors
+        return round_tensors(self.models[i], self.opts[i], self.sync)
 
     def _apply(self):
         _, snapshots, mean = self.pending
@@ -97,10 +94,7 @@ def test_overlapped_rounds_match_the_per_worker_reference(sync, period, delay):
     for t, (x, y) in enumerate(batches(N, STEPS)):
         sim.step(x, y, F.cross_entropy)
         ref.step(x, y)
-        for name, p in ref.params().items():
-            torch.testing.assert_close(sim.params()[name], p, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
-        for name, m in ref.momentum().items():
-            torch.testing.assert_close(sim.momentum()[name], m, rtol=1e-5, atol=1e-6, msg=f"step {t} {name}")
+        assert_workers_close(sim, ref, t)
         assert not sim.in_consensus  # each worker keeps its own progress
     params = sum(p[0].numel() for p in sim.params().values())
     buffers = sum(b[0].numel() for b in sim.buffers().values() if b.is_floating_point())
@@ -120,9 +114,7 @@ def test_delay_0_is_algorithm_1_bit_for_bit(compression):
     for x, y in batches(N, 9):
         plain.step(x, y, F.cross_entropy)
         overlapped.step(x, y, F.cross_entropy)
-        for get in ("params", "momentum", "buffers"):
-            for name, value in getattr(plain, get)().items():
-                assert torch.equal(getattr(overlapped, get)()[name], value), (get, name)
+        assert_bitwise_equal(plain, overlapped)
     assert overlapped.comm == plain.comm
 
 
