@@ -54,7 +54,7 @@ def test_time_to_target_benchmark_with_overlap_compression_and_seeds(tmp_path):
 
 
 def test_time_to_target_hierarchical_benchmark(tmp_path):
-    out = run_script("time_to_target.py", "--hierarchical", "--epochs", "1", "--out", str(tmp_path))
+    out = run_script("time_to_target.py", "--hierarchical", "--epochs", "2", "--out", str(tmp_path))
     assert "2 hosts x 2 ranks" in out and "| two-level 1/8 |" in out and "| flat I=8 |" in out
 
 
