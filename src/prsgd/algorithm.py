@@ -204,9 +204,19 @@ def check_compression_rule(rule: SyncRule, compression: str | None) -> None:
         check_averaging_option(rule, "compression", compression)
 
 
-def check_overlap_rule(rule: SyncRule, overlap: bool | int, period: int, inner_period: int | None) -> int:
-    """The delay ``overlap`` asks for (:func:`prsgd.overlap.check_overlap`), only for averaging rules and not
-    with hierarchical rounds."""
+def check_round_options(
+    rule: SyncRule,
+    period: int,
+    *,
+    overlap: bool | int = False,
+    inner_period: int | None = None,
+    outer_lr: float | None = None,
+    outer_momentum: float | None = None,
+) -> tuple[int, int | None, tuple[float, float] | None]:
+    """The options of averaging rounds beyond compression, checked together (they exclude one another in part):
+    the overlap's delay (:func:`prsgd.overlap.check_overlap`), ``inner_period`` and the outer step's (lr,
+    momentum) or None (:func:`prsgd.outer.check_outer`). Each only for rules that average parameters."""
+    inner_period = check_inner_period(rule, inner_period, period)
     delay = check_overlap(overlap, period)
     if delay:
         check_averaging_option(rule, "overlap", overlap)
@@ -214,7 +224,12 @@ def check_overlap_rule(rule: SyncRule, overlap: bool | int, period: int, inner_p
             raise InvalidArgument(
                 f"overlap={overlap!r} with inner_period={inner_period} is not supported; use one of them"
             )
-    return delay
+    outer = check_outer(outer_lr, outer_momentum)
+    if outer is not None:
+        check_averaging_option(rule, "outer_lr", outer[0])
+        if delay:
+            raise InvalidArgument(f"outer_lr/outer_momentum with overlap={overlap!r} is not supported")
+    return delay, inner_period, outer
 
 
 def check_averaging_option(rule: SyncRule, name: str, value: object) -> None:
@@ -384,15 +399,16 @@ class PeriodicSync:
         self.period = check_period(period)
         check_topology(self.rule, topology)
         check_compression_rule(self.rule, compression)
-        self.inner_period = check_inner_period(self.rule, inner_period, self.period)
-        delay = check_overlap_rule(self.rule, overlap, self.period, self.inner_period)
+        delay, self.inner_period, outer = check_round_options(
+            self.rule,
+            self.period,
+            overlap=overlap,
+            inner_period=inner_period,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+        )
         self.compression = CompressedRounds(compression) if compression is not None else None
         self.overlap = OverlappedRounds(delay) if delay else None
-        outer = check_outer(outer_lr, outer_momentum)
-        if outer is not None:
-            check_averaging_option(self.rule, "outer_lr", outer[0])
-            if delay:
-                raise InvalidArgument(f"outer_lr/outer_momentum with overlap={overlap!r} is not supported")
         self.outer = OuterOptimizer(*outer) if outer is not None else None
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_momentum = has_momentum

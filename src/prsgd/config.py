@@ -20,12 +20,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from prsgd.algorithm import (
     SYNC_RULES,
     Hyperparameters,
-    check_averaging_option,
     check_compression_rule,
-    check_inner_period,
-    check_nodes,
-    check_overlap_rule,
     check_period,
+    check_round_options,
     check_topology,
     sync_rule,
 )
@@ -33,7 +30,6 @@ from prsgd.compression import CODECS
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
-from prsgd.outer import check_outer
 from prsgd.topology import BUILT_IN
 from prsgd.trackers import LOGGERS, check_loggers
 
@@ -126,27 +122,24 @@ class AlgorithmConfig:
             rule = sync_rule(self.sync)
             if self.period != "theory":
                 check_period(self.period)
-                inner_period = check_inner_period(rule, self.inner_period or None, self.period)
-                check_overlap_rule(rule, self.overlap, self.period, inner_period)
+                check_round_options(rule, self.period, **self.round_options())
             check_topology(rule, self.topology or None)
             check_compression_rule(rule, self.compression or None)
-            if self.nodes:
-                check_nodes(self.nodes, self.nodes, self.inner_period or None)
-            outer = check_outer(self.outer_lr, self.outer_momentum)
-            if self.outer_in_use:
-                check_averaging_option(rule, "outer_lr", outer[0])
-                if self.overlap:
-                    raise ConfigError(f"algorithm.outer_lr/outer_momentum with overlap={self.overlap} is not supported")
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
         if self.topology and self.topology not in BUILT_IN:
             raise ConfigError(f"algorithm.topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
 
-    @property
-    def outer_in_use(self) -> bool:
-        """Whether rounds take an outer step (any value but outer_lr 1 and outer_momentum 0)."""
-        return (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
+    def round_options(self) -> dict[str, Any]:
+        """The engines' arguments for overlapped and hierarchical rounds and the outer step (the outer step only
+        when outer_lr and outer_momentum are not 1 and 0, which is Algorithm 1 anyway)."""
+        outer = (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
+        return {
+            "overlap": self.overlap,
+            "inner_period": self.inner_period or None,
+            **({"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum} if outer else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -248,9 +241,15 @@ class RunConfig:
         device = self.device.split(":")
         if device[0] not in ("cpu", "cuda") or len(device) > 2 or (len(device) == 2 and not device[1].isdigit()):
             raise ConfigError(f"device={self.device!r} is not known; allowed: cpu, cuda, cuda:N")
-        if self.algorithm.nodes and self.training.workers % self.algorithm.nodes:
+        a = self.algorithm
+        if a.nodes and not a.inner_period:
+            raise ConfigError(f"algorithm.nodes={a.nodes} groups workers for inner rounds; set algorithm.inner_period")
+        if a.nodes < 0 or (a.nodes and self.training.workers % a.nodes):
+            raise ConfigError(f"algorithm.nodes={a.nodes} does not divide training.workers={self.training.workers}")
+        if a.inner_period and not a.nodes and self.engine == "simulator":
             raise ConfigError(
-                f"algorithm.nodes={self.algorithm.nodes} does not divide training.workers={self.training.workers}"
+                f"algorithm.inner_period={a.inner_period} needs algorithm.nodes (how many nodes the simulated "
+                "workers form); the distributed engine takes it from torchrun"
             )
         if self.engine == "distributed" and self.training.compile:
             raise ConfigError(

@@ -122,10 +122,8 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
         "sync": a.sync,
         "topology": a.topology or None,
         "compression": a.compression or None,
-        "overlap": a.overlap,
-        "inner_period": a.inner_period or None,
         "nodes": a.nodes or None,
-        **({"outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum} if a.outer_in_use else {}),
+        **a.round_options(),
     }
 
 
