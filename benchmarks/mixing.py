@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from prsgd import topology as T
+from prsgd.algorithm import topology as T
 from prsgd.engines.stacked import StackedMixer
 
 

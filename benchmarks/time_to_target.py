@@ -261,7 +261,7 @@ def main() -> None:
             f"| {last['comm_rounds']} | {last['comm_bytes'] / 1e6:.2f} "
             f"| {statistics.mean(crossed[name]) / 1e6:.2f} |"
         )
-    from prsgd.report import plot_groups
+    from prsgd.experiments.report import plot_groups
 
     first_seed = {name: [per_seed[0]] for name, per_seed in logs.items()}
     written = plot_groups(first_seed, out / "loss_vs_wall_clock", x_axes=("wall_clock",), metrics=("train_loss",))

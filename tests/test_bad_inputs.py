@@ -207,7 +207,7 @@ def test_an_earlier_runs_checkpoints_are_never_lost(tmp_path):
     assert_one_clear_error(cli(*base, "--lr", "0.2", cwd=tmp_path), "train", "holds the checkpoints of an earlier run")
     assert checkpoints_digest(out) == kept
     # a second run while the folder is locked by a live process
-    hold = f"from prsgd.outdir import OutFolder; f = OutFolder({str(out)!r}, resume=True, overwrite=False)"
+    hold = f"from prsgd.training.outdir import OutFolder; f = OutFolder({str(out)!r}, resume=True, overwrite=False)"
     holder = subprocess.Popen(
         [sys.executable, "-c", f"{hold}; import time; print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE,

@@ -13,7 +13,7 @@ from helpers import batches, mlp
 from reference import round_tensors
 
 import prsgd
-from prsgd.compression import CompressedRounds
+from prsgd.algorithm.compression import CompressedRounds
 from prsgd.engines.stacked import StackedCommunicator
 
 N, STEPS = 4, 17

@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prsgd
-from prsgd import config as cfg
 from prsgd.algorithm import SYNC_RULES, Hyperparameters
-from prsgd.config import SPLITS
+from prsgd.algorithm.theory import recommend
+from prsgd.algorithm.topology import BUILT_IN, make_topology
 from prsgd.data.sampling import WorkerSampler
 from prsgd.data.splits import partition
+from prsgd.experiments.problems import NonConvexRegression
 from prsgd.models import MODEL_NAMES, build_model
-from prsgd.problems import NonConvexRegression
-from prsgd.theory import recommend
-from prsgd.topology import BUILT_IN, make_topology
+from prsgd.training import config as cfg
+from prsgd.training.config import SPLITS
 
 # derandomized: CI runs the same examples every time; explore new ones locally with derandomize=False
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

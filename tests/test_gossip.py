@@ -10,7 +10,7 @@ from helpers import batches, mlp, step_and_check_equation_10
 from reference import ReferenceWorkers
 
 import prsgd
-from prsgd import topology as T
+from prsgd.algorithm import topology as T
 
 N = 8
 

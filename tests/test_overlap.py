@@ -13,7 +13,7 @@ from helpers import assert_bitwise_equal, assert_workers_close, batches, mlp, st
 from reference import round_tensors
 
 import prsgd
-from prsgd.overlap import OverlappedRounds
+from prsgd.algorithm.overlap import OverlappedRounds
 
 N, STEPS = 4, 13
 

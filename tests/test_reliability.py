@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from helpers import batches, free_port, mlp, torchrun_command
 
 import prsgd
-from prsgd import batches as run_batches
-from prsgd import checkpoint, train, workers
-from prsgd.config import RunConfig, from_dict
+from prsgd import train
+from prsgd.training import batches as run_batches
+from prsgd.training import checkpoint, workers
+from prsgd.training.config import RunConfig, from_dict
 
 # 8 workers x 16 = 128 examples per step on digits' 1437 training images: 12 steps per joint epoch.
 # Period 4 with a checkpoint every 3 steps: most checkpoints fall in the middle of a period.
@@ -402,7 +403,7 @@ def test_shutdown_frees_the_process_group_and_its_threads_before_python_exits():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
 @pytest.mark.parametrize("where", [0, 2])
 def test_all_finite_finds_any_non_finite_value_and_leaves_values_unchanged(bad, where):
-    from prsgd.functional import all_finite
+    from prsgd.algorithm.functional import all_finite
 
     tensors = [torch.randn(5, 3), torch.randn(7, dtype=torch.float64), torch.randn(4).to(torch.bfloat16)]
     tensors[0][1, 2] = 1e-40  # a denormal and a negative zero must come back bit for bit

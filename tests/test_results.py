@@ -1,4 +1,5 @@
-"""prsgd.results: per-run summaries and docs/results.md's tables (mean +- sd, paired differences per seed)."""
+"""prsgd.experiments.results: per-run summaries and docs/results.md's tables (mean +- sd, paired differences per
+seed)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prsgd.config import RunConfig
-from prsgd.results import collect, fill, main
+from prsgd.experiments.results import collect, fill, main
+from prsgd.training.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,6 @@ def test_check_passes_on_the_doc_it_wrote_and_fails_after_an_edit(runs, tmp_path
 
 
 def test_the_committed_results_doc_matches_its_per_run_summaries(capsys):
-    """Every table in docs/results.md is what docs/results/runs.jsonl gives (python -m prsgd.results --check)."""
+    """Every table in docs/results.md is what docs/results/runs.jsonl gives (python -m prsgd results --check)."""
     main(["--check", "--doc", str(ROOT / "docs/results.md"), "--summaries", str(ROOT / "docs/results/runs.jsonl")])
     assert "20 tables match" in capsys.readouterr().out  # every table block of the doc was compared

@@ -11,10 +11,10 @@ import pytest
 from helpers import LOG_FIELDS
 
 from prsgd import cli
-from prsgd.config import ConfigError, RunConfig, TrainingConfig, load
 from prsgd.data import DataError
-from prsgd.report import describe_groups, discover, figure, group_configs
-from prsgd.runner import main as run_main
+from prsgd.experiments.report import describe_groups, discover, figure, group_configs
+from prsgd.experiments.runner import main as run_main
+from prsgd.training.config import ConfigError, RunConfig, TrainingConfig, load
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIGS = sorted((ROOT / "configs" / "cpu").glob("*.toml"))
@@ -207,7 +207,7 @@ def test_period_theory_is_resolved_from_the_corollary(tmp_path):
     run_main([str(config), "--out", str(tmp_path / "out"), "--set", "progress=false", "--set", "training.epochs=8"])
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     steps = read_log(tmp_path / "out")[-1]["step"]
-    from prsgd.theory import recommended_period
+    from prsgd.algorithm.theory import recommended_period
 
     assert saved["algorithm"]["period"] == recommended_period(4, steps, identical=True) == 2
     assert read_log(tmp_path / "out")[-1]["comm_rounds"] == steps // 2

@@ -1,4 +1,4 @@
-"""The synthetic problems' constants are what they claim; prsgd.theory's formulas; a seeded speedup check."""
+"""The synthetic problems' constants are what they claim; prsgd.algorithm.theory's formulas; a seeded speedup check."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from prsgd import cli
-from prsgd.problems import NonConvexRegression, run
-from prsgd.theory import recommend, recommended_lr, recommended_period
+from prsgd.algorithm.theory import recommend, recommended_lr, recommended_period
+from prsgd.experiments.problems import NonConvexRegression, run
 
 
 def test_smoothness_constant_is_a_tight_bound():
@@ -114,7 +114,7 @@ def test_run_counts_rounds_and_matches_gossip_node_average_dynamics():
 
 
 def test_theory_experiments_smoke_run_writes_every_section_with_a_verdict(tmp_path):
-    from prsgd.theory_experiments import main as experiments
+    from prsgd.experiments.theory_experiments import main as experiments
 
     experiments(["--config", str(Path(__file__).parents[1] / "configs/theory/quick.toml"), "--out", str(tmp_path)])
     text = (tmp_path / "theory.md").read_text()
@@ -127,7 +127,7 @@ def test_theory_experiments_smoke_run_writes_every_section_with_a_verdict(tmp_pa
 
 def test_iterations_to_eps_fall_as_one_over_n_where_the_corollary_applies():
     """The quick plan's speedup case (Polyak, identical, T1 = 16384, N <= 8, every point uncapped): T_eps ~ T1 / N."""
-    from prsgd.theory_experiments import QUICK, speedup
+    from prsgd.experiments.theory_experiments import QUICK, speedup
 
     result = speedup(1, QUICK.speedup_steps, list(QUICK.speedup_workers), nesterov=False, identical=True)
     assert not result.capped.any()
@@ -138,7 +138,7 @@ def test_iterations_to_eps_fall_as_one_over_n_where_the_corollary_applies():
 def test_the_corollarys_period_suffices_with_row_sampled_gradients():
     """The quick plan's communication sizes: at the corollary's I the measure stays within 10% of period 1's, while
     long periods cost more (row sampling makes local drift matter with identical data)."""
-    from prsgd.theory_experiments import QUICK, THRESHOLDS, search_periods
+    from prsgd.experiments.theory_experiments import QUICK, THRESHOLDS, search_periods
 
     result = search_periods(QUICK.communication_workers, list(QUICK.lengths), True, 1, "rows")
     assert (result.corollary / result.base <= 1.1).all()
@@ -155,8 +155,8 @@ def test_row_sampled_gradients_are_unbiased_with_the_stated_variance():
 
 
 def test_theory_plan_rejects_unknown_keys_and_bad_sizes(tmp_path):
-    from prsgd.config import ConfigError
-    from prsgd.theory_experiments import load_plan
+    from prsgd.experiments.theory_experiments import load_plan
+    from prsgd.training.config import ConfigError
 
     bad = tmp_path / "plan.toml"
     bad.write_text("stepz = 10\n")

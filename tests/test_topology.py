@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prsgd import topology as T
+from prsgd.algorithm import topology as T
 from prsgd.engines.stacked import StackedMixer
 
 STATIC = ["ring", "torus", "complete", "hypercube", "exponential"]

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 from helpers import LOG_FIELDS, torchrun_command
 
-from prsgd.config import ConfigError, RunConfig
 from prsgd.train import main, run
+from prsgd.training.config import ConfigError, RunConfig
 
 FLAGS = ["--epochs", "2", "--evals", "4", "--sync", "params_and_momentum", "--period", "3", "--no-progress"]
 
@@ -117,7 +117,7 @@ def test_every_flag_says_what_it_sets_its_type_choices_and_default(capsys):
     assert "(int or 'theory'; default: 8) [algorithm.period]" in text
     assert "(str; one of: params_and_momentum, " in text and "default: 'params_and_momentum') [algorithm.sync]" in text
     assert "(bool; default: False) [algorithm.nesterov]" in text
-    from prsgd.config import LEAVES
+    from prsgd.training.config import LEAVES
 
     for leaf, dotted in LEAVES.items():
         flag = "--" + leaf.replace("_", "-")

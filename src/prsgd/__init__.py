@@ -9,9 +9,9 @@ engines that share one definition of the algorithm (:mod:`prsgd.algorithm`):
 """
 
 from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, SyncRule
+from prsgd.engines.local_sgd import LocalSGD
 from prsgd.engines.simulator import Simulator
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, PrsgdError, WorkerFailure
-from prsgd.optim import LocalSGD
 
 __all__ = [
     "SYNC_RULES",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from prsgd import demo, plot, results, runner, theory, train
 from prsgd.errors import user_error
+from prsgd.experiments import demo, plot, results, runner
+from prsgd.experiments import theory_command as theory
+from prsgd.training import train
 
 COMMANDS = {
     "run": runner.main,

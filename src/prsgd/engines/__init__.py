@@ -1,0 +1,1 @@
+"""How tensors travel: LocalSGD on torch.distributed, the stacked simulator, their communicators and guards."""

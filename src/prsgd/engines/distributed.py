@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.compression import Codec, rounded_mean
+from prsgd.algorithm.compression import Codec, rounded_mean
+from prsgd.algorithm.topology import Topology, mix_row_
 from prsgd.engines.flat_storage import FlatStorage
-from prsgd.topology import Topology, mix_row_
 
 
 class ProcessGroupCommunicator:

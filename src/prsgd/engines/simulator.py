@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
+from prsgd.algorithm.functional import all_finite
+from prsgd.algorithm.topology import make_topology
 from prsgd.engines.gradients import (
     Inputs,
     LossFn,
@@ -35,8 +37,6 @@ from prsgd.errors import (
     check_device,
     check_int,
 )
-from prsgd.functional import all_finite
-from prsgd.topology import make_topology
 
 
 class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
@@ -65,14 +65,15 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
             so the worker named is the one where it arose). Costs two fused passes (one sync each) per step.
         compression: as in :class:`prsgd.LocalSGD`: ``"bf16"``, ``"fp16"`` or ``"int8"`` rounds
-            (:mod:`prsgd.compression`).
+            (:mod:`prsgd.algorithm.compression`).
         overlap: as in :class:`prsgd.LocalSGD`: the round applied ``delay`` steps after it starts, as
-            x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`); here the exchange itself takes no time.
+            x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.algorithm.overlap`); here the exchange itself takes no
+            time.
         inner_period, nodes: hierarchical rounds: the workers form ``nodes`` nodes of consecutive workers (worker
             i is on node i // (N / nodes)); each node averages every ``inner_period`` steps, all workers every
             ``period`` steps.
         outer_lr, outer_momentum: as in :class:`prsgd.LocalSGD`: DiLoCo's outer step at the round
-            (:mod:`prsgd.outer`).
+            (:mod:`prsgd.algorithm.outer`).
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.

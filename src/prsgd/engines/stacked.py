@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.compression import Codec, rounded_mean
+from prsgd.algorithm.compression import Codec, rounded_mean
+from prsgd.algorithm.topology import Neighbours, Topology, mix_row_
 from prsgd.errors import InvalidArgument
-from prsgd.topology import Neighbours, Topology, mix_row_
 
 
 def mean_over_workers_(tensors: Sequence[Tensor]) -> None:
@@ -42,7 +42,8 @@ def worker_bytes(tensors: Sequence[Tensor]) -> int:
 class StackedMixer:
     """x <- W x over dim 0 of stacked ``(N, ...)`` tensors (eq. 18), in place.
 
-    ``mode="sparse"`` uses the graph's sparsity: each worker's new row is :func:`prsgd.topology.mix_row_` of its own
+    ``mode="sparse"`` uses the graph's sparsity: each worker's new row is :func:`prsgd.algorithm.topology.mix_row_` of
+    its own
     and its in-neighbours' rows (O(k N D) memory traffic, k = max in-degree + 1), written straight into the output;
     ``"dense"`` is one N x N matrix product (a blocked BLAS call that reads x once). ``"auto"`` takes sparse for a
     tensor of at least ``SPARSE_MIN_NUMEL`` elements per worker on a graph with 4 k^2 <= N, dense otherwise (the

@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prsgd import command
-from prsgd.config import ConfigError, RunConfig, load, parse_assignments
 from prsgd.engines.torchrun import Torchrun
-from prsgd.outdir import OutFolderError
-from prsgd.report import discover, summary_table
-from prsgd.train import preflight, run
+from prsgd.experiments.report import discover, summary_table
+from prsgd.training import command
+from prsgd.training.config import ConfigError, RunConfig, load, parse_assignments
+from prsgd.training.outdir import OutFolderError
+from prsgd.training.train import preflight, run
 
 
 def plan_runs(config: RunConfig, out: Path, seeds: int = 1, sweep: str | None = None) -> list[RunConfig]:
@@ -104,7 +104,3 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if torchrun is not None:
             torchrun.close()
-
-
-if __name__ == "__main__":
-    main()

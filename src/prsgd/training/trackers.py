@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 from typing import Any, Protocol
 
-from prsgd import checkpoint
+from prsgd.training import checkpoint
 
 LOGGERS = ("jsonl", "csv", "tensorboard")
 Record = dict[str, Any]
@@ -24,7 +24,7 @@ Record = dict[str, Any]
 
 def check_loggers(value: str) -> tuple[str, ...]:
     """The loggers listed in ``value`` (comma-separated), each known; the message names what is allowed. Raises
-    ``ValueError`` (the config turns it into a :class:`prsgd.config.ConfigError`)."""
+    ``ValueError`` (the config turns it into a :class:`prsgd.training.config.ConfigError`)."""
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     unknown = [name for name in names if name not in LOGGERS]
     if unknown or not names:

@@ -1,7 +1,7 @@
 """``prsgd.LocalSGD``: Algorithm 1 and its baselines as a ``torch.optim.Optimizer`` under ``torch.distributed``.
 
 A thin shell, like ``torch.optim.SGD``: it gathers the tensors of each param group and calls
-:meth:`prsgd.algorithm.PeriodicSync.step`, which does the local update of :mod:`prsgd.functional` and, every
+:meth:`prsgd.algorithm.PeriodicSync.step`, which does the local update of :mod:`prsgd.algorithm.functional` and, every
 ``period``-th step, the round; the tensors live in one :class:`~prsgd.engines.flat_storage.FlatStorage` and a round
 is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessGroupCommunicator`).
 """
@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
+from prsgd.algorithm.functional import all_finite
+from prsgd.algorithm.topology import make_topology
 from prsgd.engines.distributed import (
     ProcessGroupCommunicator,
     broadcast_from_first,
@@ -28,8 +30,6 @@ from prsgd.engines.distributed import (
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
-from prsgd.functional import all_finite
-from prsgd.topology import make_topology
 
 
 class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
@@ -53,8 +53,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             process group the optimizer runs as a single worker: averaging is a no-op and ``comm`` counts nothing.
             ``WORLD_SIZE > 1`` in the environment (torchrun) without an initialized group is refused.
         topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
-            :class:`prsgd.topology.Topology`, an N x N mixing matrix or an adjacency list (see
-            :func:`prsgd.topology.make_topology`); worker i of the topology is rank i of the group. Each
+            :class:`prsgd.algorithm.topology.Topology`, an N x N mixing matrix or an adjacency list (see
+            :func:`prsgd.algorithm.topology.make_topology`); worker i of the topology is rank i of the group. Each
             worker then exchanges only with its neighbours, point to point.
         check_finite: check this worker's gradients before the step (unless a GradScaler handles them) and its
             parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
@@ -67,16 +67,17 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             1's round then costs one fp32 gradient) or ``"int8"`` (int8 chunks of 256 values with an fp32 scale
             each: 0.254x the bytes): an averaging round sends the change since the last round in that format,
             with error feedback; after the round every worker holds bitwise the same values
-            (:mod:`prsgd.compression`). Beyond the paper's analysis, which covers exact averaging.
+            (:mod:`prsgd.algorithm.compression`). Beyond the paper's analysis, which covers exact averaging.
         overlap: ``False``, ``True`` or a delay in steps (1..period): an averaging round's collective runs in the
             background on a snapshot while training continues, and is applied ``delay`` steps later (``True``: 1)
-            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`). Beyond the paper's analysis.
+            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.algorithm.overlap`). Beyond the paper's analysis.
         inner_period: hierarchical rounds: average within each node every ``inner_period`` steps (over the fast
             link), over all ranks every ``period`` steps; must divide ``period``.
         nodes: with ``inner_period``, how many nodes the ranks form (consecutive ranks per node, as torchrun
             numbers them); default: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment.
         outer_lr, outer_momentum: DiLoCo's outer optimizer at every scheduled averaging round: Nesterov momentum
-            on the change of the averaged parameters since the last round (:mod:`prsgd.outer`); on when either is
+            on the change of the averaged parameters since the last round (:mod:`prsgd.algorithm.outer`); on when
+            either is
             given; 1 and 0 are Algorithm 1 exactly. Beyond the paper's analysis.
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prsgd import command
-from prsgd.report import X_AXES, discover, group_configs, plot_groups, summary_table
+from prsgd.experiments.report import X_AXES, discover, group_configs, plot_groups, summary_table
+from prsgd.training import command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +32,3 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     print("\n" + "\n".join(str(p) for p in [*written, out.with_suffix(".md")]))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ communication so far, with one state-dict format. An engine hands it its :class:
 contract) and calls :meth:`PeriodicSync.step` once per step of every worker:
 
 1. ``sync="gradients"`` only: average the gradients (parallel mini-batch momentum SGD);
-2. the local momentum-SGD update (:func:`prsgd.functional.momentum_sgd_`, eq. 4 or 5);
+2. the local momentum-SGD update (:func:`prsgd.algorithm.functional.momentum_sgd_`, eq. 4 or 5);
 3. after every ``period``-th step, the rule's round: average (eq. 6) or mix through W (eq. 18).
 
 The algorithm says *what* a round communicates, as field names (``"params"``, ``"buffers"``, ``"grads"``,
@@ -13,8 +13,9 @@ The algorithm says *what* a round communicates, as field names (``"params"``, ``
 simulator's communicator averages over a leading worker dimension (:mod:`prsgd.engines.stacked`);
 :class:`prsgd.LocalSGD`'s reduces one span of its flat storage with one ``all_reduce``
 (:mod:`prsgd.engines.distributed`). Beyond the paper, three options change how a round travels, each defined once
-here and in its module, and each off by default: compressed rounds (:mod:`prsgd.compression`), overlapped rounds
-(:mod:`prsgd.overlap`) and hierarchical rounds (``inner_period``: an exact average within each node every
+here and in its module, and each off by default: compressed rounds (:mod:`prsgd.algorithm.compression`), overlapped
+rounds
+(:mod:`prsgd.algorithm.overlap`) and hierarchical rounds (``inner_period``: an exact average within each node every
 ``inner_period`` steps, over all workers every ``period`` steps).
 
 Floating-point model buffers (BatchNorm running statistics) travel with the parameters at every round; with
@@ -32,11 +33,11 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from prsgd.compression import Codec, CompressedRounds, check_compression
+from prsgd.algorithm.compression import Codec, CompressedRounds, check_compression
+from prsgd.algorithm.functional import momentum_sgd_
+from prsgd.algorithm.outer import OuterOptimizer, check_outer
+from prsgd.algorithm.overlap import OverlappedRounds, check_overlap
 from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_int, check_number
-from prsgd.functional import momentum_sgd_
-from prsgd.outer import OuterOptimizer, check_outer
-from prsgd.overlap import OverlappedRounds, check_overlap
 
 Field = Literal["params", "buffers", "grads", "momentum"]
 """What a round communicates: all parameters, floating-point model buffers, this step's gradients, momentum."""
@@ -214,8 +215,8 @@ def check_round_options(
     outer_momentum: float | None = None,
 ) -> tuple[int, int | None, tuple[float, float] | None]:
     """The options of averaging rounds beyond compression, checked together (they exclude one another in part):
-    the overlap's delay (:func:`prsgd.overlap.check_overlap`), ``inner_period`` and the outer step's (lr,
-    momentum) or None (:func:`prsgd.outer.check_outer`). Each only for rules that average parameters."""
+    the overlap's delay (:func:`prsgd.algorithm.overlap.check_overlap`), ``inner_period`` and the outer step's (lr,
+    momentum) or None (:func:`prsgd.algorithm.outer.check_outer`). Each only for rules that average parameters."""
     inner_period = check_inner_period(rule, inner_period, period)
     delay = check_overlap(overlap, period)
     if delay:
@@ -339,7 +340,7 @@ class Communicator(Protocol):
 
     def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
         """A compressed round's exchange (not a field: its payload, one row per worker, in the codec's dtype); see
-        :class:`prsgd.compression.PayloadExchange`. Counts the payload's bytes in ``comm``."""
+        :class:`prsgd.algorithm.compression.PayloadExchange`. Counts the payload's bytes in ``comm``."""
         ...
 
 
@@ -362,22 +363,25 @@ class PeriodicSync:
         has_momentum: whether momentum buffers exist (momentum > 0 in some group).
         topology: whatever the engine builds its mixing from; only checked here (gossip rules need one).
         compression: ``None`` (exact rounds), ``"bf16"``, ``"fp16"`` or ``"int8"``: averaging rounds send the
-            change since the last round in that format, with error feedback (:mod:`prsgd.compression`); only for
+            change since the last round in that format, with error feedback (:mod:`prsgd.algorithm.compression`); only
+            for
             the rules that average parameters. :meth:`synchronize` stays exact.
         overlap: ``False`` (rounds applied at once), ``True`` or a delay in steps (1..period): an averaging
             round's exchange runs on a snapshot while local steps continue, and is applied ``delay`` steps later
-            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.overlap`).
+            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.algorithm.overlap`).
         inner_period: hierarchical rounds: average within each node (exactly, over the fast link) every
             ``inner_period`` steps and over all workers every ``period`` steps; must divide ``period``. Momentum
             is averaged at both levels for Algorithm 1 (cleared at both for ``params_clear_momentum``). The
             engine knows the nodes.
         outer_lr, outer_momentum: an outer optimizer at every scheduled averaging round (DiLoCo: Nesterov
-            momentum on the averaged change of the parameters, :mod:`prsgd.outer`); on when either is given. 1 and
+            momentum on the averaged change of the parameters, :mod:`prsgd.algorithm.outer`); on when either is given.
+            1 and
             0 give Algorithm 1 exactly. Not with ``overlap``.
         engine: the engine's :class:`Communicator`; an engine that validates its arguments before building its
             storage (as both do) attaches it afterwards (``algorithm.engine = ...``), before the first step.
 
-    Both engines and :func:`prsgd.problems.run` hold one; their ``steps_done``, ``comm``, ``in_consensus`` and the
+    Both engines and :func:`prsgd.experiments.problems.run` hold one; their ``steps_done``, ``comm``, ``in_consensus``
+    and the
     ``"prsgd"`` part of their state dicts are this object's.
     """
 
@@ -503,7 +507,8 @@ class PeriodicSync:
         self._clear_momentum_if_the_rule_does()
 
     def _outer_step(self, exact: bool) -> None:
-        """After a scheduled round the outer optimizer's step (:mod:`prsgd.outer`); after :meth:`synchronize` its
+        """After a scheduled round the outer optimizer's step (:mod:`prsgd.algorithm.outer`); after
+        :meth:`synchronize` its
         anchor moves to the plain average."""
         params = self.engine.elementwise(("params",))
         if exact:
@@ -520,7 +525,7 @@ class PeriodicSync:
                 torch._foreach_zero_(momentum)
 
     def _start_overlapped(self) -> None:
-        """Start an overlapped round (:mod:`prsgd.overlap`) on the round's tensors as they are now."""
+        """Start an overlapped round (:mod:`prsgd.algorithm.overlap`) on the round's tensors as they are now."""
         tensors, compression = self._round_tensors(), self.compression
         if compression is not None:
             result = [compression.encode(tensors)]

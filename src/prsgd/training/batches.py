@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prsgd.config import RunConfig
 from prsgd.data import Dataset
 from prsgd.data.augment import random_crop_flip
+from prsgd.training.config import RunConfig
 
 
 def worker_batches(

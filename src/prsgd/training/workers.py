@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prsgd import batches
 from prsgd.algorithm import CommStats, FollowsAlgorithm, PeriodicSync
-from prsgd.config import ConfigError, RunConfig
 from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
+from prsgd.engines.local_sgd import LocalSGD
 from prsgd.engines.simulator import Simulator
 from prsgd.engines.torchrun import Torchrun
 from prsgd.errors import NonFiniteError, check_device
-from prsgd.evaluation import loss_and_correct
-from prsgd.optim import LocalSGD
+from prsgd.training import batches
+from prsgd.training.config import ConfigError, RunConfig
+from prsgd.training.evaluation import loss_and_correct
 
 
 class Workers(Protocol):

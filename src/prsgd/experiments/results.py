@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from prsgd import command
-from prsgd.checkpoint import atomic_write
 from prsgd.errors import InvalidArgument
-from prsgd.report import mean_sd as pm
-from prsgd.report import natural_key
+from prsgd.experiments.report import mean_sd as pm
+from prsgd.experiments.report import natural_key
+from prsgd.training import command
+from prsgd.training.checkpoint import atomic_write
 
 BLOCK = re.compile(r"(<!-- table (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end -->)", re.S)
 SETTINGS = {
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         doc = read_doc(doc_path)
         if fill(doc, read_summaries(summaries)) != doc:
-            print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd.results RUNS", file=sys.stderr)
+            print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd results RUNS", file=sys.stderr)
             sys.exit(1)
         print(f"{doc_path}: {len(BLOCK.findall(doc))} tables match {summaries}")
         return
@@ -215,9 +215,3 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(summaries, "".join(json.dumps(r) + "\n" for r in rows).encode())
     atomic_write(doc_path, fill(read_doc(doc_path), rows).encode())
     print(f"{len(rows)} runs -> {summaries}; tables of {doc_path} rewritten")
-
-
-if __name__ == "__main__":
-    from prsgd.cli import main as cli
-
-    cli(["results", *sys.argv[1:]])

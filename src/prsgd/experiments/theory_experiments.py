@@ -1,6 +1,6 @@
-"""The paper's theory, measured on :class:`prsgd.problems.NonConvexRegression` (every constant known).
+"""The paper's theory, measured on :class:`prsgd.experiments.problems.NonConvexRegression` (every constant known).
 
-    python -m prsgd.theory_experiments [--config configs/theory/full.toml] [--out docs] [--seeds 3]
+    python -m prsgd.experiments.theory_experiments [--config configs/theory/full.toml] [--out docs] [--seeds 3]
 
 Writes ``OUT/theory.md`` and its figures ``OUT/figures/theory_*.png``:
 1. linear speedup, where the corollary applies: eps is one worker's measure (1/T) sum_t ||grad f(x_bar^t)||^2 at a
@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prsgd import command
-from prsgd.config import ConfigError
+from prsgd.algorithm.theory import lr_is_capped, recommended_lr, recommended_period
+from prsgd.algorithm.topology import make_topology
 from prsgd.errors import check_int
-from prsgd.problems import NonConvexRegression, run
-from prsgd.report import mean_sd
-from prsgd.theory import lr_is_capped, recommended_lr, recommended_period
-from prsgd.topology import make_topology
+from prsgd.experiments.problems import NonConvexRegression, run
+from prsgd.experiments.report import mean_sd
+from prsgd.training import command
+from prsgd.training.config import ConfigError
 
 BETA = 0.5
 pm = functools.partial(mean_sd, fmt=".2f")  # slopes, exponents and efficiencies: mean +- sd over seeds
@@ -99,7 +99,7 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def lr_for(n: int, steps: int, problem: NonConvexRegression) -> float:
-    """The corollary's gamma = LR_SCALE sqrt(N / T), capped at (1 - beta)^2 / L (see prsgd.theory)."""
+    """The corollary's gamma = LR_SCALE sqrt(N / T), capped at (1 - beta)^2 / L (see prsgd.algorithm.theory)."""
     return recommended_lr(n, steps, lr_scale=LR_SCALE, momentum=BETA, smoothness=problem.L)
 
 
@@ -229,7 +229,7 @@ def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
         "",
         f"beta = {BETA}, gamma = {LR_SCALE} sqrt(N/T) (capped at (1-beta)^2/L; a capped point is outside the "
         "corollary's conditions and is marked *capped*), period from the corollaries "
-        "(`prsgd.theory.recommended_period`), sigma = 2, zeta = 0 (identical) or 2 (non-identical). "
+        "(`prsgd.algorithm.theory.recommended_period`), sigma = 2, zeta = 0 (identical) or 2 (non-identical). "
         f"eps is one worker's measure at T1 = {t1} (per seed); T_eps is the run length at which N workers reach it "
         "(bracketed by factors of sqrt 2 from T1/N and interpolated log-log; gamma and I set for each length). "
         f"Theory: T_eps = T1 / N, so slope -1 and efficiency T1 / (N T_eps) = 1. {seeds} seeds: mean +- sd.",
@@ -540,7 +540,7 @@ def decentralized(seeds: int, steps: int, sizes: list[int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = command.parser("python -m prsgd.theory_experiments", __doc__)
+    parser = command.parser("python -m prsgd.experiments.theory_experiments", __doc__)
     parser.add_argument("--out", default="docs")
     parser.add_argument("--config", help="a TOML plan of sizes (configs/theory/full.toml is the default plan)")
     parser.add_argument("--seeds", type=int, help="override the plan's number of seeds")
@@ -560,8 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     doc = [
         "# Theory made measurable",
         "",
-        "Made by `python -m prsgd.theory_experiments` "
-        f"({plan.seeds} seeds) on `prsgd.problems.NonConvexRegression` (d = 20, m = 40, lam = 1: non-convex, "
+        "Made by `python -m prsgd.experiments.theory_experiments` "
+        f"({plan.seeds} seeds) on `prsgd.experiments.problems.NonConvexRegression` "
+        "(d = 20, m = 40, lam = 1: non-convex, "
         "L = lambda_max(A^T A / m) + 2 lam, exact gradient-noise variance sigma^2 and heterogeneity zeta^2). "
         "The algorithm is prsgd's own `PeriodicSync` on stacked workers.",
         "",

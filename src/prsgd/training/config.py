@@ -26,12 +26,12 @@ from prsgd.algorithm import (
     check_topology,
     sync_rule,
 )
-from prsgd.compression import CODECS
+from prsgd.algorithm.compression import CODECS
+from prsgd.algorithm.topology import BUILT_IN
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
-from prsgd.topology import BUILT_IN
-from prsgd.trackers import LOGGERS, check_loggers
+from prsgd.training.trackers import LOGGERS, check_loggers
 
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
@@ -44,7 +44,7 @@ def option(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> An
 
 
 Theory = Literal["theory"]
-"""A value the run resolves from the paper's corollaries once N and T are known (:mod:`prsgd.theory`)."""
+"""A value the run resolves from the paper's corollaries once N and T are known (:mod:`prsgd.algorithm.theory`)."""
 
 
 class ConfigError(InvalidArgument):
@@ -149,7 +149,9 @@ class TrainingConfig:
     workers: int = option(8, "N; under torchrun it must equal the world size")
     batch_size: int = option(16, "examples per worker per step")
     epochs: float = option(20.0, "joint epochs: examples read by all workers together / training-set size")
-    lr: float | Theory = option(0.05, "gamma; 'theory': lr_scale * sqrt(N / T), the corollaries' rate (prsgd.theory)")
+    lr: float | Theory = option(
+        0.05, "gamma; 'theory': lr_scale * sqrt(N / T), the corollaries' rate (prsgd.algorithm.theory)"
+    )
     lr_scale: float = option(1.0, "with lr = 'theory' only")
     lr_schedule: str = option("constant", "the learning-rate schedule over joint epochs", choices=SCHEDULES)
     milestones: tuple[float, ...] = option((), "joint epochs at which the step schedule multiplies lr by lr_decay")

@@ -109,7 +109,8 @@ def _free_name(base: Path) -> Path:
 
 
 def sweep_temporary_files(root: Path) -> list[Path]:
-    """Remove ``.NAME.tmp-PID`` files (what :func:`prsgd.checkpoint.atomic_write` writes before its rename) whose
+    """Remove ``.NAME.tmp-PID`` files (what :func:`prsgd.training.checkpoint.atomic_write` writes before its rename)
+    whose
     process is gone, under ``root``; return them."""
     removed = []
     for tmp in Path(root).rglob(".*.tmp-*"):

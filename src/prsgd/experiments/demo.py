@@ -1,6 +1,6 @@
 """The README's demo: Algorithm 1 against the paper's baselines, 8 simulated workers, real offline data.
 
-    python -m prsgd.demo [--dataset fashion_mnist|digits] [--out runs/demo] [--epochs E] [--period 8]
+    prsgd demo [--dataset fashion_mnist|digits] [--out runs/demo] [--epochs E] [--period 8]
                          [--topology ring,torus,complete]
 
 On Fashion-MNIST (Debian's dataset-fashion-mnist; a small CNN; 12,000 training images) or scikit-learn's digits (an
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prsgd import command
-from prsgd.config import RunConfig
-from prsgd.report import plot_groups, summary_table
-from prsgd.train import run
+from prsgd.experiments.report import plot_groups, summary_table
+from prsgd.training import command
+from prsgd.training.config import RunConfig
+from prsgd.training.train import run
 
 PRESETS = {
     "fashion_mnist": {
@@ -34,7 +34,7 @@ PRESETS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = command.parser("python -m prsgd.demo", __doc__)
+    parser = command.parser("prsgd demo", __doc__)
     parser.add_argument("--dataset", choices=sorted(PRESETS), default="fashion_mnist")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=float, default=None, help="joint epochs (default: the preset's)")
@@ -72,7 +72,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table)
     print(f"\nplot: {out / 'demo.png'} (and .pdf)\ntable: {out / 'summary.md'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ so O(N^(3/2) T^(1/2)) rounds (identical) or O(N^(3/4) T^(3/4)) rounds (non-ident
 fix only orders of magnitude; the constants are arguments, 1 by default (the text we have lost the paper's
 numbers). The period is rounded down and is at least 1.
 
-    prsgd theory --workers 16 --steps 100000 [--non-identical] [--momentum 0.9 --smoothness 2.0]
+The ``prsgd theory`` command prints them (:mod:`prsgd.experiments.theory_command`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prsgd import command
 from prsgd.errors import InvalidArgument, check_number
 
 
@@ -92,38 +91,3 @@ def recommend(
     period = recommended_period(workers, steps, identical, period_scale)
     lr = recommended_lr(workers, steps, lr_scale, momentum, smoothness, c)
     return Recommendation(workers, steps, identical, lr, period, math.ceil(steps / period))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = command.parser("prsgd theory", __doc__)
-    parser.add_argument("--workers", type=int, required=True, help="N")
-    parser.add_argument("--steps", type=int, required=True, help="T, iterations of every worker")
-    parser.add_argument("--non-identical", action="store_true", help="workers' data differ (zeta > 0)")
-    parser.add_argument("--momentum", type=float, default=0.0, help="beta (enters the learning-rate cap)")
-    parser.add_argument("--smoothness", type=float, default=None, help="L, to cap gamma at (1 - beta)^2 / (c L)")
-    parser.add_argument("--lr-scale", type=float, default=1.0)
-    parser.add_argument("--period-scale", type=float, default=1.0)
-    parser.add_argument("--c", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    r = recommend(
-        args.workers,
-        args.steps,
-        not args.non_identical,
-        lr_scale=args.lr_scale,
-        period_scale=args.period_scale,
-        momentum=args.momentum,
-        smoothness=args.smoothness,
-        c=args.c,
-    )
-    case = "identical" if r.identical else "non-identical"
-    print(f"N = {r.workers} workers, T = {r.steps} iterations, {case} data")
-    print(f"learning rate gamma = {r.lr:.6g}")
-    print(f"period I = {r.period}")
-    print(
-        f"communication rounds = {r.rounds} (vs {r.steps} at period 1: {r.rounds_saved} saved, "
-        f"{r.steps / r.rounds:.1f}x fewer)"
-    )
-
-
-if __name__ == "__main__":
-    main()

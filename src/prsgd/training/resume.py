@@ -1,6 +1,7 @@
 """A training run's checkpoint policy: when to save, what a run's checkpoint holds, and resuming from it.
 
-The files themselves (atomic, checksummed, one shard per process, a manifest per step) are :mod:`prsgd.checkpoint`.
+The files themselves (atomic, checksummed, one shard per process, a manifest per step) are
+:mod:`prsgd.training.checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from prsgd import checkpoint
 from prsgd.algorithm import rescaled_steps
-from prsgd.config import RunConfig
 from prsgd.errors import CheckpointError
-from prsgd.workers import Placement, Workers
+from prsgd.training import checkpoint
+from prsgd.training.config import RunConfig
+from prsgd.training.workers import Placement, Workers
 
 Record = dict[str, Any]
 
 
 class Checkpoints:
-    """The run's checkpoints in ``OUT/checkpoints`` (:mod:`prsgd.checkpoint`): every rank's full state (its
+    """The run's checkpoints in ``OUT/checkpoints`` (:mod:`prsgd.training.checkpoint`): every rank's full state (its
     workers' parameters, buffers, momentum, step counter, learning rate and communication counters; the torch RNG
     states; the wall clock and the records so far). The data order and augmentation are functions of (seed, step,
     worker), so the step is their position."""

@@ -15,7 +15,7 @@ progress), only after :meth:`prsgd.algorithm.PeriodicSync.synchronize`, which fi
 With ``delay=0`` the rule is Algorithm 1's round itself: ``avg(s) + (s - s)``, bit for bit.
 
 What is exchanged is either the snapshot itself (exact rounds) or a compressed payload of it
-(:mod:`prsgd.compression`; ``avg(s)`` is then the new anchor). The engine runs the exchange: the simulator at
+(:mod:`prsgd.algorithm.compression`; ``avg(s)`` is then the new anchor). The engine runs the exchange: the simulator at
 once (it has no network to wait for; the delay is explicit in the rule), :class:`prsgd.LocalSGD` on a background
 thread over a process group of its own, so that it never interleaves with the training's collectives.
 """

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm import Hyperparameters, PeriodicSync, UpdateGroup
+from prsgd.algorithm.topology import make_topology
 from prsgd.engines.stacked import StackedCommunicator
 from prsgd.errors import check_choice, check_int, check_number
-from prsgd.topology import make_topology
 
 
 class NonConvexRegression:

@@ -1,0 +1,1 @@
+"""Training runs: the run config, the one visible loop, workers, resume, checkpoints, output folder, trackers."""
