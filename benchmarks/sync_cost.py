@@ -72,7 +72,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
     torch.manual_seed(0)
     model = build_model(args.model, (3, 32, 32), 10)
     opt = prsgd.LocalSGD(model, lr=0.1, momentum=0.9, period=1, sync="params_and_momentum")
-    every = [t for field in ("params", "buffers", "momentum") for t in opt.storage.tensors(field)]
+    every = [t for field in ("params", "buffers", "state") for t in opt.storage.tensors(field)]
     nbytes = sum(t.numel() * t.element_size() for t in every)
     flat = torch.randn(nbytes // 4)
 
@@ -86,7 +86,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
         compressed = prsgd.LocalSGD(
             build_model(args.model, (3, 32, 32), 10), lr=0.1, momentum=0.9, period=1, compression=codec
         )
-        compressed.algorithm.compression.restart(compressed.algorithm._round_tensors())
         return lambda: compressed.algorithm._round(exact=False)
 
     bf16_round, int8_round = compressed_round("bf16"), compressed_round("int8")
@@ -126,7 +125,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, addr: str
         dist.destroy_process_group()
         return
     results = {name: timed(fn, args.repeats) for name, fn in [*measured, ("naive", naive)]}
-    span = opt.storage.span(("params", "buffers", "momentum"))
+    span = opt.storage.span(("params", "buffers", "state"))
     assert span.numel() * span.element_size() == nbytes, "a round must be one span of flat storage"
     before = rss_bytes()
     prsgd_sync()

@@ -124,3 +124,170 @@ class ReferenceWorkers:
     def buffers(self):
         names = [n for n, _ in self.models[0].named_buffers()]
         return {n: torch.stack([dict(m.named_buffers())[n] for m in self.models]) for n in names}
+
+
+def low(codec, v):
+    """What one 1-D fp32 vector ``v`` becomes when sent: rounded to bf16 / fp16 (clipped to its range), or for int8
+    each chunk of 256 (zero-padded) scaled by its largest magnitude / 127 and rounded to the nearest integer."""
+    if codec == "bf16":
+        return v.to(torch.bfloat16).float()
+    if codec == "fp16":
+        return v.clamp(-65504, 65504).to(torch.float16).float()
+    chunks = -(-v.numel() // 256)
+    padded = torch.zeros(chunks * 256)
+    padded[: v.numel()] = v
+    out = []
+    for c in padded.split(256):
+        scale = c.abs().max() / 127
+        scale = scale if scale > 0 else torch.tensor(1.0)
+        out.append((c / scale).round().clamp(-127, 127) * scale)
+    return torch.cat(out)[: v.numel()]
+
+
+class RoundReference(ReferenceWorkers):
+    """Every round option at once, written out per worker: :class:`ReferenceWorkers` plus
+
+    - ``inner_period`` / ``nodes``: after every ``inner_period``-th step that is not a global round, each node's
+      consecutive workers take the plain mean of what the round communicates (momentum cleared for the rule that
+      clears it);
+    - ``compression``: a global round lays each worker's round tensors out as one vector, sends
+      low(x_i - anchor + r_i), keeps what rounding left out in r_i, and all set x = anchor = anchor + low(mean + e),
+      e keeping what rounding the mean left out;
+    - ``overlap`` (a delay d > 0): a global round takes each worker's snapshot s_i, averages the snapshots (exactly or
+      compressed as above) and, d steps later, every worker adds avg - s_i to what it holds then;
+    - ``outer_lr`` / ``outer_momentum``: after a global round the parameters take a ``torch.optim.SGD`` step with
+      Nesterov momentum from the previous round's parameters along (previous - average), DiLoCo's outer step.
+    """
+
+    def __init__(
+        self,
+        model,
+        num_workers,
+        *,
+        lr,
+        momentum=0.0,
+        period=1,
+        sync="params_and_momentum",
+        mixing_matrix=None,
+        compression=None,
+        overlap=0,
+        inner_period=None,
+        nodes=None,
+        outer_lr=None,
+        outer_momentum=None,
+    ):
+        super().__init__(model, num_workers, lr=lr, momentum=momentum, period=period, sync=sync)
+        self.mixing_matrix = mixing_matrix
+        self.n, self.compression, self.delay = num_workers, compression, int(overlap)
+        self.inner_period, self.nodes = inner_period, nodes
+        self.pending = None  # an overlapped round: (due step, every worker's snapshot, their average)
+        x0 = [t.detach().clone() for t in round_tensors(self.models[0], self.opts[0], sync)]
+        if sync == "params_and_momentum" and momentum > 0:
+            x0 += [torch.zeros_like(p) for p in self.models[0].parameters()]  # momentum starts at zero
+        self.shapes = [t.shape for t in x0]
+        self.anchor = torch.cat([t.reshape(-1) for t in x0])
+        self.residual = [torch.zeros_like(self.anchor) for _ in range(num_workers)]
+        padded = -(-self.anchor.numel() // 256) * 256 if compression == "int8" else self.anchor.numel()
+        self.mean_residual = torch.zeros(padded)
+        self.outer = None
+        if outer_lr is not None or outer_momentum is not None:
+            self.outer = copy.deepcopy(self.models[0])  # the global model the outer optimizer steps
+            outer_momentum = 0.0 if outer_momentum is None else outer_momentum
+            self.outer_opt = torch.optim.SGD(
+                self.outer.parameters(),
+                lr=1.0 if outer_lr is None else outer_lr,
+                momentum=outer_momentum,
+                nesterov=outer_momentum > 0,
+            )
+
+    def _vector(self, i):
+        return torch.cat([t.detach().reshape(-1) for t in round_tensors(self.models[i], self.opts[i], self.sync)])
+
+    def _set(self, i, vector):
+        pieces = vector.split([s.numel() for s in self.shapes])
+        for t, piece in zip(round_tensors(self.models[i], self.opts[i], self.sync), pieces, strict=True):
+            t.copy_(piece.view_as(t))
+
+    def _clear_momentum(self, workers):
+        if self.sync == "params_clear_momentum":
+            for i in workers:
+                for state in self.opts[i].state.values():
+                    state["momentum_buffer"].zero_()
+
+    def _compressed_average(self, vectors):
+        """The new anchor: every worker's compressed change averaged, both roundings fed back."""
+        n = self.anchor.numel()
+        exact = torch.zeros_like(self.mean_residual)
+        for i, v in enumerate(vectors):  # summed in worker order, in fp32
+            delta = v - self.anchor + self.residual[i]
+            sent = low(self.compression, delta)
+            self.residual[i] = delta - sent
+            exact[:n] += sent
+        exact = exact / self.n + self.mean_residual
+        mean = low(self.compression, exact)
+        self.mean_residual = exact - mean
+        self.anchor = self.anchor + mean[:n]
+        return self.anchor
+
+    def _average(self, vectors):
+        if self.compression is not None:
+            return self._compressed_average(vectors)
+        return sum(v.clone() for v in vectors) / self.n
+
+    def _outer_step(self):
+        """The parameters after the round take the outer step from the global model (the last round's result)."""
+        averaged = list(self.models[0].parameters())
+        self.outer_opt.zero_grad()
+        for g, p in zip(self.outer.parameters(), averaged, strict=True):
+            g.grad = (g.detach() - p.detach()).clone()
+        self.outer_opt.step()
+        for m in self.models:
+            for p, g in zip(m.parameters(), self.outer.parameters(), strict=True):
+                p.copy_(g)
+        if self.compression is not None:  # the values every worker holds now
+            self.anchor = self._vector(0)
+
+    def _global_round(self):
+        if self.delay:
+            snapshots = [self._vector(i) for i in range(self.n)]
+            self.pending = (self.t + self.delay, snapshots, self._average(snapshots))
+            return
+        average = self._average([self._vector(i) for i in range(self.n)])
+        for i in range(self.n):
+            self._set(i, average)
+        if self.outer is not None:
+            self._outer_step()
+        self._clear_momentum(range(self.n))
+
+    def _apply_pending(self):
+        _, snapshots, average = self.pending
+        for i in range(self.n):
+            self._set(i, average + (self._vector(i) - snapshots[i]))
+        self._clear_momentum(range(self.n))
+        self.pending = None
+
+    def _node_round(self):
+        size = self.n // self.nodes
+        for node in range(self.nodes):
+            workers = range(node * size, (node + 1) * size)
+            mean = sum(self._vector(i) for i in workers) / size
+            for i in workers:
+                self._set(i, mean)
+            self._clear_momentum(workers)
+
+    def step(self, inputs, targets, loss_fn):
+        if self.sync not in PERIODIC:  # gradients, gossip and none: the plain loop's rounds
+            return super().step(inputs, targets, loss_fn)
+        saved, self.sync = self.sync, "none"
+        losses = super().step(inputs, targets, loss_fn)  # local steps only
+        self.sync = saved
+        with torch.no_grad():
+            if self.pending is not None and self.pending[0] == self.t:
+                self._apply_pending()
+            if self.t % self.period == 0:
+                self._global_round()
+                if self.pending is not None and self.pending[0] == self.t:
+                    self._apply_pending()
+            elif self.inner_period is not None and self.t % self.inner_period == 0:
+                self._node_round()
+        return losses

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import batches, mlp
 
 import prsgd
-from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, PeriodicSync, SyncRule, UpdateGroup
+from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, PeriodicSync, RoundSpec, SyncRule, UpdateGroup
 
 
 class Recorder:
@@ -21,7 +21,7 @@ class Recorder:
         self.momentum = [torch.ones(3)]
 
     def tensors(self, field):
-        return {"momentum": self.momentum, "grads": [torch.zeros(3)]}.get(field, [])
+        return {"state": self.momentum, "grads": [torch.zeros(3)]}.get(field, [])
 
     def average(self, fields):
         self.calls.append(("average", tuple(fields)))
@@ -34,18 +34,20 @@ class Recorder:
 
 def drive(sync: str, period: int, steps: int) -> tuple[PeriodicSync, Recorder, list[list[tuple]]]:
     engine = Recorder()
-    algorithm = PeriodicSync(sync, period, has_momentum=True, topology="ring" if "gossip" in sync else None)
+    algorithm = PeriodicSync(RoundSpec(sync, period, topology="ring" if "gossip" in sync else None), has_state=True)
     algorithm.engine = engine
     x, g = torch.zeros(3), torch.ones(3)
     per_step = []
     for _ in range(steps):
         before = len(engine.calls)
-        algorithm.step([UpdateGroup([x], [g], [torch.zeros(3)], Hyperparameters(0.1, momentum=0.9))])
+        algorithm.step(
+            [UpdateGroup([x], [g], {"momentum_buffer": [torch.zeros(3)]}, Hyperparameters(0.1, momentum=0.9))]
+        )
         per_step.append(engine.calls[before:])
     return algorithm, engine, per_step
 
 
-ALL = ("params", "buffers", "momentum")
+ALL = ("params", "buffers", "state")
 PARAMS = ("params", "buffers")
 
 
@@ -75,14 +77,14 @@ def test_state_dict_is_one_format_and_loading_checks_the_rule_and_the_worker_cou
     algorithm, _, _ = drive("params_and_momentum", period=3, steps=7)
     state = algorithm.state_dict()
     assert state == {"sync": "params_and_momentum", "workers": 4, "period": 3, "steps_done": 7, "rounds": 2, "bytes": 2}
-    same = PeriodicSync("params_and_momentum", 3, has_momentum=True, engine=Recorder())
+    same = PeriodicSync(RoundSpec("params_and_momentum", 3), has_state=True, engine=Recorder())
     same.load_state_dict(state)
     assert (same.steps_done, same.comm) == (7, CommStats(2, 2))
     with pytest.raises(
         prsgd.CheckpointError, match="saved with sync='params_and_momentum'; this run uses sync='params_only'"
     ):
-        PeriodicSync("params_only", 3, has_momentum=True, engine=Recorder()).load_state_dict(state)
-    two = PeriodicSync("params_and_momentum", 3, has_momentum=True, engine=Recorder(num_workers=2))
+        PeriodicSync(RoundSpec("params_only", 3), has_state=True, engine=Recorder()).load_state_dict(state)
+    two = PeriodicSync(RoundSpec("params_and_momentum", 3), has_state=True, engine=Recorder(num_workers=2))
     with pytest.raises(prsgd.CheckpointError, match="saved by 4 workers; this run has 2"):
         two.load_state_dict(state)
     two.load_state_dict(dict(state, steps_done=6), from_consensus=True)

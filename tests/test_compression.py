@@ -136,7 +136,7 @@ def test_error_feedback_keeps_the_compressed_average_within_one_rounding_step(co
     sending rounded changes without feedback drifts away as a random walk."""
     g = torch.Generator().manual_seed(0)
     x = torch.ones(N, 512)
-    engine = StackedCommunicator(N, params=[x], buffers=[], momentum=[])
+    engine = StackedCommunicator(N, params=[x], buffers=[], state=[])
     rounds = CompressedRounds(codec)
     rounds.restart([x])
     exact, without = x[0].clone(), x[0].clone()

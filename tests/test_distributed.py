@@ -48,33 +48,41 @@ def spawn(world_size, cases, tmp_path, steps=STEPS):
 def test_local_sgd_in_gloo_processes_matches_the_simulator(world_size, tmp_path):
     results = spawn(world_size, CASES, tmp_path)
     for case, ranks in zip(CASES, results, strict=True):
-        case = dict(case)
-        model = mlp(batchnorm=case.pop("batchnorm", False))
-        sim = prsgd.Simulator(model, num_workers=world_size, **case)
-        # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
-        # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
-        atol = {None: 1e-6, "fp16": 2e-5, "bf16": 1e-4, "int8": 1e-3}[case.get("compression")]
-        for t, (x, y) in enumerate(batches(world_size, STEPS)):
-            sim.step(x, y, F.cross_entropy)
-            for rank, saved in enumerate(ranks):
-                for name, p in saved["trajectory"][t].items():
-                    torch.testing.assert_close(
-                        p,
-                        sim.params()[name][rank],
-                        rtol=1e-5,
-                        atol=atol,
-                        msg=f"{case} step {t} rank {rank} {name}",
-                    )
-        if case.get("compression") and not case.get("overlap"):  # after a round all ranks hold the same values
-            for t in range(case["period"] - 1, STEPS, case["period"]):
-                for name, p in ranks[0]["trajectory"][t].items():
-                    assert all(torch.equal(p, saved["trajectory"][t][name]) for saved in ranks), (t, name)
+        assert_ranks_match_the_simulator(case, ranks, world_size)
+
+
+ATOLS = {None: 1e-6, "fp16": 2e-5, "bf16": 1e-4, "int8": 1e-3}
+
+
+def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols=ATOLS):
+    """Every rank's trajectory, buffers, momentum and counters are the simulator's worker of that rank."""
+    case = dict(case)
+    model = mlp(batchnorm=case.pop("batchnorm", False))
+    sim = prsgd.Simulator(model, num_workers=world_size, **case)
+    # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
+    # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
+    atol = atols[case.get("compression")]
+    for t, (x, y) in enumerate(batches(world_size, steps)):
+        sim.step(x, y, F.cross_entropy)
         for rank, saved in enumerate(ranks):
-            assert saved["comm"] == dataclasses.astuple(sim.comm)
-            for name, b in saved["buffers"].items():
-                torch.testing.assert_close(b, sim.buffers()[name][rank], rtol=1e-5, atol=atol)
-            for m, sim_m in zip(saved["momentum"], sim.momentum().values(), strict=True):
-                torch.testing.assert_close(m, sim_m[rank], rtol=1e-5, atol=atol)
+            for name, p in saved["trajectory"][t].items():
+                torch.testing.assert_close(
+                    p,
+                    sim.params()[name][rank],
+                    rtol=1e-5,
+                    atol=atol,
+                    msg=f"{case} step {t} rank {rank} {name}",
+                )
+    if case.get("compression") and not case.get("overlap"):  # after a round all ranks hold the same values
+        for t in range(case["period"] - 1, steps, case["period"]):
+            for name, p in ranks[0]["trajectory"][t].items():
+                assert all(torch.equal(p, saved["trajectory"][t][name]) for saved in ranks), (t, name)
+    for rank, saved in enumerate(ranks):
+        assert saved["comm"] == dataclasses.astuple(sim.comm)
+        for name, b in saved["buffers"].items():
+            torch.testing.assert_close(b, sim.buffers()[name][rank], rtol=1e-5, atol=atol)
+        for m, sim_m in zip(saved["momentum"], sim.momentum().values(), strict=True):
+            torch.testing.assert_close(m, sim_m[rank], rtol=1e-5, atol=atol)
 
 
 def test_workers_start_from_the_first_workers_parameters(tmp_path):

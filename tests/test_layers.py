@@ -59,4 +59,3 @@ def test_the_top_holds_only_the_public_api_the_cli_and_main():
     top = sorted(p.stem for p in SRC.glob("*.py"))
     assert len(top) <= 8, top
     assert set(top) <= {"__init__", "__main__", "cli", "errors", "lightning", "accelerate", "train"}, top
-

@@ -43,11 +43,11 @@ def test_parameters_buffers_and_momentum_live_in_one_flat_tensor():
     momentum = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
     everything = [*model.parameters(), *buffers, *momentum]
     assert in_flat_order(opt, everything)
-    assert opt.storage.span(("params", "buffers", "momentum")).data_ptr() == opt.storage.flat.data_ptr()
+    assert opt.storage.span(("params", "buffers", "state")).data_ptr() == opt.storage.flat.data_ptr()
     train(model, opt, 3)  # the views survive training (no rebinding by autograd or the update)
     assert in_flat_order(opt, everything)
     with pytest.raises(ValueError, match="not one span"):  # a round over fields that are not neighbours
-        prsgd.LocalSGD(mlp(), lr=0.1, momentum=0.9, sync="gradients").storage.span(("params", "momentum"))
+        prsgd.LocalSGD(mlp(), lr=0.1, momentum=0.9, sync="gradients").storage.span(("params", "state"))
 
 
 def test_momentum_buffers_exist_as_zeros_before_the_first_step():

@@ -33,13 +33,17 @@ both engines and a rank's shard of the exchange is whole chunks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from prsgd.errors import CheckpointError, InvalidArgument
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.contract import Communicator
+    from prsgd.algorithm.rules import Field
 
 
 class FloatCodec:
@@ -127,25 +131,21 @@ def rounded_mean(payloads: Tensor, residual: Tensor, codec: Codec) -> Tensor:
     return low[0]
 
 
-class PayloadExchange(Protocol):
-    """What an engine provides for compressed rounds (part of :class:`prsgd.algorithm.Communicator`)."""
-
-    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
-        """Zeros for the rounded mean's residual ``e`` of ``payload`` (rows, P), one per value of the part of the
-        payload whose mean this engine rounds (all of it, or this rank's shard)."""
-        ...
-
-    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
-        """Replace each worker's row of ``payload`` by :func:`rounded_mean` of all workers', in place, and count
-        the payload's bytes."""
-        ...
-
-
 class CompressedRounds:
     """The state and the rule of compressed rounds over some tensors (one worker's, or stacked ``(N, ...)``; the
     leading dimension is the workers, 1 for one worker): ``anchor`` (the values after the last round),
     ``residual`` (what rounding left out, per worker) and ``mean_residual`` (what rounding the mean left out, the
-    same for every worker)."""
+    same for every worker). The exchange stage of a compressed run (see :mod:`prsgd.algorithm.exchange`); its state
+    is saved under ``"compression"``."""
+
+    key = "compression"
+    anchored = True
+
+    @property
+    def needs_start(self) -> bool:
+        """Whether the anchor is still to be taken (at x^0, where every worker holds the same values: see
+        :meth:`prsgd.algorithm.periodic.PeriodicSync.attach`)."""
+        return not self.anchor
 
     def __init__(self, codec: str) -> None:
         self.codec_name = check_compression(codec)
@@ -165,8 +165,20 @@ class CompressedRounds:
         stays unsent."""
         self.anchor = [t.detach().clone() for t in tensors]
 
+    def exchange_round(self, engine: Communicator, fields: Sequence[Field], step: int) -> None:
+        self.round(engine.elementwise(fields), engine)
+
+    def snapshot_payload(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [self.encode(tensors)]
+
+    def exchange_payload(self, payload: list[Tensor], engine: Communicator) -> None:
+        self.exchange(payload[0], engine)
+
+    def averaged(self, payload: list[Tensor]) -> list[Tensor]:
+        return self.decode(payload[0])
+
     @torch.no_grad()
-    def round(self, tensors: Sequence[Tensor], engine: PayloadExchange) -> None:
+    def round(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
         """One compressed round over ``tensors``, in place, exchanging the payload through ``engine``."""
         payload = self.encode(tensors)
         self.exchange(payload, engine)
@@ -186,11 +198,16 @@ class CompressedRounds:
         self.residual = _split(rows.sub_(self.codec.decode(payload)[:, : rows.shape[1]]), self.residual)
         return payload
 
-    def exchange(self, payload: Tensor, engine: PayloadExchange) -> None:
-        """Replace ``payload`` by the rounded mean of every worker's (through ``engine``), in place."""
-        if self.mean_residual is None:
-            self.mean_residual = engine.mean_residual(payload, self.codec)
-        engine.average_payload(payload, self.mean_residual, self.codec)
+    def exchange(self, payload: Tensor, engine: Communicator) -> None:
+        """Replace ``payload`` by the rounded mean of every worker's (through ``engine``), in place: the engine hands
+        each shard's rows to :func:`rounded_mean`, whose residual (one per value of the shard) lives here."""
+
+        def reduce(rows: Tensor) -> Tensor:
+            if self.mean_residual is None:
+                self.mean_residual = torch.zeros(self.codec.values_numel(rows.shape[1]), device=rows.device)
+            return rounded_mean(rows, self.mean_residual, self.codec)
+
+        engine.reduce_rows(payload, reduce, self.codec.unit)
 
     @torch.no_grad()
     def decode(self, payload: Tensor) -> list[Tensor]:

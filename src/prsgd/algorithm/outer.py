@@ -38,7 +38,10 @@ def check_outer(outer_lr: float | None, outer_momentum: float | None) -> tuple[f
 
 
 class OuterOptimizer:
-    """The outer step's state over the parameters (one worker's, or stacked): ``anchor`` and ``velocity``."""
+    """The outer step's state over the parameters (one worker's, or stacked): ``anchor`` and ``velocity``. The
+    outer stage of a round; its state is saved under ``"outer"``."""
+
+    key = "outer"
 
     def __init__(self, lr: float, momentum: float) -> None:
         self.lr, self.momentum = lr, momentum

@@ -48,7 +48,10 @@ def check_overlap(overlap: bool | int, period: int) -> int:
 
 class OverlappedRounds:
     """The round in flight, if any: its snapshot ``s``, what the exchange fills in (``result``, which becomes
-    ``avg(s)``), when it is due (``due``: the step count after which it is applied) and how to wait for it."""
+    ``avg(s)``), when it is due (``due``: the step count after which it is applied) and how to wait for it. The
+    overlap stage of a round; its state is saved under ``"overlap"``."""
+
+    key = "overlap"
 
     def __init__(self, delay: int) -> None:
         self.delay = delay

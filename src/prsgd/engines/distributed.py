@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.algorithm.compression import Codec, rounded_mean
+from prsgd.algorithm.contract import CommStats, Reduce
+from prsgd.algorithm.rules import Field, Scope
 from prsgd.algorithm.topology import Topology, mix_row_
 from prsgd.engines.flat_storage import FlatStorage
 
@@ -110,26 +110,20 @@ class ProcessGroupCommunicator:
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         return [self.storage.span(fields).unsqueeze(0)]  # contiguous: one row (this worker's) for the whole round
 
-    def _shard(self, payload: Tensor, codec: Codec) -> int:
-        """Each rank's share of the payload, in whole units of the codec (padded)."""
-        units = -(-payload.shape[1] // codec.unit)
-        return -(-units // self.world_size) * codec.unit
-
-    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
-        return torch.zeros(codec.values_numel(self._shard(payload, codec)), device=payload.device)
-
-    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
-        """All-to-all of the payload (rank j receives every rank's j-th shard), :func:`rounded_mean` of the shard
-        this rank owns, all-gather of the rounded shards: the reduce-scatter and all-gather of a ring all-reduce,
-        with the sum taken exactly."""
+    def reduce_rows(self, payload: Tensor, reduce: Reduce, unit: int) -> None:
+        """All-to-all of the payload (rank j receives every rank's j-th shard, whole units of ``unit`` elements,
+        zero-padded), ``reduce`` of the shard this rank owns, all-gather of the reduced shards: the reduce-scatter
+        and all-gather of a ring all-reduce, with the reduction the caller's."""
         if self.world_size == 1 or payload.numel() == 0:
             return
-        shard, total = self._shard(payload, codec), payload.shape[1]
+        total = payload.shape[1]
+        units = -(-total // unit)
+        shard = -(-units // self.world_size) * unit
         flat = payload.new_zeros(shard * self.world_size)
         flat[:total] = payload[0]
         received = torch.empty_like(flat)
         dist.all_to_all_single(received, flat, group=self.process_group)
-        mine = rounded_mean(received.view(self.world_size, shard), residual, codec)
+        mine = reduce(received.view(self.world_size, shard))
         dist.all_gather_single(flat, mine, group=self.process_group)
         payload[0].copy_(flat[:total])
         self.comm.record(total * flat.element_size())

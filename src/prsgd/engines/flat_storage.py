@@ -1,9 +1,9 @@
-"""One flat tensor holding a worker's parameters, float buffers, gradient copies and momentum, field by field.
+"""One flat tensor holding a worker's parameters, float buffers, gradient copies and optimizer state, field by field.
 
 :class:`prsgd.LocalSGD` keeps everything a round communicates here, in the fixed order
-``params | buffers | grads | momentum``, so that every round the algorithm asks for is one contiguous span:
-``params + buffers (+ momentum)`` for parameter rounds, ``buffers + grads`` for ``sync="gradients"`` (which never
-averages momentum). The layout knows its spans; nothing is re-discovered from storage pointers.
+``params | buffers | grads | state``, so that every round the algorithm asks for is one contiguous span:
+``params + buffers (+ state)`` for parameter rounds, ``buffers + grads`` for ``sync="gradients"`` (which never
+averages the optimizer state). The layout knows its spans; nothing is re-discovered from storage pointers.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from prsgd.algorithm import Field
+from prsgd.algorithm.rules import Field
 from prsgd.errors import InvalidArgument
 
-ORDER: tuple[Field, ...] = ("params", "buffers", "grads", "momentum")
+ORDER: tuple[Field, ...] = ("params", "buffers", "grads", "state")
 
 
 class FlatStorage:
@@ -66,7 +66,7 @@ class FlatStorage:
         return self._fields[field]
 
     def span(self, fields: Sequence[Field]) -> Tensor:
-        """The 1-D view covering ``fields``, which must be neighbours in ``params | buffers | grads | momentum``
+        """The 1-D view covering ``fields``, which must be neighbours in ``params | buffers | grads | state``
         (empty fields in between do not count)."""
         wanted = [f for f in ORDER if f in fields]
         if list(fields) != wanted:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
+from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, RoundSpec, UpdateGroup
 from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.distributed import (
@@ -44,18 +44,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         momentum: beta in [0, 1); 0 gives local SGD.
         nesterov: option II (eq. 5) instead of Polyak's option I (eq. 4), in ``torch.optim.SGD``'s form.
         weight_decay: L2 penalty added to the gradient, as ``torch.optim.SGD`` does.
-        period: I >= 1, local steps between sync rounds (eq. 6). 1 gives parallel mini-batch momentum SGD.
-        sync: ``"params_and_momentum"`` (Algorithm 1), ``"params_clear_momentum"``, ``"params_only"``,
-            ``"gradients"`` (all-reduce gradients, and float buffers, every step; ignores ``period``), ``"gossip"``
-            (Algorithm 2: mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or
-            ``"none"``.
         process_group: the workers that average together; default: the whole world. Without an initialized
             process group the optimizer runs as a single worker: averaging is a no-op and ``comm`` counts nothing.
             ``WORLD_SIZE > 1`` in the environment (torchrun) without an initialized group is refused.
-        topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
-            :class:`prsgd.algorithm.topology.Topology`, an N x N mixing matrix or an adjacency list (see
-            :func:`prsgd.algorithm.topology.make_topology`); worker i of the topology is rank i of the group. Each
-            worker then exchanges only with its neighbours, point to point.
         check_finite: check this worker's gradients before the step (unless a GradScaler handles them) and its
             parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
             naming the step and this worker's rank. Two fused passes per step (gradients, then the flat storage), no
@@ -63,22 +54,19 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         model: with ``params`` given as parameters or param groups, the model they belong to: its float buffers
             are averaged with the parameters, and its other tensors (frozen parameters, integer buffers) are
             broadcast from the first worker at construction.
-        compression: ``None`` (exact rounds, the paper's), ``"bf16"``, ``"fp16"`` (half the bytes: Algorithm
-            1's round then costs one fp32 gradient) or ``"int8"`` (int8 chunks of 256 values with an fp32 scale
-            each: 0.254x the bytes): an averaging round sends the change since the last round in that format,
-            with error feedback; after the round every worker holds bitwise the same values
-            (:mod:`prsgd.algorithm.compression`). Beyond the paper's analysis, which covers exact averaging.
-        overlap: ``False``, ``True`` or a delay in steps (1..period): an averaging round's collective runs in the
-            background on a snapshot while training continues, and is applied ``delay`` steps later (``True``: 1)
-            as x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.algorithm.overlap`). Beyond the paper's analysis.
-        inner_period: hierarchical rounds: average within each node every ``inner_period`` steps (over the fast
-            link), over all ranks every ``period`` steps; must divide ``period``.
-        nodes: with ``inner_period``, how many nodes the ranks form (consecutive ranks per node, as torchrun
-            numbers them); default: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment.
-        outer_lr, outer_momentum: DiLoCo's outer optimizer at every scheduled averaging round: Nesterov momentum
-            on the change of the averaged parameters since the last round (:mod:`prsgd.algorithm.outer`); on when
-            either is
-            given; 1 and 0 are Algorithm 1 exactly. Beyond the paper's analysis.
+        round: the round's description, a :class:`prsgd.RoundSpec` (rule, period and every option, checked
+            together); or, as a convenience, its fields as keywords (``sync=``, ``period=``, ``compression=``, ...):
+        sync: ``"params_and_momentum"`` (Algorithm 1, the default), ``"params_clear_momentum"``, ``"params_only"``,
+            ``"gradients"`` (all-reduce gradients, and float buffers, every step; ignores ``period``), ``"gossip"``
+            (Algorithm 2: mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or
+            ``"none"``.
+        period: I >= 1, local steps between sync rounds (eq. 6). 1 gives parallel mini-batch momentum SGD.
+        topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
+            :class:`prsgd.algorithm.topology.Topology`, an N x N mixing matrix or an adjacency list; worker i of the
+            topology is rank i of the group. Each worker then exchanges only with its neighbours, point to point.
+        compression, overlap, inner_period, nodes, outer_lr, outer_momentum: compressed, overlapped and
+            hierarchical rounds and DiLoCo's outer step, as :class:`prsgd.RoundSpec` describes them. ``nodes``
+            defaults to ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment. Beyond the paper's analysis.
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
     every rank of the world constructs its LocalSGD at the same point.
@@ -108,38 +96,21 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        period: int = 1,
-        sync: str = "params_and_momentum",
         process_group: Any = None,
-        topology: object = None,
         check_finite: bool = False,
         model: nn.Module | None = None,
-        compression: str | None = None,
-        overlap: bool | int = False,
-        inner_period: int | None = None,
-        nodes: int | None = None,
-        outer_lr: float | None = None,
-        outer_momentum: float | None = None,
+        round: RoundSpec | None = None,
+        **round_options: Any,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.algorithm = PeriodicSync(
-            sync,
-            period,
-            has_momentum=momentum > 0,
-            topology=topology,
-            compression=compression,
-            overlap=overlap,
-            inner_period=inner_period,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-        )
+        spec = RoundSpec.of(round, **round_options)
         check_process_group(process_group)
-        self.nodes = check_nodes(
-            nodes if nodes is not None or inner_period is None else torchrun_nodes(),
-            group_size(process_group),
-            inner_period,
-        )
+        if spec.inner_period is not None and spec.nodes is None:
+            spec = spec.replace(nodes=torchrun_nodes())
+        spec.check_workers(group_size(process_group))
+        self.algorithm = PeriodicSync(spec, has_state=momentum > 0)
+        self.nodes = spec.nodes
         if isinstance(params, nn.Module):
             if model is not None:
                 raise InvalidArgument(
@@ -152,7 +123,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         if model is not None:
             check_not_wrapped(model, "at construction")
         self.num_workers = group_size(process_group)
-        self.topology = make_topology(topology, self.num_workers) if topology is not None else None
+        self.topology = make_topology(spec.topology, self.num_workers) if spec.topology is not None else None
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         self._built = False
         super().__init__(params, defaults)
@@ -171,18 +142,21 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                     f"model= ({type(model).__name__}); pass the model they belong to"
                 )
         self.model_buffers = model_buffers
-        self.has_momentum = self.algorithm.has_momentum = any(group["momentum"] > 0 for group in self.param_groups)
+        self.has_momentum = self.algorithm.has_state = any(group["momentum"] > 0 for group in self.param_groups)
+        local_rule = self.algorithm.local_rule
+        self._state_names = local_rule.state_names(self.has_momentum)
         shapes = [p.shape for p in all_params]
-        # layout params | buffers | grads (sync="gradients" only) | momentum: every round is one span
+        # layout params | buffers | grads (sync="gradients" only) | state (by name): every round is one span
         self.storage = FlatStorage(
             {"params": all_params, "buffers": model_buffers},
-            {"grads": shapes if self.rule.averages_gradients else [], "momentum": shapes if self.has_momentum else []},
+            {"grads": shapes if self.rule.averages_gradients else [], "state": shapes * len(self._state_names)},
         )
-        momentum_buffers = self.storage.tensors("momentum")
-        for k, p in enumerate(all_params):
-            self.state[p]["momentum_buffer"] = momentum_buffers[k] if self.has_momentum else None
+        state = iter(self.storage.tensors("state"))
+        for name in local_rule.STATE:  # each name's tensors in parameter order; None where the rule keeps none
+            for p in all_params:
+                self.state[p][name] = next(state) if name in self._state_names else None
         self.process_group = process_group
-        self.algorithm.engine = self.engine = ProcessGroupCommunicator(
+        self.engine = ProcessGroupCommunicator(
             self.storage,
             process_group,
             self.topology,
@@ -195,6 +169,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             for t in (*model.parameters(), *model.buffers()):
                 if id(t) not in flat_ids:
                     broadcast_from_first(t.data, process_group)
+        self.algorithm.attach(self.engine)  # x^0, the same on every rank
         self._placement = StoragePlacement(self.storage, [*all_params, *model_buffers])
         self._first_forward = FirstForwardCheck(all_params, model_buffers, warn_buffers=model is None)
         weakref.finalize(self, self._first_forward.close)  # an optimizer dropped before its first step
@@ -258,8 +233,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 grads.append(grad)
             if grad_scale is not None and grads:
                 torch._foreach_mul_(grads, float(grad_scale.double().reciprocal()))
-            buffers = [self.state[p]["momentum_buffer"] for p in params] if hyper.momentum > 0 else []
-            groups.append(UpdateGroup(params, grads, buffers, hyper))
+            state = {name: [self.state[p][name] for p in params] for name in self._state_names}
+            groups.append(UpdateGroup(params, grads, state, hyper))
         if self.check_finite and found_inf is None:
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
             self._raise_if_nonfinite("gradient", gradients, self.steps_done)
@@ -305,13 +280,15 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         afresh from the current parameters: load the model's state first."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
-        views = {p: self.state[p]["momentum_buffer"] for group in self.param_groups for p in group["params"]}
+        names = self.algorithm.local_rule.STATE
+        views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
         super().load_state_dict(state_dict)
-        for p, view in views.items():
-            loaded = self.state[p].get("momentum_buffer")
-            if view is not None and loaded is not None:
-                view.copy_(loaded)
-            self.state[p]["momentum_buffer"] = view
+        for p, by_name in views.items():
+            for name, view in by_name.items():
+                loaded = self.state[p].get(name)
+                if view is not None and loaded is not None:
+                    view.copy_(loaded)
+                self.state[p][name] = view
         if counters is not None:
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, UpdateGroup, check_nodes
+from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, RoundSpec, UpdateGroup
 from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.gradients import (
@@ -64,16 +65,10 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             parameters, buffers and momentum and raise :class:`prsgd.NonFiniteError` naming the step and the
             first worker with a NaN or infinity (the gradients are checked before they are averaged or applied,
             so the worker named is the one where it arose). Costs two fused passes (one sync each) per step.
-        compression: as in :class:`prsgd.LocalSGD`: ``"bf16"``, ``"fp16"`` or ``"int8"`` rounds
-            (:mod:`prsgd.algorithm.compression`).
-        overlap: as in :class:`prsgd.LocalSGD`: the round applied ``delay`` steps after it starts, as
-            x <- avg(snapshot) + (x - snapshot) (:mod:`prsgd.algorithm.overlap`); here the exchange itself takes no
-            time.
-        inner_period, nodes: hierarchical rounds: the workers form ``nodes`` nodes of consecutive workers (worker
-            i is on node i // (N / nodes)); each node averages every ``inner_period`` steps, all workers every
-            ``period`` steps.
-        outer_lr, outer_momentum: as in :class:`prsgd.LocalSGD`: DiLoCo's outer step at the round
-            (:mod:`prsgd.algorithm.outer`).
+        round: the round's description, a :class:`prsgd.RoundSpec`; or its fields as keywords, as in
+            :class:`prsgd.LocalSGD` (``sync``, ``period``, ``topology``, ``compression``, ``overlap``,
+            ``inner_period``, ``nodes``, ``outer_lr``, ``outer_momentum``). Here an overlapped round's exchange takes
+            no time, and hierarchical rounds need ``nodes``: worker i is on node i // (N / nodes).
 
     BatchNorm running statistics (floating-point model buffers) are per worker and averaged at every sync, as in
     :class:`prsgd.LocalSGD`. ``comm`` counts what a real run would send per worker.
@@ -94,46 +89,31 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        period: int = 1,
-        sync: str = "params_and_momentum",
         device: str | torch.device = "cpu",
-        topology: object = None,
         compute: str = "auto",
         threads: int | None = None,
         compile: bool = False,
         check_finite: bool = False,
-        compression: str | None = None,
-        overlap: bool | int = False,
-        inner_period: int | None = None,
-        nodes: int | None = None,
-        outer_lr: float | None = None,
-        outer_momentum: float | None = None,
+        round: RoundSpec | None = None,
+        **round_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         check_int("num_workers", num_workers, 1)
         Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.algorithm = PeriodicSync(
-            sync,
-            period,
-            has_momentum=momentum > 0,
-            topology=topology,
-            compression=compression,
-            overlap=overlap,
-            inner_period=inner_period,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-        )
-        if inner_period is not None and nodes is None:
+        spec = RoundSpec.of(round, **round_options)
+        if spec.inner_period is not None and spec.nodes is None:
             raise InvalidArgument("inner_period= needs nodes= (how many nodes the workers form)")
-        self.nodes = check_nodes(nodes, num_workers, inner_period)
+        spec.check_workers(num_workers)
+        self.algorithm = PeriodicSync(spec, has_state=momentum > 0)
+        self.nodes = spec.nodes
         self.num_workers = num_workers
         self.check_finite = check_bool("check_finite", check_finite)
         self.device = check_device("device", device)
         self.compute = choose_compute(compute, model, self.device, compile)
         self.compile = compile
         self.threads = choose_threads(threads, self.compute, model, self.device, num_workers)
-        self.topology = make_topology(topology, num_workers) if topology is not None else None
+        self.topology = make_topology(spec.topology, num_workers) if spec.topology is not None else None
 
         self._template = copy.deepcopy(model).to(self.device)
         self._gradients = WorkerGradients(model, num_workers, self.compute, self.threads, self.compile)
@@ -143,16 +123,18 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
         self._params = {name: stack(p) for name, p in model.named_parameters()}
         self._buffers = {name: stack(b) for name, b in model.named_buffers()}
-        self._momentum = {name: torch.zeros_like(p) for name, p in self._params.items()} if momentum > 0 else {}
-        self.algorithm.engine = self.engine = StackedCommunicator(
+        names = self.algorithm.local_rule.state_names(momentum > 0)
+        self._state = {n: {name: torch.zeros_like(p) for name, p in self._params.items()} for n in names}
+        self.engine = StackedCommunicator(
             num_workers,
             params=list(self._params.values()),
             buffers=[b for b in self._buffers.values() if b.is_floating_point()],
-            momentum=list(self._momentum.values()),
+            state=[t for by_param in self._state.values() for t in by_param.values()],
             topology=self.topology,
             device=self.device,
             nodes=self.nodes or 1,
         )
+        self.algorithm.attach(self.engine)
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         torch.optim.Optimizer.__init__(self, list(self._params.values()), defaults)
 
@@ -194,7 +176,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         group = UpdateGroup(
             params=list(self._params.values()),
             grads=self.engine.set_grads([grads[name] for name in self._params]),
-            momentum_buffers=list(self._momentum.values()),
+            state={n: list(by_param.values()) for n, by_param in self._state.items()},
             hyper=self.hyper,
         )
         self.algorithm.step([group])
@@ -222,7 +204,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             )
         return error
 
-    _KINDS = (("parameter", "params"), ("buffer", "buffers"), ("momentum buffer", "momentum"))
+    _KINDS = (("parameter", "params"), ("buffer", "buffers"), ("momentum buffer", "state"))
 
     def _raise_if_nonfinite(self, kinds: list[tuple[str, list[Tensor]]], step: int) -> None:
         """One fused check (one device sync) of all ``kinds`` (what, stacked tensors); only after a failure are the
@@ -248,14 +230,15 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         self.algorithm.synchronize()
 
     def state_dict(self) -> dict[str, object]:  # type: ignore[override]
-        """Everything needed to continue bit-identically: every worker's parameters, model buffers and momentum
-        buffers, the learning rate, and the algorithm's state (step counter, hence the position within the period,
-        and communication) under ``"prsgd"``, in the format :class:`prsgd.LocalSGD` saves too."""
+        """Everything needed to continue bit-identically: every worker's parameters, model buffers and optimizer
+        state by name (``momentum_buffer``), the learning rate, and the algorithm's state (step counter, hence the
+        position within the period, and communication) under ``"prsgd"``, in the format :class:`prsgd.LocalSGD`
+        saves too."""
         return {
             "num_workers": self.num_workers,
             "params": self.params(),
             "buffers": self.buffers(),
-            "momentum": self.momentum(),
+            "state": {n: {name: s.clone() for name, s in by_param.items()} for n, by_param in self._state.items()},
             "lr": self.param_groups[0]["lr"],
             "prsgd": self.algorithm.state_dict(),
         }
@@ -269,8 +252,14 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         saved_workers = state.get("num_workers")
         if not from_consensus and saved_workers != self.num_workers:
             raise CheckpointError(f"the state holds {saved_workers} workers; this simulator has {self.num_workers}")
-        for kind, ours in (("params", self._params), ("buffers", self._buffers), ("momentum", self._momentum)):
-            theirs = state[kind]
+        saved_state = state["state"] if "state" in state else _older_optimizer_state(state)
+        if set(saved_state) != set(self._state):
+            raise CheckpointError(
+                f"the state keeps optimizer state {sorted(saved_state)}; this simulator keeps {sorted(self._state)}"
+            )
+        parts = [("params", state["params"], self._params), ("buffers", state["buffers"], self._buffers)]
+        parts += [(name, saved_state[name], ours) for name, ours in self._state.items()]
+        for kind, theirs, ours in parts:
             skip = 1 if from_consensus else 0  # the worker dimension may differ
             if set(theirs) != set(ours) or any(theirs[n].shape[skip:] != t.shape[skip:] for n, t in ours.items()):
                 raise CheckpointError(f"the state's {kind} do not match this model's (names or shapes differ)")
@@ -292,7 +281,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
     def momentum(self) -> dict[str, Tensor]:
         """Every worker's momentum buffer: name -> ``(N, ...)`` (a copy); empty when momentum is 0."""
-        return {name: m.clone() for name, m in self._momentum.items()}
+        return {name: m.clone() for name, m in self._state.get("momentum_buffer", {}).items()}
 
     def buffers(self) -> dict[str, Tensor]:
         """Every worker's model buffers (e.g. BatchNorm running statistics): name -> ``(N, ...)`` (a copy)."""
@@ -363,3 +352,8 @@ def _older_algorithm_state(state: dict) -> dict:
     bytes]`` at the top level), so that checkpoints written before the common format still resume."""
     rounds, nbytes = state["comm"]
     return {"workers": state["num_workers"], "steps_done": state["steps_done"], "rounds": rounds, "bytes": nbytes}
+
+
+def _older_optimizer_state(state: dict) -> dict:
+    """The optimizer state of a simulator state dict saved before state was kept by name (``"momentum"``)."""
+    return {"momentum_buffer": state["momentum"]} if state.get("momentum") else {}

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from prsgd.algorithm import CommStats, Field, Scope
-from prsgd.algorithm.compression import Codec, rounded_mean
+from prsgd.algorithm.contract import CommStats, Reduce
+from prsgd.algorithm.rules import Field, Scope
 from prsgd.algorithm.topology import Neighbours, Topology, mix_row_
 from prsgd.errors import InvalidArgument
 
@@ -111,7 +111,7 @@ class StackedCommunicator:
         num_workers: int,
         params: list[Tensor],
         buffers: list[Tensor],
-        momentum: list[Tensor],
+        state: list[Tensor],
         topology: Topology | None = None,
         device: torch.device | None = None,
         nodes: int = 1,
@@ -122,7 +122,7 @@ class StackedCommunicator:
             "params": params,
             "buffers": buffers,
             "grads": [],
-            "momentum": momentum,
+            "state": state,
         }
         self.mixer = StackedMixer(topology, device or params[0].device) if topology is not None else None
         self.comm = CommStats()
@@ -162,13 +162,10 @@ class StackedCommunicator:
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         return self._gather(fields)
 
-    def mean_residual(self, payload: Tensor, codec: Codec) -> Tensor:
-        return torch.zeros(codec.values_numel(payload.shape[1]), device=payload.device)
-
-    def average_payload(self, payload: Tensor, residual: Tensor, codec: Codec) -> None:
+    def reduce_rows(self, payload: Tensor, reduce: Reduce, unit: int) -> None:
         if self.num_workers == 1:
             return
-        payload.copy_(rounded_mean(payload, residual, codec).unsqueeze(0).expand_as(payload))
+        payload.copy_(reduce(payload).unsqueeze(0).expand_as(payload))  # one shard: the whole row
         self.comm.record(payload[0].numel() * payload.element_size())
 
     def mix(self, fields: Sequence[Field], step: int) -> None:

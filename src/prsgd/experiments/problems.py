@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prsgd.algorithm import Hyperparameters, PeriodicSync, UpdateGroup
+from prsgd.algorithm import Hyperparameters, PeriodicSync, RoundSpec, UpdateGroup
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.stacked import StackedCommunicator
 from prsgd.errors import check_choice, check_int, check_number
@@ -145,16 +145,18 @@ def run(
 ) -> RunResult:
     """T = ``steps`` steps of every worker from x^0 with prsgd's algorithm; the exact convergence measure."""
     hyper = Hyperparameters(lr=lr, momentum=momentum, nesterov=nesterov)
-    algorithm = PeriodicSync(sync, period, has_momentum=momentum > 0, topology=topology)
+    algorithm = PeriodicSync(RoundSpec(sync, period, topology=topology), has_state=momentum > 0)
     n = problem.num_workers
     xs = problem.x0.repeat(n, 1)
     momentum_buffers = [torch.zeros_like(xs)] if momentum > 0 else []
     mixing = make_topology(topology, n) if topology is not None else None
-    engine = algorithm.engine = StackedCommunicator(n, [xs], [], momentum_buffers, mixing)
+    engine = StackedCommunicator(n, [xs], [], momentum_buffers, mixing)
+    algorithm.attach(engine)
     g = torch.Generator().manual_seed(seed)
     norms = torch.empty(steps, dtype=torch.float64)
     for t in range(steps):
         norms[t] = problem.full_gradient(xs.mean(0)).pow(2).sum()
         grads = problem.stochastic_gradients(xs, g)
-        algorithm.step([UpdateGroup([xs], engine.set_grads([grads]), momentum_buffers, hyper)])
+        state = {"momentum_buffer": momentum_buffers} if momentum_buffers else {}
+        algorithm.step([UpdateGroup([xs], engine.set_grads([grads]), state, hyper)])
     return RunResult(float(norms.mean()), norms, engine.comm.rounds, engine.comm.bytes)

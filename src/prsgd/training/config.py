@@ -17,17 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from prsgd.algorithm import (
-    SYNC_RULES,
-    Hyperparameters,
-    check_compression_rule,
-    check_period,
-    check_round_options,
-    check_topology,
-    sync_rule,
-)
-from prsgd.algorithm.compression import CODECS
-from prsgd.algorithm.topology import BUILT_IN
+from prsgd.algorithm import ROUND_OPTIONS, SYNC_RULES, Hyperparameters, RoundSpec, sync_rule
 from prsgd.data.datasets import DATASET_NAMES
 from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
@@ -89,7 +79,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class AlgorithmConfig:
+class _LocalAndRule:
     """The sync rule and local update (see :class:`prsgd.LocalSGD`)."""
 
     sync: str = option(
@@ -101,45 +91,40 @@ class AlgorithmConfig:
     momentum: float = option(0.9, "beta, in [0, 1); 0 is local SGD")
     nesterov: bool = option(False, "Nesterov momentum (option II, torch.optim.SGD's form) instead of Polyak's")
     weight_decay: float = option(0.0, "L2 penalty added to the gradient, as torch.optim.SGD does")
-    topology: str = option(
-        "",
-        "gossip rules only: the graph workers mix over",
-        choices=tuple(BUILT_IN),
-    )
-    compression: str = option(
-        "",
-        "averaging rounds send the change since the last round in this format (error feedback); empty: exact",
-        choices=tuple(CODECS),
-    )
-    overlap: int = option(0, "delay in steps: an averaging round runs while training goes on, applied then; 0: off")
-    inner_period: int = option(0, "hierarchical rounds: average within each node every this many steps; 0: off")
-    nodes: int = option(0, "with inner_period: nodes the workers form (distributed: default from torchrun)")
-    outer_lr: float = option(1.0, "DiLoCo's outer step at each round: its learning rate (1, momentum 0: Algorithm 1)")
-    outer_momentum: float = option(0.0, "DiLoCo's outer step: Nesterov momentum in [0, 1)")
 
     def __post_init__(self) -> None:
+        for o in ROUND_OPTIONS:
+            value = getattr(self, o.name)
+            if o.choices is not None and value != o.off and value not in o.choices:
+                allowed = ", ".join(o.choices)
+                raise ConfigError(f"algorithm.{o.name}={value!r} is not known; allowed: {allowed}")
         try:
-            rule = sync_rule(self.sync)
-            if self.period != "theory":
-                check_period(self.period)
-                check_round_options(rule, self.period, **self.round_options())
-            check_topology(rule, self.topology or None)
-            check_compression_rule(rule, self.compression or None)
+            sync_rule(self.sync)
+            # a 'theory' period is known once N and T are: check the options with one every option allows
+            self.round_spec(
+                period=max(1, self.inner_period) * max(1, self.overlap) if self.period == "theory" else None
+            )
             Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
-        if self.topology and self.topology not in BUILT_IN:
-            raise ConfigError(f"algorithm.topology={self.topology!r} is not known; allowed: {', '.join(BUILT_IN)}")
 
-    def round_options(self) -> dict[str, Any]:
-        """The engines' arguments for overlapped and hierarchical rounds and the outer step (the outer step only
-        when outer_lr and outer_momentum are not 1 and 0, which is Algorithm 1 anyway)."""
-        outer = (self.outer_lr, self.outer_momentum) != (1.0, 0.0)
-        return {
-            "overlap": self.overlap,
-            "inner_period": self.inner_period or None,
-            **({"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum} if outer else {}),
-        }
+    def round_spec(self, period: int | None = None) -> RoundSpec:
+        """The round's description (``period``: the resolved one, where the config says 'theory')."""
+        values = {o.name: getattr(self, o.name) for o in ROUND_OPTIONS}
+        return RoundSpec.from_config(self.sync, self.period if period is None else period, values)
+
+
+AlgorithmConfig = dataclasses.make_dataclass(
+    "AlgorithmConfig",
+    [(o.name, o.kind, option(o.off, o.doc, choices=o.choices)) for o in ROUND_OPTIONS],
+    bases=(_LocalAndRule,),
+    frozen=True,
+)
+AlgorithmConfig.__module__ = __name__
+AlgorithmConfig.__doc__ = (
+    "The sync rule, the local update and every round option (:data:`prsgd.algorithm.round.ROUND_OPTIONS`: a config "
+    "key and a flag each, off at their default)."
+)
 
 
 @dataclass(frozen=True)
@@ -244,9 +229,7 @@ class RunConfig:
         if device[0] not in ("cpu", "cuda") or len(device) > 2 or (len(device) == 2 and not device[1].isdigit()):
             raise ConfigError(f"device={self.device!r} is not known; allowed: cpu, cuda, cuda:N")
         a = self.algorithm
-        if a.nodes and not a.inner_period:
-            raise ConfigError(f"algorithm.nodes={a.nodes} groups workers for inner rounds; set algorithm.inner_period")
-        if a.nodes < 0 or (a.nodes and self.training.workers % a.nodes):
+        if a.nodes and self.training.workers % a.nodes:
             raise ConfigError(f"algorithm.nodes={a.nodes} does not divide training.workers={self.training.workers}")
         if a.inner_period and not a.nodes and self.engine == "simulator":
             raise ConfigError(

@@ -118,12 +118,7 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
         "momentum": a.momentum,
         "nesterov": a.nesterov,
         "weight_decay": a.weight_decay,
-        "period": a.period,
-        "sync": a.sync,
-        "topology": a.topology or None,
-        "compression": a.compression or None,
-        "nodes": a.nodes or None,
-        **a.round_options(),
+        "round": a.round_spec(),
     }
 
 

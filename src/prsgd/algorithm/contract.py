@@ -1,0 +1,94 @@
+"""The engine contract: what the algorithm asks of an engine, and the communication it counts.
+
+An engine owns where each :data:`~prsgd.algorithm.rules.Field`'s tensors live and how they travel; the algorithm
+(:class:`prsgd.algorithm.periodic.PeriodicSync` and its round stages) only asks for these operations. The simulator's
+:class:`prsgd.engines.stacked.StackedCommunicator` averages over a leading worker dimension; :class:`prsgd.LocalSGD`'s
+:class:`prsgd.engines.distributed.ProcessGroupCommunicator` reduces one span of its flat storage with one collective.
+Engines move bytes: they know nothing of compression, overlap or the outer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from prsgd.algorithm.rules import Field, Scope
+
+
+@dataclass
+class CommStats:
+    """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent), of which
+    ``node_rounds`` and ``node_bytes`` within a node (hierarchical runs' inner rounds)."""
+
+    rounds: int = 0
+    bytes: int = 0
+    node_rounds: int = 0
+    node_bytes: int = 0
+
+    def record(self, nbytes: int, scope: Scope = "all") -> None:
+        """Count one round that sent ``nbytes``; a round that sent nothing (a single worker) is not counted."""
+        if nbytes > 0:
+            self.rounds += 1
+            self.bytes += nbytes
+            if scope == "node":
+                self.node_rounds += 1
+                self.node_bytes += nbytes
+
+    def add(self, other: CommStats) -> None:
+        """Count ``other``'s rounds too (an overlapped round's, once it has been waited for)."""
+        self.rounds += other.rounds
+        self.bytes += other.bytes
+        self.node_rounds += other.node_rounds
+        self.node_bytes += other.node_bytes
+
+
+Reduce = Callable[[Tensor], Tensor]
+"""Every worker's rows of one shard, shape (N, S) in worker order -> the shard's result, shape (S,)."""
+
+
+class Communicator(Protocol):
+    """The engine contract: where each field's tensors live, and how they are averaged or mixed across workers.
+
+    ``average(fields)`` replaces the listed fields' tensors, in place, by their mean over all workers;
+    ``mix(fields, step)`` replaces each worker's by sum_j W_ij x_j with the step's mixing matrix W (eq. 18). Both
+    count in ``comm`` what one worker sent (nothing when it sent nothing). ``tensors(field)`` lists the field's
+    tensors (one worker's, or stacked ``(N, ...)``), in the order the optimizer's param groups give them."""
+
+    num_workers: int
+    comm: CommStats
+
+    def tensors(self, field: Field) -> list[Tensor]: ...
+
+    def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
+        """Replace the fields' tensors by their mean over all workers (``scope="all"``) or over the workers of each
+        node (``"node"``), in place, and count it."""
+        ...
+
+    def average_tensors(self, tensors: list[Tensor]) -> None:
+        """As :meth:`average` over all workers, of tensors that are not fields (an overlapped round's snapshot)."""
+        ...
+
+    def mix(self, fields: Sequence[Field], step: int) -> None: ...
+
+    def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
+        """The fields' tensors for elementwise work over all of them (compressed and overlapped rounds), with the
+        workers as leading dimension: the stacked tensors, or one row (1, n) of a flat span where the engine keeps
+        them contiguous."""
+        ...
+
+    def reduce_rows(self, payload: Tensor, reduce: Reduce, unit: int) -> None:
+        """Replace each worker's row of ``payload`` (rows, P) by ``reduce`` of every worker's, shard by shard, in
+        place, and count the payload's bytes. Shards are whole multiples of ``unit`` elements: the simulator reduces
+        the whole row at once, LocalSGD has each rank reduce one shard (an all-to-all, then an all-gather), so
+        ``reduce`` sees the same rows in the same worker order on both engines."""
+        ...
+
+    def start(self, work: Callable[[Communicator], None]) -> Callable[[], None]:
+        """Run ``work`` (an overlapped round's exchange) with a communicator for exchanges that overlap training,
+        and return how to wait for it: at once on the simulator, on a background thread and a process group of
+        its own under ``torch.distributed``. What it sends is counted in ``comm`` when it is waited for, on both
+        engines alike."""
+        ...

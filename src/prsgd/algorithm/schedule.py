@@ -1,0 +1,42 @@
+"""When rounds happen: after every ``period``-th local step (eq. 6), and in hierarchical runs within each node after
+every ``inner_period``-th step that is not a global round.
+
+A schedule is a pure choice over the step count (optax's ``periodic_update``): it keeps no state of its own, the
+step counter is :class:`prsgd.algorithm.periodic.PeriodicSync`'s.
+"""
+
+from __future__ import annotations
+
+from prsgd.algorithm.rules import Scope, SyncRule
+
+
+class FlatSchedule:
+    """A round over all workers after every ``period``-th step, for the rules that have periodic rounds."""
+
+    inner_period: int | None = None
+
+    def __init__(self, rule: SyncRule, period: int) -> None:
+        self.rule, self.period = rule, period
+
+    def round_after(self, step_number: int) -> Scope | None:
+        """Which round follows local step number ``step_number`` (counted from 1): ``"all"``, ``"node"`` or None."""
+        return "all" if self.rule.periodic and step_number % self.period == 0 else None
+
+    def ends_a_period(self, step_number: int) -> bool:
+        return step_number % self.period == 0
+
+
+class HierarchicalSchedule(FlatSchedule):
+    """As :class:`FlatSchedule`, and a round within each node after every ``inner_period``-th step that is not a
+    global round (``inner_period`` divides ``period``, so a global round always falls on an inner one)."""
+
+    def __init__(self, rule: SyncRule, period: int, inner_period: int) -> None:
+        super().__init__(rule, period)
+        self.inner_period = inner_period
+
+    def round_after(self, step_number: int) -> Scope | None:
+        return super().round_after(step_number) or ("node" if step_number % self.inner_period == 0 else None)
+
+
+def make_schedule(rule: SyncRule, period: int, inner_period: int | None) -> FlatSchedule:
+    return FlatSchedule(rule, period) if inner_period is None else HierarchicalSchedule(rule, period, inner_period)

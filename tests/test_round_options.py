@@ -1,0 +1,121 @@
+"""One table of round options drives one test: every combination of the values in ``ROUND_OPTIONS`` (and every sync
+rule) is either refused with the message of the first exclusion it breaks, or trains on the simulator exactly as the
+per-worker reference of tests/reference.py, and (slow) on LocalSGD in 4 gloo processes as on the simulator. A new
+round option is tested by its row in the table and its lines in the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches, mlp
+from reference import RoundReference
+from test_distributed import ATOLS, assert_ranks_match_the_simulator, spawn
+
+import prsgd
+from prsgd.algorithm import EXCLUSIONS, ROUND_OPTIONS, SYNC_RULES, RoundSpec
+
+N, PERIOD, STEPS = 4, 4, 10
+RING = np.array([[1 / 3 if (i - j) % N in (0, 1, N - 1) else 0.0 for j in range(N)] for i in range(N)])
+"""The ring's mixing matrix for 4 workers, written out: each worker averages itself and its two neighbours."""
+
+
+def combinations() -> list[dict]:
+    """Every sync rule with every combination of each option's examples and its off value."""
+    values = [[None, *option.examples] for option in ROUND_OPTIONS]
+    names = [option.name for option in ROUND_OPTIONS]
+    return [
+        {"sync": sync, "period": PERIOD, **{n: v for n, v in zip(names, chosen, strict=True) if v is not None}}
+        for sync in SYNC_RULES
+        for chosen in itertools.product(*values)
+    ]
+
+
+def first_exclusion(options: dict) -> str | None:
+    """The message of the first exclusion ``options`` break, judged on the options as given (the outer step's
+    missing half filled in as a RoundSpec does), without building a RoundSpec."""
+    unchecked = object.__new__(RoundSpec)
+    for f in dataclasses.fields(RoundSpec):
+        object.__setattr__(unchecked, f.name, options.get(f.name, f.default))
+    if unchecked.outer_lr is not None or unchecked.outer_momentum is not None:
+        object.__setattr__(unchecked, "outer_lr", 1.0 if unchecked.outer_lr is None else unchecked.outer_lr)
+        object.__setattr__(unchecked, "outer_momentum", unchecked.outer_momentum or 0.0)
+    return next((e.message(unchecked) for e in EXCLUSIONS if e.applies(unchecked)), None)
+
+
+def allowed() -> list[dict]:
+    """The combinations a RoundSpec takes and both engines run (the simulator needs nodes with inner_period)."""
+    return [o for o in combinations() if first_exclusion(o) is None and ("inner_period" not in o or "nodes" in o)]
+
+
+ALLOWED = allowed()
+
+
+def test_the_table_walks_every_option_and_most_combinations_are_refused_by_an_exclusion():
+    assert {o.name for o in ROUND_OPTIONS} | {"sync", "period"} == {f.name for f in dataclasses.fields(RoundSpec)}
+    walked = combinations()
+    assert len(walked) == len(SYNC_RULES) * np.prod([len(o.examples) + 1 for o in ROUND_OPTIONS])
+    assert 100 < len(ALLOWED) < len(walked) / 4
+
+
+@pytest.mark.parametrize("options", combinations(), ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_a_combination_is_refused_exactly_by_the_first_exclusion_it_breaks(options):
+    expected = first_exclusion(options)
+    if expected is None:
+        spec = RoundSpec(**options)
+        assert RoundSpec.of(None, **options) == spec
+        return
+    with pytest.raises(prsgd.InvalidArgument) as refused:
+        RoundSpec(**options)
+    assert str(refused.value) == expected
+    with pytest.raises(prsgd.InvalidArgument, match=r"inner_period|nodes|overlap|outer|compression|topology|sync"):
+        prsgd.Simulator(mlp(), num_workers=N, lr=0.1, **options)
+
+
+def test_the_simulator_refuses_inner_rounds_without_nodes():
+    with pytest.raises(prsgd.InvalidArgument, match="inner_period= needs nodes="):
+        prsgd.Simulator(mlp(), num_workers=N, lr=0.1, period=PERIOD, inner_period=2)
+
+
+def reference_for(options: dict, model) -> RoundReference:
+    return RoundReference(
+        model,
+        N,
+        lr=0.1,
+        momentum=0.9,
+        mixing_matrix=(lambda step: RING) if "topology" in options else None,
+        **{k: v for k, v in options.items() if k != "topology"},
+    )
+
+
+@pytest.mark.parametrize("options", ALLOWED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_allowed_combination_trains_on_the_simulator_as_the_per_worker_reference(options):
+    model = mlp(batchnorm=True)
+    sim = prsgd.Simulator(model, num_workers=N, lr=0.1, momentum=0.9, round=RoundSpec(**options))
+    ref = reference_for(options, model)
+    # a compressed round can turn float noise (vmap vs a loop) into one rounding step of the change it sends: an
+    # fp16 ulp of the change (2^-14 below 1/8), a bf16 one (relative 2^-7), an int8 step of its chunk (~1e-2 / 127)
+    rtol, atol = {None: (1e-5, 1e-5), "fp16": (1e-3, 6.2e-5), "bf16": (8e-3, 1e-5), "int8": (1e-5, 1e-3)}[
+        options.get("compression")
+    ]
+    for t, (x, y) in enumerate(batches(N, STEPS)):
+        sim.step(x, y, F.cross_entropy)
+        ref.step(x, y, F.cross_entropy)
+        for name, p in ref.params().items():
+            torch.testing.assert_close(sim.params()[name], p, rtol=rtol, atol=atol, msg=f"step {t} {name}")
+        for name, m in ref.momentum().items():
+            torch.testing.assert_close(sim.momentum()[name], m, rtol=rtol, atol=atol, msg=f"step {t} {name}")
+        for name, b in ref.buffers().items():
+            torch.testing.assert_close(sim.buffers()[name], b, rtol=rtol, atol=atol, msg=f"step {t} {name}")
+
+
+@pytest.mark.slow
+def test_every_allowed_combination_trains_on_local_sgd_in_gloo_processes_as_on_the_simulator(tmp_path):
+    cases = [dict(options, lr=0.1, momentum=0.9, batchnorm=True) for options in ALLOWED]
+    for case, ranks in zip(cases, spawn(N, cases, tmp_path, steps=STEPS), strict=True):
+        # more rounds of more kinds than test_distributed's cases: an fp16 rounding step of changes up to 1/8
+        assert_ranks_match_the_simulator(case, ranks, N, steps=STEPS, atols=dict(ATOLS, fp16=6.2e-5))
