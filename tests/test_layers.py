@@ -59,3 +59,8 @@ def test_the_top_holds_only_the_public_api_the_cli_and_main():
     top = sorted(p.stem for p in SRC.glob("*.py"))
     assert len(top) <= 8, top
     assert set(top) <= {"__init__", "__main__", "cli", "errors", "lightning", "accelerate", "train"}, top
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

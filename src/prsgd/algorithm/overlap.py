@@ -23,12 +23,16 @@ thread over a process group of its own, so that it never interleaves with the tr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from prsgd.errors import CheckpointError, InvalidArgument, check_int
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.contract import Communicator
+    from prsgd.algorithm.exchange import Exchange
 
 
 def check_overlap(overlap: bool | int, period: int) -> int:
@@ -81,6 +85,16 @@ class OverlappedRounds:
             raise RuntimeError("OverlappedRounds.start with a round in flight")
         self.snapshot = [t.detach().clone() for t in tensors]
         self.result, self.due, self._wait, self._finish = result, due, wait, finish
+
+    def start_round(self, tensors: Sequence[Tensor], exchange: Exchange, engine: Communicator, step: int) -> None:
+        """Start a round after local step ``step`` on ``tensors`` as they are now, exchanged by ``exchange`` (its
+        payload of the snapshot) in the background that ``engine`` runs; applied ``delay`` steps later."""
+        payload = exchange.snapshot_payload(tensors)
+
+        def work(background: Communicator) -> None:
+            exchange.exchange_payload(payload, background)
+
+        self.start(tensors, step + self.delay, payload, engine.start(work), exchange.averaged)
 
     def wait(self) -> None:
         """Wait until the exchange in flight has finished (no change to the workers' tensors)."""

@@ -152,7 +152,7 @@ class PeriodicSync:
             if self.exchange.anchored:  # everything is sent now: the next change starts here
                 self.exchange.restart(self._round_tensors())
         elif self.overlap is not None:
-            self._start_overlapped()
+            self.overlap.start_round(self._round_tensors(), self.exchange, self.engine, self.steps_done)
             return  # the state rule applies when the round is applied
         else:
             self.exchange.exchange_round(self.engine, fields, self.steps_done - 1)
@@ -177,17 +177,6 @@ class PeriodicSync:
             state = self.engine.tensors("state")
             if state:
                 torch._foreach_zero_(state)
-
-    def _start_overlapped(self) -> None:
-        """Start an overlapped round (:mod:`prsgd.algorithm.overlap`) on the round's tensors as they are now."""
-        tensors, exchange = self._round_tensors(), self.exchange
-        payload = exchange.snapshot_payload(tensors)
-
-        def work(engine: Communicator) -> None:
-            exchange.exchange_payload(payload, engine)
-
-        due = self.steps_done + self.overlap.delay
-        self.overlap.start(tensors, due, payload, self.engine.start(work), exchange.averaged)
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:

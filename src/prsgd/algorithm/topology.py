@@ -15,9 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
 
+from prsgd.algorithm.mixing import Neighbours, neighbours
 from prsgd.errors import InvalidArgument
 
 TOLERANCE = 1e-6
@@ -28,16 +27,6 @@ WEIGHTS = ("uniform", "metropolis")
 
 class TopologyError(InvalidArgument):
     """An invalid graph or mixing matrix; the message names the offending entry or property."""
-
-
-@dataclass(frozen=True)
-class Neighbours:
-    """One worker's part of a mixing step: receive from ``sources`` with ``weights``; send to ``targets``."""
-
-    self_weight: float
-    sources: tuple[int, ...]
-    weights: tuple[float, ...]
-    targets: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -120,23 +109,6 @@ def spectral_rho(w: np.ndarray) -> float:
         return 0.0
     eigenvalues = np.linalg.eigvalsh(w)  # ascending; the largest is 1
     return float(max(abs(eigenvalues[0]), abs(eigenvalues[-2])))
-
-
-def neighbours(w: np.ndarray, worker: int) -> Neighbours:
-    """Worker ``worker``'s in-neighbours (row of W) and out-neighbours (column of W), self excluded."""
-    row, column = w[worker], w[:, worker]
-    sources = tuple(int(j) for j in np.flatnonzero(row) if j != worker)
-    targets = tuple(int(j) for j in np.flatnonzero(column) if j != worker)
-    return Neighbours(float(row[worker]), sources, tuple(float(row[j]) for j in sources), targets)
-
-
-def mix_row_(out: Tensor, own: Tensor, nbrs: Neighbours, received: Sequence[Tensor]) -> Tensor:
-    """Eq. (18) for one worker i: ``out = W_ii x_i + sum_j W_ij x_j`` over its in-neighbours j, in that order
-    (``received[k]`` is x of ``nbrs.sources[k]``). ``out`` may be ``own``. Both engines' sparse mixing call it."""
-    torch.mul(own, nbrs.self_weight, out=out)
-    for weight, x in zip(nbrs.weights, received, strict=True):
-        out.add_(x, alpha=weight)
-    return out
 
 
 def validate_mixing_matrix(

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from prsgd.algorithm.contract import CommStats, Reduce
+from prsgd.algorithm.mixing import mix_row_
 from prsgd.algorithm.rules import Field, Scope
-from prsgd.algorithm.topology import Topology, mix_row_
+from prsgd.algorithm.topology import Topology
 from prsgd.engines.flat_storage import FlatStorage
 
 

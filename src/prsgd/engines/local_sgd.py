@@ -29,7 +29,7 @@ from prsgd.engines.distributed import (
 )
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
-from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
+from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool
 
 
 class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
@@ -189,6 +189,28 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             for i, g in enumerate(self.param_groups)
         )
         return head + groups
+
+    @property
+    def device(self) -> torch.device:
+        """Where this worker's tensors live (every one of them: they share one flat storage)."""
+        return self.storage.device
+
+    def worker_state(self) -> Tensor:
+        """Everything this worker trains with, as one 1-D tensor (a view of its flat storage, not a copy):
+        parameters, float buffers, gradient copies and optimizer state. Between rounds it differs per worker; a
+        framework that checkpoints one rank's view gathers it from every rank (:mod:`prsgd.integrations.lightning`).
+        The round stages' own state (compression, overlap, outer step) is in :meth:`state_dict`."""
+        return self.storage.flat
+
+    @torch.no_grad()
+    def load_worker_state(self, values: Tensor) -> None:
+        """Copy ``values`` (a :meth:`worker_state` of the same model) into this worker's flat storage."""
+        flat = self.storage.flat
+        if values.dim() != 1 or values.numel() != flat.numel():
+            raise CheckpointError(
+                f"the saved LocalSGD state has {values.numel()} values per worker; this model has {flat.numel()}"
+            )
+        flat.copy_(values)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_built", False):

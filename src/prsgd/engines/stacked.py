@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Reduce
+from prsgd.algorithm.mixing import Neighbours, mix_row_
 from prsgd.algorithm.rules import Field, Scope
-from prsgd.algorithm.topology import Neighbours, Topology, mix_row_
+from prsgd.algorithm.topology import Topology
 from prsgd.errors import InvalidArgument
 
 
@@ -42,7 +43,7 @@ def worker_bytes(tensors: Sequence[Tensor]) -> int:
 class StackedMixer:
     """x <- W x over dim 0 of stacked ``(N, ...)`` tensors (eq. 18), in place.
 
-    ``mode="sparse"`` uses the graph's sparsity: each worker's new row is :func:`prsgd.algorithm.topology.mix_row_` of
+    ``mode="sparse"`` uses the graph's sparsity: each worker's new row is :func:`prsgd.algorithm.mixing.mix_row_` of
     its own
     and its in-neighbours' rows (O(k N D) memory traffic, k = max in-degree + 1), written straight into the output;
     ``"dense"`` is one N x N matrix product (a blocked BLAS call that reads x once). ``"auto"`` takes sparse for a

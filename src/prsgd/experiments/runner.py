@@ -19,7 +19,8 @@ from pathlib import Path
 from prsgd.engines.torchrun import Torchrun
 from prsgd.experiments.report import discover, summary_table
 from prsgd.training import command
-from prsgd.training.config import ConfigError, RunConfig, load, parse_assignments
+from prsgd.training.config import ConfigError, RunConfig, load
+from prsgd.training.flags import parse_assignments
 from prsgd.training.outdir import OutFolderError
 from prsgd.training.train import preflight, run
 

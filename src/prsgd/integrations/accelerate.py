@@ -60,7 +60,7 @@ def prepare(accelerator: Any, model: nn.Module, optimizer: LocalSGD, *dataloader
     if not isinstance(optimizer, LocalSGD):
         raise InvalidArgument(f"optimizer={type(optimizer).__name__}: prsgd.accelerate.prepare takes a prsgd.LocalSGD")
     check_not_wrapped(model, "given to prsgd.accelerate.prepare")
-    device = optimizer.storage.device
+    device = optimizer.device
     if device != accelerator.device and not (device.type == accelerator.device.type == "cpu"):
         raise InvalidArgument(
             f"the model is on {device} but accelerate trains on {accelerator.device}: move the model with "

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -113,7 +112,7 @@ class LocalSGDStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank calls this (Lightning's contract): gather every rank's state, then rank 0 writes."""
-        workers = [gather_to_first(opt.storage.flat) for opt in self._local_sgd()]
+        workers = [gather_to_first(opt.worker_state()) for opt in self._local_sgd()]
         if self.is_global_zero and workers:
             checkpoint = {**checkpoint, WORKERS_KEY: workers}
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -128,18 +127,17 @@ class LocalSGDStrategy(DDPStrategy):
             raise CheckpointError(f"the checkpoint holds {len(saved)} LocalSGD states; this run has {len(optimizers)}")
         rank, world = group_rank(), group_size()
         for opt, rows in zip(optimizers, saved, strict=True):
-            if rows.shape[1] != opt.storage.flat.numel():
+            if rows.shape[1] != opt.worker_state().numel():
                 raise CheckpointError(
                     f"the checkpoint's LocalSGD state has {rows.shape[1]} values per worker; this model has "
-                    f"{opt.storage.flat.numel()}"
+                    f"{opt.worker_state().numel()}"
                 )
             if rows.shape[0] != world and not bool((rows == rows[:1]).all()):
                 raise CheckpointError(
                     f"the checkpoint was saved by {rows.shape[0]} ranks whose states differ (mid-period); it can "
                     f"only be resumed with {rows.shape[0]} ranks, not {world}"
                 )
-            with torch.no_grad():
-                opt.storage.flat.copy_(rows[rank if rows.shape[0] == world else 0])
+            opt.load_worker_state(rows[rank if rows.shape[0] == world else 0])
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -31,7 +31,8 @@ from prsgd.engines.torchrun import Torchrun
 from prsgd.errors import NonFiniteError, PrsgdError, user_error
 from prsgd.models import build_model
 from prsgd.training import checkpoint, command
-from prsgd.training.config import ConfigError, RunConfig, add_flat_arguments, from_flat_arguments
+from prsgd.training.config import ConfigError, RunConfig
+from prsgd.training.flags import add_flat_arguments, from_flat_arguments
 from prsgd.training.outdir import OutFolder, OutFolderError, check_out
 from prsgd.training.resume import Checkpoints
 from prsgd.training.trackers import check_out_for, open_trackers
