@@ -1,9 +1,9 @@
 """Run benchmarks of two revisions of prsgd paired, in one run on one machine, and print new / old for every figure.
 
-    .venv/bin/python benchmarks/paired_revisions.py OLD_REV [--pairs 2] [-- BENCHMARK ARGS ...]
+    .venv/bin/python benchmarks/paired_revisions.py OLD_REV [--new NEW_REV] [--pairs 2] [--only sync_cost,...]
 
-Each revision's own ``benchmarks/`` and ``src/`` are taken from git (the working tree for the new side, ``git archive
-OLD_REV`` for the old one), and each benchmark is run alternately old, new, old, new, ... (``--pairs`` times) with its
+Each revision's own ``benchmarks/`` and ``src/`` are taken from git (``git archive``; the new side is the working tree
+unless ``--new`` names a revision), and each benchmark is run alternately old, new, old, new, ... (``--pairs`` times) with its
 revision's ``src`` first on ``PYTHONPATH``, so that both see the same machine state. Every table row the benchmarks
 print (``| label | number | ... |``) is matched by its label and column; the figure reported per cell is the median
 over the pairs of new / old. Times (ms, s) are better lower, rates (samples/s) higher: the column header says which.
@@ -75,15 +75,17 @@ def cells(output: str) -> dict[tuple[str, str], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("old", help="the old revision (a commit, tag or branch)")
+    parser.add_argument("--new", default="", help="the new revision (default: the working tree)")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmark names")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        old = export(args.old, Path(tmp))
+    with tempfile.TemporaryDirectory() as old_dir, tempfile.TemporaryDirectory() as new_dir:
+        old = export(args.old, Path(old_dir))
+        new = export(args.new, Path(new_dir)) if args.new else ROOT
         for name in args.only.split(","):
             ratios: dict[tuple[str, str], list[float]] = {}
             for _ in range(args.pairs):
-                before, after = cells(run(old, name, BENCHMARKS[name])), cells(run(ROOT, name, BENCHMARKS[name]))
+                before, after = cells(run(old, name, BENCHMARKS[name])), cells(run(new, name, BENCHMARKS[name]))
                 for key in before.keys() & after.keys():
                     if before[key] > 0:
                         ratios.setdefault(key, []).append(after[key] / before[key])
