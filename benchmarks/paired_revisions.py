@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/paired_revisions.py OLD_REV [--new NEW_REV] [--pairs 2] [--only sync_cost,...]
 
 Each revision's own ``benchmarks/`` and ``src/`` are taken from git (``git archive``; the new side is the working tree
-unless ``--new`` names a revision), and each benchmark is run alternately old, new, old, new, ... (``--pairs`` times) with its
-revision's ``src`` first on ``PYTHONPATH``, so that both see the same machine state. Every table row the benchmarks
-print (``| label | number | ... |``) is matched by its label and column; the figure reported per cell is the median
-over the pairs of new / old. Times (ms, s) are better lower, rates (samples/s) higher: the column header says which.
+unless ``--new`` names a revision), and each benchmark is run alternately old, new, old, new, ... (``--pairs`` times)
+with its revision's ``src`` first on ``PYTHONPATH``, so that both see the same machine state. Every table row the
+benchmarks print (``| label | number | ... |``) is matched by its label and column; the figure reported per cell is
+the median over the pairs of new / old. Times (ms, s) are better lower, rates (samples/s) higher: the column
+header says which.
 """
 
 from __future__ import annotations
