@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from prsgd.errors import user_error
+from prsgd.errors import exit_on_user_error
 from prsgd.experiments import demo, plot, results, runner
 from prsgd.experiments import theory_command as theory
 from prsgd.training import train
@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         given = repr(argv[0]) if argv else "no command"
         print(usage(), file=sys.stderr)
         sys.exit(f"prsgd: error: {given} is not a command; allowed: {', '.join(COMMANDS)}")
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except Exception as error:
-        message = user_error(error)
-        if message is None:
-            raise
-        sys.exit(f"prsgd {argv[0]}: error: {message}")
+    exit_on_user_error(f"prsgd {argv[0]}", lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -99,3 +100,15 @@ def user_error(error: BaseException) -> str | None:
     if isinstance(error, RecursionError):
         return "input nested too deeply (a config or data file?)"
     return None
+
+
+def exit_on_user_error(prog: str, work: Callable[[], None]) -> None:
+    """Run ``work``; a user's failure (:func:`user_error`) ends the process with one line ``PROG: error: ...`` and
+    no traceback, any other failure propagates."""
+    try:
+        work()
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        sys.exit(f"{prog}: error: {message}")

@@ -16,12 +16,16 @@ stage only ask whether it is anchored:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from prsgd.algorithm.compression import CompressedRounds
 from prsgd.algorithm.contract import Communicator
 from prsgd.algorithm.rules import Field
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.round import RoundSpec
 
 
 class ExactExchange:
@@ -54,7 +58,8 @@ class MixingExchange(ExactExchange):
 Exchange = ExactExchange | CompressedRounds
 
 
-def make_exchange(mixes: bool, compression: str | None) -> Exchange:
-    if compression is not None:
-        return CompressedRounds(compression)
-    return MixingExchange() if mixes else ExactExchange()
+def make_exchange(spec: RoundSpec) -> Exchange:
+    """The exchange ``spec`` describes."""
+    if spec.compression is not None:
+        return CompressedRounds(spec.compression)
+    return MixingExchange() if spec.rule.mixes else ExactExchange()

@@ -16,12 +16,15 @@ moves to it; the velocity is kept).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from prsgd.errors import CheckpointError, InvalidArgument, check_number
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.round import RoundSpec
 
 
 def check_outer(outer_lr: float | None, outer_momentum: float | None) -> tuple[float, float] | None:
@@ -42,6 +45,11 @@ class OuterOptimizer:
     outer stage of a round; its state is saved under ``"outer"``."""
 
     key = "outer"
+
+    @classmethod
+    def from_spec(cls, spec: RoundSpec) -> OuterOptimizer | None:
+        """The outer step ``spec`` describes, or None without one."""
+        return cls(*spec.outer) if spec.outer is not None else None
 
     def __init__(self, lr: float, momentum: float) -> None:
         self.lr, self.momentum = lr, momentum

@@ -33,6 +33,7 @@ from prsgd.errors import CheckpointError, InvalidArgument, check_int
 if TYPE_CHECKING:
     from prsgd.algorithm.contract import Communicator
     from prsgd.algorithm.exchange import Exchange
+    from prsgd.algorithm.round import RoundSpec
 
 
 def check_overlap(overlap: bool | int, period: int) -> int:
@@ -56,6 +57,11 @@ class OverlappedRounds:
     overlap stage of a round; its state is saved under ``"overlap"``."""
 
     key = "overlap"
+
+    @classmethod
+    def from_spec(cls, spec: RoundSpec) -> OverlappedRounds | None:
+        """The overlap stage ``spec`` describes, or None when rounds are applied at once."""
+        return cls(spec.delay) if spec.delay else None
 
     def __init__(self, delay: int) -> None:
         self.delay = delay

@@ -64,10 +64,10 @@ class PeriodicSync:
             raise InvalidArgument(f"PeriodicSync takes a prsgd.RoundSpec, not {type(spec).__name__}")
         self.spec, self.rule, self.period = spec, spec.rule, spec.period
         self.local_rule = local_rule
-        self.schedule = make_schedule(spec.rule, spec.period, spec.inner_period)
-        self.exchange = make_exchange(spec.rule.mixes, spec.compression)
-        self.overlap = OverlappedRounds(spec.delay) if spec.delay else None
-        self.outer = OuterOptimizer(*spec.outer) if spec.outer is not None else None
+        self.schedule = make_schedule(spec)
+        self.exchange = make_exchange(spec)
+        self.overlap = OverlappedRounds.from_spec(spec)
+        self.outer = OuterOptimizer.from_spec(spec)
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
         self.steps_done = 0

@@ -7,7 +7,12 @@ step counter is :class:`prsgd.algorithm.periodic.PeriodicSync`'s.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prsgd.algorithm.rules import Scope, SyncRule
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.round import RoundSpec
 
 
 class FlatSchedule:
@@ -38,5 +43,8 @@ class HierarchicalSchedule(FlatSchedule):
         return super().round_after(step_number) or ("node" if step_number % self.inner_period == 0 else None)
 
 
-def make_schedule(rule: SyncRule, period: int, inner_period: int | None) -> FlatSchedule:
-    return FlatSchedule(rule, period) if inner_period is None else HierarchicalSchedule(rule, period, inner_period)
+def make_schedule(spec: RoundSpec) -> FlatSchedule:
+    """The schedule ``spec`` describes."""
+    if spec.inner_period is None:
+        return FlatSchedule(spec.rule, spec.period)
+    return HierarchicalSchedule(spec.rule, spec.period, spec.inner_period)

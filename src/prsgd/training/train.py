@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from prsgd.algorithm.theory import recommended_lr, recommended_period
 from prsgd.data import WorkerSampler, label_distribution, load_dataset, partition
 from prsgd.engines.torchrun import Torchrun
-from prsgd.errors import NonFiniteError, PrsgdError, user_error
+from prsgd.errors import NonFiniteError, PrsgdError, exit_on_user_error
 from prsgd.models import build_model
 from prsgd.training import checkpoint, command
 from prsgd.training.config import ConfigError, RunConfig
@@ -336,17 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
         args.workers = os.environ["WORLD_SIZE"]
-    try:
+
+    def train() -> None:
         config = from_flat_arguments(args)
         times: dict[str, float] = {}
         records = run(config, times=times)
         if int(os.environ.get("RANK", "0")) == 0 or config.engine != "distributed":
             print(summary_line(records[-1], config, times["evaluation"]))
-    except Exception as error:
-        message = user_error(error)
-        if message is None:
-            raise
-        sys.exit(f"prsgd train: error: {message}")
+
+    exit_on_user_error("prsgd train", train)
 
 
 if __name__ == "__main__":
