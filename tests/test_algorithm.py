@@ -110,3 +110,24 @@ def test_simulator_loads_a_checkpoint_written_before_the_common_format():
     assert again.state_dict()["prsgd"] == state["prsgd"]
     for name, p in again.params().items():
         assert torch.equal(p, state["params"][name])
+
+
+def test_simulator_loads_a_checkpoint_written_before_state_was_kept_by_name():
+    """States saved before architecture v2 hold momentum under "momentum"; they resume bit-identically."""
+    sim = prsgd.Simulator(mlp(), num_workers=2, lr=0.1, momentum=0.9, period=2)
+    data = batches(2, 5)
+    for x, y in data[:3]:
+        sim.step(x, y, F.cross_entropy)
+    state = sim.state_dict()
+    old = {k: v for k, v in state.items() if k != "state"} | {"momentum": state["state"]["momentum_buffer"]}
+    again = prsgd.Simulator(mlp(seed=3), num_workers=2, lr=0.1, momentum=0.9, period=2)
+    again.load_state_dict(old)
+    for x, y in data[3:]:
+        sim.step(x, y, F.cross_entropy)
+        again.step(x, y, F.cross_entropy)
+    for name, p in again.params().items():
+        assert torch.equal(p, sim.params()[name])
+    with pytest.raises(
+        prsgd.CheckpointError, match=r"keeps optimizer state \['momentum_buffer'\]; this simulator keeps \[\]"
+    ):
+        prsgd.Simulator(mlp(), num_workers=2, lr=0.1, period=2).load_state_dict(old)
