@@ -5,9 +5,9 @@
 Each revision's own ``benchmarks/`` and ``src/`` are taken from git (``git archive``; the new side is the working tree
 unless ``--new`` names a revision), and each benchmark is run alternately old, new, old, new, ... (``--pairs`` times)
 with its revision's ``src`` first on ``PYTHONPATH``, so that both see the same machine state. Every table row the
-benchmarks print (``| label | number | ... |``) is matched by its label and column; the figure reported per cell is
-the median over the pairs of new / old. Times (ms, s) are better lower, rates (samples/s) higher: the column
-header says which.
+benchmarks print (``| label | number | ... |``) is matched by its first two cells and its column; the figure
+reported per cell is the median over the pairs of new / old. Times (ms, s) are better lower, rates (samples/s)
+higher: the column header says which.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ def cells(output: str) -> dict[tuple[str, str], float]:
         if not header:
             header = parts
             continue
-        for column, value in zip(header[1:], parts[1:], strict=False):
+        label = " ".join(
+            f"{h}={v}" if re.fullmatch(r"[0-9.]+", v) else v for h, v in zip(header[:2], parts[:2], strict=False)
+        )
+        for column, value in zip(header[2:], parts[2:], strict=False):
             number = re.fullmatch(r"([0-9.]+)x?", value.replace(",", ""))
             if number:
-                found[(parts[0], column)] = float(number.group(1))
+                found[(label, column)] = float(number.group(1))
     return found
 
 

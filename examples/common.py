@@ -30,7 +30,30 @@ def options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     parser.add_argument("--lr-step", type=int, default=0, help="halve the lr every this many steps (0: constant)")
     parser.add_argument("--out", default="", help="folder for each rank's final state (rank-R.pt)")
+    parser.add_argument(
+        "--round",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a round option of prsgd.RoundSpec (compression=int8, overlap=2, outer_lr=0.7, ...); repeatable",
+    )
     return parser
+
+
+def round_options(items: list[str]) -> dict[str, object]:
+    """``["compression=int8", "overlap=2"]`` -> ``{"compression": "int8", "overlap": 2}`` (numbers as numbers)."""
+    options: dict[str, object] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for kind in (int, float):
+            try:
+                options[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return options
 
 
 def digits(train_size: int = 0) -> tuple[TensorDataset, TensorDataset]:

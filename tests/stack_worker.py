@@ -65,6 +65,16 @@ def ddp_guards(rank: int, world_size: int, steps: int) -> dict:
     F.cross_entropy(model(x), y).backward()
     opt.step()
     out["steps_done_after"] = opt.steps_done
+    # wrapped after training started (3 steps, a round after the second): refused at the first forward through DDP,
+    # before its backward would all-reduce gradients on top of LocalSGD's rounds
+    model = mlp()
+    opt = prsgd.LocalSGD(model, 0.1, momentum=0.9, period=2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    wrapped = DDP(model)
+    out["wrapped_after_three_steps"] = _error(lambda: wrapped(x))
     return out
 
 

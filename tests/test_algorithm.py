@@ -131,3 +131,24 @@ def test_simulator_loads_a_checkpoint_written_before_state_was_kept_by_name():
         prsgd.CheckpointError, match=r"keeps optimizer state \['momentum_buffer'\]; this simulator keeps \[\]"
     ):
         prsgd.Simulator(mlp(), num_workers=2, lr=0.1, period=2).load_state_dict(old)
+
+
+def test_a_simulator_state_keeps_every_hyperparameter_a_scheduler_may_change_and_when_it_last_synchronized():
+    sim = prsgd.Simulator(mlp(), num_workers=2, lr=0.1, momentum=0.9, period=4)
+    for x, y in batches(2, 3):
+        sim.step(x, y, F.cross_entropy)
+    sim.param_groups[0].update(lr=0.02, momentum=0.5, weight_decay=1e-4)  # what a scheduler may do
+    sim.synchronize()  # mid-period: every worker equal now
+    again = prsgd.Simulator(mlp(seed=3), num_workers=2, lr=0.1, momentum=0.9, period=4)
+    again.load_state_dict(sim.state_dict())
+    group = again.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.02, 0.5, 1e-4)
+    assert again.synchronized_at == 3 and again.in_consensus
+
+
+def test_the_command_line_says_none_for_no_compression():
+    from prsgd.training.config import ConfigError, RunConfig
+
+    assert RunConfig().with_overrides({"compression": "none"}).algorithm.round_spec().compression is None
+    with pytest.raises(ConfigError, match=r"compression='int3' is not known; allowed: none, bf16, fp16, int8"):
+        RunConfig().with_overrides({"compression": "int3"})

@@ -209,3 +209,35 @@ def test_prsgd_train_with_compression_sends_half_the_bytes_and_resumes(tmp_path)
     per_round = exact["comm_bytes"] // exact["comm_rounds"]
     assert resumed["comm_bytes"] == straight["comm_bytes"] == straight["comm_rounds"] * per_round // 2
     assert resumed["train_loss"] == straight["train_loss"] and resumed["test_loss"] == straight["test_loss"]
+
+
+@pytest.mark.parametrize("from_consensus", [False, True])
+def test_local_sgd_resumes_compressed_rounds_the_same_whichever_is_loaded_first(from_consensus):
+    """The compressed rounds' anchor restarts from the loaded values at the next forward pass, so loading the
+    optimizer before the model (from_consensus, or a state saved without compression) is no different."""
+    data = batches(1, 8)
+
+    def train(model, opt, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            F.cross_entropy(model(x[0]), y[0]).backward()
+            opt.step()
+
+    model = mlp(batchnorm=True)
+    opt = prsgd.LocalSGD(model, 0.1, momentum=0.9, period=2, compression="bf16")
+    train(model, opt, data[:4])  # a round after step 4: in consensus
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    if not from_consensus:
+        saved_opt["prsgd"].pop("compression")  # a state of a run without compression: the rounds start afresh
+    finals = []
+    for model_first in (True, False):
+        model = mlp(seed=7, batchnorm=True)  # other values until loaded
+        opt = prsgd.LocalSGD(model, 0.1, momentum=0.9, period=2, compression="bf16")
+        if model_first:
+            model.load_state_dict(saved_model)
+        opt.load_state_dict(saved_opt, from_consensus=from_consensus)
+        if not model_first:
+            model.load_state_dict(saved_model)
+        train(model, opt, data[4:])
+        finals.append([t.detach().clone() for t in (*model.parameters(), *model.buffers())])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))

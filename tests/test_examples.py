@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_lightning_strategy_equals_the_own_loop_and_resumes_mid_period_bit_ident
         return
     lightning("--epochs", "1", *common, "--checkpoints", str(tmp_path / "ckpt"))  # saved at step 6, mid-period
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    workers = checkpoint["prsgd_workers"][0]
+    workers = checkpoint["prsgd_workers"][0]["flat"]
     assert workers.shape[0] == 2 and not torch.equal(workers[0], workers[1])  # ranks differ there
     lightning("--epochs", "2", *common, "--resume", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "r"))
     assert_same_run(states(tmp_path / "lightning"), states(tmp_path / "r"))
@@ -96,3 +97,43 @@ def test_accelerate_recipe_equals_an_own_loop_on_the_same_batches(tmp_path):
     mp.spawn(run, args=(2, free_port(), str(tmp_path), "accelerate_reference", 0), nprocs=2, join=True)
     reference = [torch.load(tmp_path / f"accelerate_reference_rank{r}.pt") for r in range(2)]
     assert_same_run(reference, states(tmp_path / "accelerate"))
+
+
+ROUND_CASES = {
+    "int8-outer": ["--round", "compression=int8", "--round", "outer_lr=0.7", "--round", "outer_momentum=0.9"],
+    "bf16-overlap": ["--round", "compression=bf16", "--round", "overlap=3"],
+    "hierarchical": ["--round", "inner_period=2", "--round", "nodes=1"],
+}
+"""Every round stage, in three cases: compressed rounds with the outer step; an overlapped compressed round (the one
+started at step 4 is due at step 7, so it is in flight at the checkpoint of step 6); inner rounds."""
+
+
+@pytest.mark.parametrize("case", list(ROUND_CASES))
+def test_lightning_resumes_mid_period_bit_identically_with_every_round_option(tmp_path, case):
+    common = [*SMALL, "--precision", "bf16", *ROUND_CASES[case]]
+    lightning("--epochs", "2", *common, "--out", str(tmp_path / "whole"))
+    lightning("--epochs", "1", *common, "--checkpoints", str(tmp_path / "ckpt"))  # saved at step 6, mid-period
+    lightning("--epochs", "2", *common, "--resume", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "r"))
+    assert_same_run(states(tmp_path / "whole"), states(tmp_path / "r"))
+
+
+def test_lightning_checkpoint_saved_on_rank_0_alone_fails_in_seconds_saying_why(tmp_path):
+    command = [sys.executable, str(Path(__file__).parent / "lightning_rank0_save.py"), str(tmp_path / "x.ckpt")]
+    started = time.monotonic()
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and time.monotonic() - started < 90  # not the process group's timeout (120 s)
+    assert "every rank must call it" in done.stderr and "not under `if trainer.is_global_zero`" in done.stderr
+    assert not (tmp_path / "x.ckpt").exists()
+
+
+@pytest.mark.parametrize("case", ["exact", "int8-outer", "bf16-overlap"])
+def test_accelerate_save_state_and_load_state_resume_every_rank_bit_identically(tmp_path, case):
+    a = ACCELERATE_RUN
+    args = ["--train-size", str(a["train_size"]), "--batch-size", str(a["batch_size"]), "--period", str(a["period"])]
+    args += ["--clip", str(a["clip"]), "--epochs", "2", "--precision", "bf16", *ROUND_CASES.get(case, [])]
+    torchrun("accelerate_train.py", *args, "--checkpoints", str(tmp_path / "ckpt"), "--out", str(tmp_path / "whole"))
+    resume = str(tmp_path / "ckpt" / "epoch-1")  # end of epoch 1: step 6, mid-period
+    torchrun("accelerate_train.py", *args, "--resume", resume, "--out", str(tmp_path / "r"))
+    whole, resumed = states(tmp_path / "whole"), states(tmp_path / "r")
+    assert not torch.equal(whole[0]["params"]["0.weight"], whole[1]["params"]["0.weight"])  # the ranks differ
+    assert_same_run(whole, resumed)

@@ -3,6 +3,7 @@ train silently wrong raises or warns, naming what was found and what to do."""
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import pytest
@@ -116,12 +117,16 @@ def test_lr_is_positional_like_torch_sgd_and_repr_shows_the_algorithm():
     assert "topology='ring" in repr(ring)
 
 
-def test_the_first_forward_check_is_removed_at_the_first_step_or_with_the_optimizer():
+def test_the_forward_check_lives_as_long_as_the_optimizer():
+    """It stays after the first step (a model wrapped in DDP later is still refused) and goes with the optimizer."""
     before = global_hooks()
     model = mlp()
     opt = prsgd.LocalSGD(model, 0.1)
     assert global_hooks() == before + 1
     one_step(model, opt)
+    assert global_hooks() == before + 1
+    del opt
+    gc.collect()
     assert global_hooks() == before
     prsgd.LocalSGD(mlp(), 0.1)  # never stepped, dropped at once
     assert global_hooks() == before

@@ -27,6 +27,7 @@ def test_ddp_wrapping_before_or_after_local_sgd_is_refused(tmp_path):
         for message in (out["ddp_then_local_sgd"], out["local_sgd_then_ddp"]):
             assert "give it the plain module" in message and "LocalSGDStrategy" in message
         assert out["steps_done_after"] == 1
+        assert "wrapped in DistributedDataParallel and runs through it" in out["wrapped_after_three_steps"]
 
 
 def test_gradient_averaging_equals_ddp_and_averages_batchnorm_statistics(tmp_path):

@@ -160,6 +160,10 @@ class CompressedRounds:
         self.residual = [torch.zeros_like(t) for t in tensors]
         self.mean_residual = None
 
+    def forget(self) -> None:
+        """Start again: the next :meth:`restart` takes the anchor (:attr:`needs_start` until then)."""
+        self.anchor, self.residual, self.mean_residual = [], [], None
+
     def rebase(self, tensors: Sequence[Tensor]) -> None:
         """Take ``tensors`` (in consensus: after a round that an outer step changed) as the anchor; what is unsent
         stays unsent."""

@@ -56,6 +56,10 @@ class OuterOptimizer:
         self.anchor: list[Tensor] = []
         self.velocity: list[Tensor] = []
 
+    def forget(self) -> None:
+        """Start again: the next :meth:`rebase` takes the anchor, and the velocity starts at zero."""
+        self.anchor, self.velocity = [], []
+
     def rebase(self, params: Sequence[Tensor]) -> None:
         """Take ``params`` (in consensus) as the anchor; the velocity starts at zero the first time."""
         self.anchor = [p.detach().clone() for p in params]

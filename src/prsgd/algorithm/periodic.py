@@ -78,9 +78,14 @@ class PeriodicSync:
         compressed exchange's anchor and the outer step's. Engines call it once they hold x^0, before the first
         forward pass (which changes BatchNorm statistics per worker)."""
         self.engine = engine
-        if self.exchange.anchored:
+        self.take_x0()
+
+    def take_x0(self) -> None:
+        """The stages whose starting point is still to be taken (after :meth:`attach`, or after loading a state
+        that restarts them) take it from the engine's tensors as they are now, which must be in consensus."""
+        if self.exchange.needs_start:
             self.exchange.restart(self._round_tensors())
-        if self.outer is not None:
+        if self.outer is not None and not self.outer.anchor:
             self.outer.rebase(self.engine.elementwise(("params",)))
 
     @property
@@ -113,7 +118,7 @@ class PeriodicSync:
         """
         apply_update = not found_inf
         if self.exchange.needs_start or (self.outer is not None and not self.outer.anchor):
-            raise RuntimeError("PeriodicSync.step before attach(engine): the round's stages have no x^0")
+            raise RuntimeError("PeriodicSync.step before take_x0(): the round's stages have no starting point")
         if self.rule.averages_gradients:
             self.engine.average(("buffers", "grads"))
             if found_inf is not None:
@@ -222,14 +227,17 @@ class PeriodicSync:
             "bytes": self.comm.bytes,
             **{stage.key: stage.state_dict() for stage in reversed(self._stages())},
             **({"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes} if nodes else {}),
+            **({"synchronized_at": self.synchronized_at} if self.synchronized_at is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:
         """Restore :meth:`state_dict` output. The rule must be the same (the optimizer state means something else
         under another); the period may change (later rounds follow the new one). A state of another number of
         workers is refused unless ``from_consensus`` says it was taken in consensus (:attr:`in_consensus`); the step
-        counter is then rescaled so that the run continues at the same joint epoch (steps x workers kept). Call it
-        after the engine's tensors are loaded: the stages check their state against them."""
+        counter is then rescaled so that the run continues at the same joint epoch (steps x workers kept). Stages
+        without a saved state (or all, ``from_consensus``) restart from the loaded values: the engine calls
+        :meth:`take_x0` once its tensors hold them (before the next forward pass), whatever order the model and the
+        optimizer were loaded in."""
         if state.get("sync", self.rule.name) != self.rule.name:
             raise CheckpointError(
                 f"the state was saved with sync={state['sync']!r}; this run uses sync={self.rule.name!r}"
@@ -249,23 +257,21 @@ class PeriodicSync:
             )
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
         self.comm.node_rounds, self.comm.node_bytes = int(state.get("node_rounds", 0)), int(state.get("node_bytes", 0))
-        self.synchronized_at = None
+        synchronized = state.get("synchronized_at")  # a consensus state continued by other workers: at its step
+        self.synchronized_at = None if synchronized is None else rescaled_steps(int(synchronized), saved, workers)
+        # a consensus state continued by another number of workers starts afresh from its (common) values
         if self.outer is not None:
-            params = self.engine.elementwise(("params",))
             if "outer" in state and not from_consensus:
-                self.outer.load_state_dict(state["outer"], params)
+                self.outer.load_state_dict(state["outer"], self.engine.elementwise(("params",)))
             else:
-                self.outer.velocity = []
-                self.outer.rebase(params)
+                self.outer.forget()
         if self.overlap is not None:
             self.overlap.load_state_dict(state.get("overlap", {}), self._round_tensors(), self.exchange.averaged)
-        if not self.exchange.anchored:
-            return
-        # a consensus state continued by another number of workers starts afresh from its (common) values
-        if self.exchange.key in state and not from_consensus:
-            self.exchange.load_state_dict(state[self.exchange.key], self._round_tensors())
-        else:
-            self.exchange.restart(self._round_tensors())
+        if self.exchange.anchored:
+            if self.exchange.key in state and not from_consensus:
+                self.exchange.load_state_dict(state[self.exchange.key], self._round_tensors())
+            else:
+                self.exchange.forget()
 
 
 class FollowsAlgorithm:

@@ -38,8 +38,9 @@ class RoundOption:
     choices: tuple[str, ...] | None = None
 
     def from_config(self, value: Any) -> Any:
-        """The spec's value for a config file's ``value``: the spec's default (off) for the config's off value."""
-        return _DEFAULTS[self.name] if value == self.off else value
+        """The spec's value for a config file's ``value``: the spec's default (off) for the config's off value, and for
+        ``"none"`` where the option names its values (``--compression none``)."""
+        return _DEFAULTS[self.name] if value == self.off or (self.choices and value == "none") else value
 
 
 ROUND_OPTIONS: tuple[RoundOption, ...] = (

@@ -8,6 +8,7 @@ one member) every operation does nothing, so the same code runs in a single proc
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -245,6 +246,34 @@ def gather_to_first(tensor: Tensor) -> Tensor | None:
     rows = [torch.empty_like(tensor) for _ in range(world)] if group_rank() == 0 else None
     dist.gather(tensor, rows, dst=0)
     return torch.stack(rows).cpu() if rows is not None else None
+
+
+def gather_objects_to_first(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable) in rank order on rank 0 (None on the other ranks); ``[obj]`` without a
+    process group."""
+    if group_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * group_size() if group_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gloo_side_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank apart from the default one (for barriers that must never interleave with
+    training's collectives, whatever its backend); None with one rank. Every rank must call it at the same point."""
+    return dist.new_group(backend="gloo") if group_size() > 1 else None
+
+
+def all_ranks_arrive(group: dist.ProcessGroup | None, seconds: float) -> None:
+    """Return once every rank of ``group`` (a gloo group) has called this too; :class:`TimeoutError` naming the
+    ranks that did not come within ``seconds``."""
+    if group is None or group_size(group) == 1:
+        return
+    try:
+        dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise TimeoutError(f"not every rank arrived within {seconds:g} s ({first})") from None
 
 
 def broadcast_object(obj: Any) -> Any:

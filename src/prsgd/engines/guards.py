@@ -5,8 +5,9 @@ check here turns a way of breaking that, which would otherwise train on without 
 :class:`prsgd.InvalidArgument` raised before a step trains on it:
 
 - a torchrun-style environment (``WORLD_SIZE > 1``) with no process group: every rank would train alone;
-- a model wrapped in ``DistributedDataParallel`` or FSDP, before or after LocalSGD was built: DDP would average
-  gradients every step on top of LocalSGD's rounds (or silently stop), and broadcast rank 0's buffers;
+- a model wrapped in ``DistributedDataParallel`` or FSDP, before or after LocalSGD was built, before or after
+  training started: DDP would average gradients every step on top of LocalSGD's rounds (or silently stop), and
+  broadcast rank 0's buffers;
 - parameters or buffers moved out of the flat storage after construction (``model.to(device)``, ``.half()``, a
   wrapper that re-allocates them): rounds would average stale copies.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -88,29 +89,43 @@ class StoragePlacement:
         )
 
 
-class FirstForwardCheck:
-    """A global forward pre-hook, from construction until the first ``step()``, that looks at the modules that
-    run on LocalSGD's parameters: a DDP/FSDP wrapper among them is refused, and float buffers LocalSGD cannot see
-    (the parameters were passed without ``model=``) are warned about once."""
+class ForwardCheck:
+    """A global forward pre-hook for LocalSGD's lifetime, on the modules that run on its parameters.
+
+    Until the first ``step()`` it looks at each such module once: a DDP/FSDP wrapper among them is refused, and float
+    buffers LocalSGD cannot see (the parameters were passed without ``model=``) are warned about once. Afterwards
+    (:meth:`settle`) it only asks whether a module is a wrapper (one ``isinstance`` per module call), so a model wrapped
+    in DDP after training started is refused at its first forward through the wrapper, before DDP's backward would
+    all-reduce gradients on top of LocalSGD's rounds. :meth:`before_next_forward` runs a function at the next
+    forward over LocalSGD's parameters (a resumed run's round stages take their x^0 there, whatever order the model
+    and the optimizer were loaded in)."""
 
     def __init__(self, params: Sequence[Tensor], buffers: Sequence[Tensor], warn_buffers: bool) -> None:
         self.param_ids = {id(p) for p in params}
         self.buffer_ids = {id(b) for b in buffers}
         self.warn_buffers = warn_buffers
         self.seen: set[int] = set()
+        self.settled = False
+        self.pending: list[Callable[[], None]] = []
         self.handle = nn.modules.module.register_module_forward_pre_hook(self)
 
+    def _ours(self, module: nn.Module) -> bool:
+        return any(id(p) in self.param_ids for p in module.parameters())
+
     def __call__(self, module: nn.Module, args: object) -> None:
+        if self.pending and self._ours(module):
+            self.run_pending()
+        if self.settled:
+            if isinstance(module, WRAPPERS) and self._ours(module):
+                self._refuse(module)
+            return
         if id(module) in self.seen:
             return
         self.seen.add(id(module))
-        if not any(id(p) in self.param_ids for p in module.parameters()):
+        if not self._ours(module):
             return
         if isinstance(module, WRAPPERS):
-            self.close()
-            raise InvalidArgument(
-                f"the model was wrapped in {type(module).__name__} and runs through it; {_HOW_TO_WRAP}"
-            )
+            self._refuse(module)
         if self.warn_buffers:
             unseen = [
                 name for name, b in module.named_buffers() if b.is_floating_point() and id(b) not in self.buffer_ids
@@ -123,6 +138,22 @@ class FirstForwardCheck:
                     "Pass the model itself, or LocalSGD(param_groups, lr, model=model)",
                     stacklevel=3,
                 )
+
+    def _refuse(self, module: nn.Module) -> None:
+        raise InvalidArgument(f"the model was wrapped in {type(module).__name__} and runs through it; {_HOW_TO_WRAP}")
+
+    def settle(self) -> None:
+        """From now on only wrappers are looked for (after the first step)."""
+        self.settled = True
+        self.seen.clear()
+
+    def before_next_forward(self, work: Callable[[], None]) -> None:
+        self.pending.append(work)
+
+    def run_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        for work in pending:
+            work()
 
     def close(self) -> None:
         if self.handle is not None:

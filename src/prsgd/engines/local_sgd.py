@@ -28,7 +28,7 @@ from prsgd.engines.distributed import (
     same_ranks_group,
 )
 from prsgd.engines.flat_storage import FlatStorage
-from prsgd.engines.guards import FirstForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
+from prsgd.engines.guards import ForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool
 
 
@@ -171,8 +171,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                     broadcast_from_first(t.data, process_group)
         self.algorithm.attach(self.engine)  # x^0, the same on every rank
         self._placement = StoragePlacement(self.storage, [*all_params, *model_buffers])
-        self._first_forward = FirstForwardCheck(all_params, model_buffers, warn_buffers=model is None)
-        weakref.finalize(self, self._first_forward.close)  # an optimizer dropped before its first step
+        self._forward_check = ForwardCheck(all_params, model_buffers, warn_buffers=model is None)
+        weakref.finalize(self, self._forward_check.close)  # the hook goes with the optimizer
+        self._last_step_applied = True
         self._built = True
 
     def __repr__(self) -> str:
@@ -197,20 +198,52 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
 
     def worker_state(self) -> Tensor:
         """Everything this worker trains with, as one 1-D tensor (a view of its flat storage, not a copy):
-        parameters, float buffers, gradient copies and optimizer state. Between rounds it differs per worker; a
-        framework that checkpoints one rank's view gathers it from every rank (:mod:`prsgd.integrations.lightning`).
-        The round stages' own state (compression, overlap, outer step) is in :meth:`state_dict`."""
+        parameters, float buffers, gradient copies and optimizer state. Between rounds it differs per worker, and so
+        does :meth:`round_state`: a framework that checkpoints one rank's view saves both of every rank
+        (:mod:`prsgd.integrations.lightning`, :mod:`prsgd.integrations.accelerate`)."""
         return self.storage.flat
 
+    def round_state(self) -> dict[str, Any]:
+        """This worker's algorithm state: counters and the round stages' state (compression's anchor and residuals,
+        an overlapped round in flight, the outer step's), as ``state_dict()["prsgd"]``."""
+        self._forward_check.run_pending()
+        return self.algorithm.state_dict()
+
     @torch.no_grad()
-    def load_worker_state(self, values: Tensor) -> None:
-        """Copy ``values`` (a :meth:`worker_state` of the same model) into this worker's flat storage."""
+    def load_worker_state(
+        self,
+        values: Tensor,
+        round_state: dict[str, Any] | None = None,
+        *,
+        from_consensus: bool = False,
+        defer: bool = False,
+    ) -> None:
+        """Restore a :meth:`worker_state` (and :meth:`round_state`) of the same model saved by this worker (or, with
+        ``from_consensus``, by any worker of a run in consensus). ``defer``: apply them at the next forward pass (or
+        step, :meth:`synchronize`, :meth:`state_dict`) instead of now, after whatever a framework restores in between
+        (accelerate restores a registered model after its load hooks run)."""
         flat = self.storage.flat
         if values.dim() != 1 or values.numel() != flat.numel():
             raise CheckpointError(
                 f"the saved LocalSGD state has {values.numel()} values per worker; this model has {flat.numel()}"
             )
-        flat.copy_(values)
+
+        def apply() -> None:
+            flat.copy_(values)
+            if round_state is not None:
+                self.algorithm.load_state_dict(round_state, from_consensus=from_consensus)
+                self.algorithm.take_x0()
+
+        if defer:
+            self._forward_check.before_next_forward(apply)
+        else:
+            apply()
+
+    @property
+    def last_step_applied(self) -> bool:
+        """Whether the last :meth:`step` applied its update (False when a GradScaler found inf/NaN gradients: the step
+        still counted towards the period)."""
+        return self._last_step_applied
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_built", False):
@@ -227,7 +260,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._first_forward.close()
+        self._forward_check.settle()
+        self._forward_check.run_pending()  # no forward since a load: the tensors hold what was loaded
         if self.steps_done == 0 or self.algorithm.communicates_next_step:
             self._placement.check()
         grad_scale = getattr(self, "grad_scale", None)
@@ -260,7 +294,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         if self.check_finite and found_inf is None:
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
             self._raise_if_nonfinite("gradient", gradients, self.steps_done)
-        self.algorithm.step(groups, found_inf=found_inf)
+        self._last_step_applied = self.algorithm.step(groups, found_inf=found_inf)
         if self.check_finite:
             self._raise_if_nonfinite("parameter, buffer or momentum", [self.storage.flat], self.steps_done - 1)
         return loss
@@ -274,6 +308,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         rule's own rounds do. Counted in ``comm``; the schedule of later rounds is unchanged. Every worker must
         call it at the same point (it is a collective)."""
         self._placement.check()
+        self._forward_check.run_pending()
         self.algorithm.synchronize()
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
@@ -285,6 +320,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Like ``Optimizer.state_dict`` plus prsgd's counters; momentum buffers are copied out of flat storage."""
+        self._forward_check.run_pending()  # a state loaded and saved again with no step between
         base = super().state_dict()
         base["state"] = {
             k: {name: v.clone() if isinstance(v, Tensor) else v for name, v in s.items()}
@@ -299,7 +335,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         ``from_consensus=True`` accepts a state saved by another number of workers while they were in consensus
         (:attr:`in_consensus`): the step counter is rescaled to keep the joint epoch (see
         :meth:`prsgd.algorithm.PeriodicSync.load_state_dict`). With ``compression``, compressed rounds then start
-        afresh from the current parameters: load the model's state first."""
+        afresh from the loaded values at the next forward pass, so the model's state may be loaded before or after."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
         names = self.algorithm.local_rule.STATE
@@ -313,6 +349,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 self.state[p][name] = view
         if counters is not None:
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
+            # stages that restart take x^0 at the next forward (or step), after the model's state is loaded too
+            self._forward_check.before_next_forward(self.algorithm.take_x0)
 
 
 def torchrun_nodes() -> int:

@@ -240,6 +240,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
             "buffers": self.buffers(),
             "state": {n: {name: s.clone() for name, s in by_param.items()} for n, by_param in self._state.items()},
             "lr": self.param_groups[0]["lr"],
+            "hyperparameters": self.hyper.as_kwargs(),  # what a scheduler may have changed: momentum too
             "prsgd": self.algorithm.state_dict(),
         }
 
@@ -267,13 +268,18 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
                 t.copy_(theirs[name][:1].expand_as(t) if from_consensus else theirs[name])
         algorithm = state["prsgd"] if "prsgd" in state else _older_algorithm_state(state)
         self.algorithm.load_state_dict(algorithm, from_consensus=from_consensus)
-        self.set_lr(float(state["lr"]))
+        self.algorithm.take_x0()  # every tensor is loaded
+        hyper = state.get("hyperparameters", {"lr": float(state["lr"])})  # older states: the learning rate only
+        self._set_hyperparameters(**hyper)
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate gamma for the following steps (what a ``torch.optim.lr_scheduler`` does through
         ``param_groups``)."""
-        dataclasses.replace(self.hyper, lr=lr)  # checked now
-        self.param_groups[0]["lr"] = lr
+        self._set_hyperparameters(lr=lr)
+
+    def _set_hyperparameters(self, **changes: float | bool) -> None:
+        dataclasses.replace(self.hyper, **changes)  # checked now
+        self.param_groups[0].update(changes)
 
     def params(self) -> dict[str, Tensor]:
         """Every worker's parameters: name -> ``(N, ...)`` tensor (a copy)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
+import hmac
 import ipaddress
 import os
 import secrets
@@ -38,6 +40,24 @@ from prsgd.engines.distributed import (
     is_initialized,
 )
 from prsgd.errors import InvalidArgument, PrsgdError, WorkerFailure
+
+
+def rendezvous_store(address: str, port: int, rank: int, timeout: datetime.timedelta) -> Any:
+    """The run's rendezvous store without torchrun's agent: rank 0 hosts a ``TCPStore`` listening on ``address``
+    (MASTER_ADDR) alone, not on every interface as ``init_process_group``'s own store does; the others connect."""
+    if rank != 0:
+        return dist.TCPStore(address, port, is_master=False, timeout=timeout)
+    family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(where)
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    # the store's server takes the socket over (detach: Python never closes it under the server)
+    return dist.TCPStore(address, port, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def torchrun_attempt() -> int:
@@ -154,14 +174,17 @@ class Torchrun:
                     attempt = generation(agent, rank, run_id)
                     store = dist.PrefixStore(f"prsgd/{run_id}/attempt_{attempt}", agent)
                     init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
-                else:  # a store of this attempt's own (rank 0 hosts it): nothing stale to avoid
-                    init_process_group(backend, timeout=wait)
+                else:  # a store of this attempt's own (rank 0 hosts it, on MASTER_ADDR only): nothing stale
+                    store = rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, wait)
+                    init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
             # whether to resume, decided by all: any rank that knows of an earlier attempt makes it a restart
             flag = torch.tensor([float(attempt > 1)], device=local if backend == "nccl" else "cpu")
             restarted = bool(all_reduce_sum_(flag).item() > 0)
             # the heartbeat's keys live under a prefix only the group knows: the store lists no keys, so a process
             # that can reach it cannot read or plant them without guessing 64 random bits
-            token = broadcast_object(secrets.token_hex(8) if group_rank() == 0 else None)
+            token, key = broadcast_object(
+                (secrets.token_hex(8), secrets.token_bytes(32)) if group_rank() == 0 else None
+            )
         except (RuntimeError, TimeoutError, ValueError) as error:
             if is_initialized():
                 with contextlib.suppress(Exception):
@@ -170,7 +193,9 @@ class Torchrun:
             raise WorkerFailure(
                 f"rank {rank} of {world} could not join the process group: {setup_hint(error)} (cause: {cause})"
             ) from None
-        heartbeat = Heartbeat(timeout, group_rank(), group_size(), f"{attempt}/{token}") if group_size() > 1 else None
+        heartbeat = (
+            Heartbeat(timeout, group_rank(), group_size(), f"{attempt}/{token}", key) if group_size() > 1 else None
+        )
         return cls(local, heartbeat, attempt, restarted)
 
     def explain_failure(self, error: BaseException, doing: str) -> PrsgdError:
@@ -230,7 +255,8 @@ class Heartbeat:
     interpreter shuts down aborts the process; one that stays blocked (a store that no longer answers: the client
     has no read timeout) ends with it."""
 
-    def __init__(self, timeout: float, rank: int, world_size: int, attempt: str = "1") -> None:
+    def __init__(self, timeout: float, rank: int, world_size: int, attempt: str = "1", key: bytes = b"") -> None:
+        self.key = key
         self.interval = min(5.0, max(0.1, timeout / 20))
         self.rank, self.world_size = rank, world_size
         self.prefix = f"prsgd/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}"
@@ -255,7 +281,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         self._beats += 1
-        self._beat_store.set(f"{self.prefix}/beat/{self.rank}", str(self._beats))
+        self._beat_store.set(*self._signed("beat", str(self._beats)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -264,15 +290,28 @@ class Heartbeat:
             except Exception:  # the store is gone: the failure is reported by the collective that notices it
                 return
 
+    def _signed(self, kind: str, value: str, rank: int | None = None) -> tuple[str, str]:
+        """The store key of this rank's ``kind`` and ``value`` signed with the run's secret key (HMAC-SHA256 of the
+        key and the value): a process that reaches the store but is not a rank of this run cannot forge it."""
+        key = f"{self.prefix}/{kind}/{self.rank if rank is None else rank}"
+        mac = hmac.new(self.key, f"{key}\n{value}".encode(), hashlib.sha256).hexdigest()
+        return key, f"{mac}:{value}"
+
     def _read(self, store: Any, kind: str) -> dict[int, str]:
-        keys = [f"{self.prefix}/{kind}/{r}" for r in range(self.world_size)]
-        return {r: store.get(k).decode() for r, k in enumerate(keys) if store.check([k])}
+        """Every rank's ``kind`` value whose signature holds; a value that does not verify is left out."""
+        found = {}
+        for rank in range(self.world_size):
+            key = f"{self.prefix}/{kind}/{rank}"
+            if store.check([key]):
+                mac, _, value = store.get(key).decode(errors="replace").partition(":")
+                if hmac.compare_digest(mac, self._signed(kind, value, rank)[1].partition(":")[0]):
+                    found[rank] = value
+        return found
 
     def say_stopping(self, reason: str) -> None:
         """Tell the other ranks why this one stops (best effort, at most ``2 interval + 1`` seconds)."""
-        key = f"{self.prefix}/stopped/{self.rank}"
         with contextlib.suppress(Exception):
-            say = functools.partial(self._ask_store.set, key, reason[:500])
+            say = functools.partial(self._ask_store.set, *self._signed("stopped", reason[:500]))
             within(2 * self.interval + 1.0, say, "heartbeat-say", self._helpers)
 
     def unresponsive(self) -> tuple[list[int], dict[int, str]]:

@@ -14,12 +14,15 @@ Mixed precision: Lightning refuses gradient clipping for an optimizer that unsca
 does, so that a step GradScaler skips still counts towards the period on every rank); this strategy's precision
 plugin always calls ``scaler.unscale_`` before clipping and ``scaler.step``, which LocalSGD accepts.
 
-Checkpoints: between rounds every rank holds different parameters, buffers and momentum, while Lightning writes
-rank 0's model and optimizer only. ``save_checkpoint`` gathers every rank's flat storage (parameters, float
-buffers, momentum: one ``gather`` per optimizer) and every rank's GradScaler state into the file rank 0 writes;
-on resume each rank restores its own, so a run resumed from the middle of a period continues bit-identically.
-The file is about N times the model's size. Resuming with another number of ranks is refused unless all ranks were
-equal when it was saved (right after a full round).
+Checkpoints: between rounds every rank holds different parameters, buffers, momentum and round state (compressed
+rounds' residuals, an overlapped round in flight), while Lightning writes rank 0's model and optimizer only.
+``save_checkpoint`` gathers every rank's flat storage (parameters, float buffers, momentum: one ``gather`` per
+optimizer), every rank's round state and every rank's GradScaler state into the file rank 0 writes; on resume each
+rank restores its own, so a run resumed from the middle of a period continues bit-identically, whatever the round
+options. The file is about N times the model's size. Resuming with another number of ranks is refused unless all
+ranks were equal when it was saved (right after a full round). Saving needs every rank (Lightning's contract for
+``trainer.save_checkpoint``): a call on one rank alone (under ``if trainer.is_global_zero``) fails after
+``checkpoint_wait`` seconds with an error that says so, instead of hanging until the process group's timeout.
 
 Validation and testing run on each rank's own model; call ``optimizer.synchronize()`` first (e.g. in
 ``on_validation_epoch_start``) to evaluate the average, at the cost of one round. At the end of ``fit`` the
@@ -37,10 +40,18 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
 
-from prsgd.engines.distributed import all_gather_objects, gather_to_first, group_rank, group_size
+from prsgd.engines.distributed import (
+    all_gather_objects,
+    all_ranks_arrive,
+    gather_objects_to_first,
+    gather_to_first,
+    gloo_side_group,
+    group_rank,
+    group_size,
+)
 from prsgd.engines.guards import check_not_wrapped
 from prsgd.engines.local_sgd import LocalSGD
-from prsgd.errors import CheckpointError, InvalidArgument, check_bool
+from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_number
 
 _DDP_LAUNCH_OPTIONS = {
     "accelerator",
@@ -54,7 +65,8 @@ _DDP_LAUNCH_OPTIONS = {
 }
 
 WORKERS_KEY = "prsgd_workers"
-"""Checkpoint key: for each LocalSGD optimizer, every rank's flat storage as an (N, numel) tensor."""
+"""Checkpoint key: for each LocalSGD optimizer, ``{"flat": every rank's worker_state() as an (N, numel) tensor,
+"rounds": every rank's round_state()}``."""
 
 
 class LocalSGDStrategy(DDPStrategy):
@@ -62,6 +74,7 @@ class LocalSGDStrategy(DDPStrategy):
 
     Args:
         synchronize_at_end: one round of every LocalSGD when ``fit`` ends, so that all ranks hold the average.
+        checkpoint_wait: seconds a checkpoint waits for every rank to save too before it fails (see above).
         **kwargs: passed to :class:`lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``,
             ``timeout``, ``start_method``, ...); DDP-only options (comm hooks, model averaging, DDP kwargs) are
             refused.
@@ -69,7 +82,7 @@ class LocalSGDStrategy(DDPStrategy):
 
     strategy_name = "prsgd_local_sgd"
 
-    def __init__(self, synchronize_at_end: bool = True, **kwargs: Any) -> None:
+    def __init__(self, synchronize_at_end: bool = True, checkpoint_wait: float = 30.0, **kwargs: Any) -> None:
         refused = sorted(set(kwargs) - _DDP_LAUNCH_OPTIONS)
         if refused:
             raise InvalidArgument(
@@ -79,11 +92,15 @@ class LocalSGDStrategy(DDPStrategy):
             )
         super().__init__(**kwargs)
         self.synchronize_at_end = check_bool("synchronize_at_end", synchronize_at_end)
+        self.checkpoint_wait = check_number("checkpoint_wait", checkpoint_wait, positive=True)
+        self._checkpoint_group: Any = None
 
     def setup_distributed(self) -> None:
         import torch._dynamo  # noqa: F401  before the group exists: see prsgd.engines.distributed.init_process_group
 
         super().setup_distributed()
+        # a gloo group of its own for the checkpoint's "is every rank saving?" barrier, apart from training's
+        self._checkpoint_group = gloo_side_group()
 
     def setup(self, trainer: Any) -> None:
         if self._layer_sync is not None:
@@ -110,9 +127,23 @@ class LocalSGDStrategy(DDPStrategy):
     def _local_sgd(self) -> list[LocalSGD]:
         return [opt for opt in self.optimizers if isinstance(opt, LocalSGD)]
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The first part of a checkpoint Lightning asks for: every rank must be saving (see the class docstring)."""
+        try:
+            all_ranks_arrive(self._checkpoint_group, self.checkpoint_wait)
+        except TimeoutError as error:
+            raise CheckpointError(
+                f"trainer.save_checkpoint on rank {group_rank()}: {error}; with LocalSGDStrategy every rank must call "
+                "it (Lightning's contract; not under `if trainer.is_global_zero`): each rank's state goes into the file"
+            ) from None
+        return super().lightning_module_state_dict()
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank calls this (Lightning's contract): gather every rank's state, then rank 0 writes."""
-        workers = [gather_to_first(opt.worker_state()) for opt in self._local_sgd()]
+        workers = [
+            {"flat": gather_to_first(opt.worker_state()), "rounds": gather_objects_to_first(opt.round_state())}
+            for opt in self._local_sgd()
+        ]
         if self.is_global_zero and workers:
             checkpoint = {**checkpoint, WORKERS_KEY: workers}
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -126,7 +157,9 @@ class LocalSGDStrategy(DDPStrategy):
         if len(saved) != len(optimizers):
             raise CheckpointError(f"the checkpoint holds {len(saved)} LocalSGD states; this run has {len(optimizers)}")
         rank, world = group_rank(), group_size()
-        for opt, rows in zip(optimizers, saved, strict=True):
+        for opt, entry in zip(optimizers, saved, strict=True):
+            # (checkpoints written before the round state was saved per rank hold the rows alone)
+            rows, rounds = (entry["flat"], entry["rounds"]) if isinstance(entry, dict) else (entry, None)
             if rows.shape[1] != opt.worker_state().numel():
                 raise CheckpointError(
                     f"the checkpoint's LocalSGD state has {rows.shape[1]} values per worker; this model has "
@@ -137,7 +170,10 @@ class LocalSGDStrategy(DDPStrategy):
                     f"the checkpoint was saved by {rows.shape[0]} ranks whose states differ (mid-period); it can "
                     f"only be resumed with {rows.shape[0]} ranks, not {world}"
                 )
-            opt.load_worker_state(rows[rank if rows.shape[0] == world else 0])
+            mine = rank if rows.shape[0] == world else 0
+            opt.load_worker_state(
+                rows[mine], rounds[mine] if rounds is not None else None, from_consensus=rows.shape[0] != world
+            )
 
     def on_train_end(self) -> None:
         super().on_train_end()

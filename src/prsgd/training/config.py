@@ -94,8 +94,8 @@ class _LocalAndRule:
     def __post_init__(self) -> None:
         for o in ROUND_OPTIONS:
             value = getattr(self, o.name)
-            if o.choices is not None and value != o.off and value not in o.choices:
-                allowed = ", ".join(o.choices)
+            if o.choices is not None and value not in (o.off, "none", *o.choices):
+                allowed = ", ".join(("none", *o.choices))
                 raise ConfigError(f"algorithm.{o.name}={value!r} is not known; allowed: {allowed}")
         try:
             sync_rule(self.sync)
