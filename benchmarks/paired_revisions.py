@@ -53,27 +53,36 @@ def run(tree: Path, name: str, args: list[str]) -> str:
 
 
 def cells(output: str) -> dict[tuple[str, str], float]:
-    """(row label, column header) -> number, for every markdown table row of ``output``."""
+    """(row label, column header) -> number, for every markdown table row of ``output``. A row's label is its first
+    cell, or its first two cells (``mlp N=16``) where the first alone repeats within its table."""
     found: dict[tuple[str, str], float] = {}
-    header: list[str] = []
+    for header, rows in _tables(output):
+        firsts = [row[0] for row in rows]
+        wide = len(set(firsts)) < len(firsts)
+        for row in rows:
+            label = f"{row[0]} {header[1]}={row[1]}" if wide else row[0]
+            for column, value in zip(header[1 + wide :], row[1 + wide :], strict=False):
+                number = re.fullmatch(r"([0-9.]+)x?", value.replace(",", ""))
+                if number:
+                    found[(label, column)] = float(number.group(1))
+    return found
+
+
+def _tables(output: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table of ``output``: (header cells, rows of cells)."""
+    tables: list[tuple[list[str], list[list[str]]]] = []
+    inside = False
     for line in output.splitlines():
         if not line.startswith("|"):
-            header = []
+            inside = False
             continue
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
-        if set("".join(parts)) <= set("-: "):
-            continue
-        if not header:
-            header = parts
-            continue
-        label = " ".join(
-            f"{h}={v}" if re.fullmatch(r"[0-9.]+", v) else v for h, v in zip(header[:2], parts[:2], strict=False)
-        )
-        for column, value in zip(header[2:], parts[2:], strict=False):
-            number = re.fullmatch(r"([0-9.]+)x?", value.replace(",", ""))
-            if number:
-                found[(label, column)] = float(number.group(1))
-    return found
+        if not inside:
+            tables.append((parts, []))
+            inside = True
+        elif not set("".join(parts)) <= set("-: "):
+            tables[-1][1].append(parts)
+    return tables
 
 
 def main() -> None:
