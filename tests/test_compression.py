@@ -10,31 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import batches, mlp
-from reference import round_tensors
+from reference import low, round_tensors
 
 import prsgd
 from prsgd.algorithm.compression import CompressedRounds
 from prsgd.engines.stacked import StackedCommunicator
 
 N, STEPS = 4, 17
-
-
-def low(codec, v):
-    """What one 1-D fp32 vector ``v`` becomes when sent: rounded to bf16 / fp16 (clipped to its range), or for int8
-    each chunk of 256 (zero-padded) scaled by its largest magnitude / 127 and rounded to the nearest integer."""
-    if codec == "bf16":
-        return v.to(torch.bfloat16).float()
-    if codec == "fp16":
-        return v.clamp(-65504, 65504).to(torch.float16).float()
-    chunks = -(-v.numel() // 256)
-    padded = torch.zeros(chunks * 256)
-    padded[: v.numel()] = v
-    out = []
-    for c in padded.split(256):
-        scale = c.abs().max() / 127
-        scale = scale if scale > 0 else torch.tensor(1.0)
-        out.append((c / scale).round().clamp(-127, 127) * scale)
-    return torch.cat(out)[: v.numel()]
 
 
 class CompressedReference:
