@@ -85,8 +85,12 @@ class PeriodicSync:
         that restarts them) take it from the engine's tensors as they are now, which must be in consensus."""
         if self.exchange.needs_start:
             self.exchange.restart(self._round_tensors())
-        if self.outer is not None and not self.outer.anchor:
+        if self._outer_needs_start:
             self.outer.rebase(self.engine.elementwise(("params",)))
+
+    @property
+    def _outer_needs_start(self) -> bool:
+        return self.outer is not None and not self.outer.anchor
 
     @property
     def inner_period(self) -> int | None:
@@ -117,7 +121,7 @@ class PeriodicSync:
         are averaged in one collective, and the skip is decided on the averaged gradients, identical everywhere.
         """
         apply_update = not found_inf
-        if self.exchange.needs_start or (self.outer is not None and not self.outer.anchor):
+        if self.exchange.needs_start or self._outer_needs_start:
             raise RuntimeError("PeriodicSync.step before take_x0(): the round's stages have no starting point")
         if self.rule.averages_gradients:
             self.engine.average(("buffers", "grads"))
