@@ -19,6 +19,7 @@ class Recorder:
         self.comm = CommStats()
         self.calls: list[tuple] = []
         self.momentum = [torch.ones(3)]
+        self.counters: list = []
 
     def tensors(self, field):
         return {"state": self.momentum, "grads": [torch.zeros(3)]}.get(field, [])

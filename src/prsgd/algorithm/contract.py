@@ -59,6 +59,8 @@ class Communicator(Protocol):
 
     num_workers: int
     comm: CommStats
+    counters: list[Tensor]
+    """The local rule's per-parameter counters (AdamW's ``step``): never sent, restarted with a cleared state."""
 
     def tensors(self, field: Field) -> list[Tensor]: ...
 

@@ -65,3 +65,41 @@ def all_finite(tensors: list[Tensor]) -> bool:
     if not flags:
         return True
     return not bool(flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).any())
+
+
+def adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, in place on ``params``, the moments and the step counters, as ``torch.optim.AdamW`` takes it
+    (its foreach form, operation for operation, so that the results are equal bit for bit)::
+
+        t <- t + 1;  x <- x (1 - lr wd)
+        m <- m + (1 - beta1) (g - m);  v <- beta2 v + (1 - beta2) g^2
+        x <- x - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    ``steps`` are 0-d tensors, one per parameter (each may have its own count). Element-wise over stacked tensors
+    too; ``grads`` are not modified."""
+    if not params:
+        return
+    beta1, beta2 = betas
+    torch._foreach_add_(steps, 1.0)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    counts = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+    step_size = [(lr / (1 - beta1**t)) * -1 for t in counts]
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, [(1 - beta2**t) ** 0.5 for t in counts])
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, step_size)

@@ -1,27 +1,32 @@
-"""The local rule: what each worker does between rounds, and the optimizer state it keeps, by name.
+"""The local rules: what each worker does between rounds, and the optimizer state it keeps, by name.
 
-A local rule names the state tensors it keeps per parameter (:attr:`MomentumSGD.state_names`: momentum SGD keeps
-``momentum_buffer`` when momentum > 0, none without); the engines allocate one tensor per name and parameter, the
-sync rules average, clear or keep all of them (:attr:`prsgd.algorithm.rules.SyncRule.state`), and checkpoints carry
-them under those names. The update itself is a stateless function (:mod:`prsgd.algorithm.functional`) over the
-tensors of one :class:`UpdateGroup`, so it works on one worker's tensors and on stacked ``(N, ...)`` ones alike.
+A local rule names the state tensors it keeps per parameter, shaped like it (:attr:`LocalRule.STATE`: momentum SGD's
+``momentum_buffer``, AdamW's ``exp_avg`` and ``exp_avg_sq``) and the per-parameter counters it keeps beside them
+(:attr:`LocalRule.COUNTERS`: AdamW's ``step``). The engines allocate one tensor per name and parameter under torch's
+names (``opt.state[p]``), the sync rules average, clear or keep the state tensors
+(:attr:`prsgd.algorithm.rules.SyncRule.state`) and checkpoints carry them. Counters are never sent: each worker
+counts its own updates, as ``torch.optim`` does, and a rule that clears the state restarts them. The update itself
+is a stateless function (:mod:`prsgd.algorithm.functional`) over the tensors of one :class:`UpdateGroup`, so it works
+on one worker's tensors and on stacked ``(N, ...)`` ones alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from prsgd.algorithm.functional import momentum_sgd_
+from prsgd.algorithm.functional import adamw_, momentum_sgd_
 from prsgd.errors import InvalidArgument, check_bool, check_number
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Local update settings: lr (gamma), momentum (beta), nesterov (option II), weight_decay."""
+    """Momentum SGD's settings: lr (gamma), momentum (beta), nesterov (option II), weight_decay (L2, added to the
+    gradient as ``torch.optim.SGD`` does)."""
 
     lr: float
     momentum: float = 0.0
@@ -29,58 +34,124 @@ class Hyperparameters:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        check_number("lr", self.lr)
-        if not self.lr >= 0:  # 0 is where some schedules end (cosine annealing); a start needs > 0
-            raise InvalidArgument(f"lr={self.lr!r} is not allowed; the learning rate must be >= 0")
+        _check_lr(self.lr)
         check_number("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
             raise InvalidArgument(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
         check_bool("nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise InvalidArgument("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
-        check_number("weight_decay", self.weight_decay)
-        if not self.weight_decay >= 0:
-            raise InvalidArgument(f"weight_decay={self.weight_decay!r} is not allowed; it must be >= 0")
+        check_number("weight_decay", self.weight_decay, 0)
 
     @classmethod
     def at_start(cls, **kwargs: Any) -> Hyperparameters:
         """The hyperparameters an engine is built with: as any, and a learning rate > 0."""
-        lr = check_number("lr", kwargs.get("lr"))
-        if not lr > 0:
-            raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be > 0")
+        _check_start_lr(kwargs.get("lr"))
         return cls(**kwargs)
 
-    def as_kwargs(self) -> dict[str, float | bool]:
-        return {
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "nesterov": self.nesterov,
-            "weight_decay": self.weight_decay,
-        }
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AdamWHyperparameters:
+    """AdamW's settings, as ``torch.optim.AdamW`` takes them: lr, betas (beta1, beta2), eps, and decoupled
+    weight decay (the parameters shrink by lr * weight_decay each step)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check_lr(self.lr)
+        betas = self.betas
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise InvalidArgument(f"betas={betas!r} is not allowed; it must be two numbers (beta1, beta2)")
+        for beta in betas:
+            check_number("betas", beta)
+            if not 0 <= beta < 1:
+                raise InvalidArgument(f"betas={tuple(betas)!r} is not allowed; each must be in [0, 1)")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        check_number("eps", self.eps, 0)
+        check_number("weight_decay", self.weight_decay, 0)
+
+    @classmethod
+    def at_start(cls, **kwargs: Any) -> AdamWHyperparameters:
+        _check_start_lr(kwargs.get("lr"))
+        return cls(**kwargs)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_start_lr(lr: object) -> None:
+    if not check_number("lr", lr) > 0:
+        raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be > 0")
+
+
+def _check_lr(lr: object) -> None:
+    check_number("lr", lr)
+    if not lr >= 0:  # type: ignore[operator]  # 0 is where some schedules end (cosine annealing); a start needs > 0
+        raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be >= 0")
 
 
 @dataclass
 class UpdateGroup:
     """Tensors that share one set of hyperparameters (one ``param_group`` of a torch optimizer): the parameters
-    updated this step, their gradients, and the local rule's state for them, by name (empty lists when the rule
-    keeps none)."""
+    updated this step, their gradients, and the local rule's state and counters for them, by name (empty lists
+    when the rule keeps none)."""
 
     params: list[Tensor]
     grads: list[Tensor]
     state: Mapping[str, list[Tensor]]
-    hyper: Hyperparameters
+    hyper: Any
 
 
-class MomentumSGD:
+class LocalRule:
+    """A local rule: its name (``optimizer=``), its hyperparameters' class, the state tensors and counters it keeps
+    per parameter, and its update."""
+
+    name: ClassVar[str]
+    Hyper: ClassVar[type]
+    STATE: ClassVar[tuple[str, ...]]
+    COUNTERS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The param-group keys the rule reads (its hyperparameters' fields)."""
+        return tuple(f.name for f in fields(self.Hyper))
+
+    def hyperparameters(self, group: Mapping[str, Any]) -> Any:
+        """A param group's hyperparameters, checked."""
+        return self.Hyper(*(group[k] for k in self.keys))
+
+    def keeps_state(self, groups: list[Mapping[str, Any]]) -> bool:
+        """Whether the rule keeps state for these param groups."""
+        return True
+
+    def state_names(self, has_state: bool) -> tuple[str, ...]:
+        """The state tensors kept per parameter (shaped like it)."""
+        return self.STATE if has_state else ()
+
+    def counter(self) -> Tensor:
+        """A new counter at zero: a 0-d float32 tensor on the CPU, as ``torch.optim`` keeps ``step``."""
+        return torch.zeros((), dtype=torch.float32)
+
+    def update_(self, group: UpdateGroup) -> None:
+        raise NotImplementedError
+
+
+class MomentumSGD(LocalRule):
     """Momentum SGD, Polyak (eq. 4) or Nesterov (eq. 5) in ``torch.optim.SGD``'s form: the local rule of
     Algorithm 1. Its state is one ``momentum_buffer`` per parameter, kept when momentum > 0."""
 
     name = "sgd"
+    Hyper = Hyperparameters
     STATE = ("momentum_buffer",)
 
-    def state_names(self, has_state: bool) -> tuple[str, ...]:
-        """The state tensors kept per parameter: ``momentum_buffer``, or none when no group has momentum."""
-        return self.STATE if has_state else ()
+    def keeps_state(self, groups: list[Mapping[str, Any]]) -> bool:
+        return any(group["momentum"] > 0 for group in groups)
 
     def update_(self, group: UpdateGroup) -> None:
         """One local step of ``group``, in place on its parameters and state."""
@@ -88,5 +159,51 @@ class MomentumSGD:
         momentum_sgd_(group.params, group.grads, buffers, **group.hyper.as_kwargs())
 
 
-LOCAL_RULE = MomentumSGD()
-"""The local rule both engines run (issue 27 adds AdamW next to it)."""
+class AdamW(LocalRule):
+    """AdamW (Loshchilov & Hutter 2019) in ``torch.optim.AdamW``'s form: bias-corrected moments, decoupled weight
+    decay. Its state is ``exp_avg`` and ``exp_avg_sq`` per parameter and the counter ``step``."""
+
+    name = "adamw"
+    Hyper = AdamWHyperparameters
+    STATE = ("exp_avg", "exp_avg_sq")
+    COUNTERS = ("step",)
+
+    def hyperparameters(self, group: Mapping[str, Any]) -> Any:
+        for flag in ("amsgrad", "maximize"):  # torch.optim.AdamW's options this rule does not have
+            if group.get(flag):
+                raise InvalidArgument(f"{flag}=True is not supported by optimizer='adamw'")
+        return super().hyperparameters(group)
+
+    def update_(self, group: UpdateGroup) -> None:
+        s = group.state
+        adamw_(group.params, group.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], **group.hyper.as_kwargs())
+
+
+LOCAL_RULES: dict[str, LocalRule] = {rule.name: rule for rule in (MomentumSGD(), AdamW())}
+"""The local rules both engines run, by the name ``optimizer=`` takes."""
+
+LOCAL_RULE = LOCAL_RULES["sgd"]
+"""The default local rule: Algorithm 1's momentum SGD."""
+
+_SGD_ONLY = ("momentum", "nesterov")
+_ADAMW_ONLY = ("betas", "eps")
+
+
+def local_rule(optimizer: object, **given: Any) -> tuple[LocalRule, Any]:
+    """The local rule named ``optimizer`` and its starting hyperparameters from the keywords ``given`` (None: the
+    rule's default, as ``torch.optim`` has it); :class:`InvalidArgument` for an unknown name or a keyword that
+    belongs to another rule (momentum with AdamW, betas with SGD), before any work."""
+    if not isinstance(optimizer, str) or optimizer not in LOCAL_RULES:
+        raise InvalidArgument(
+            f"optimizer={optimizer!r} is not known; allowed: {', '.join(LOCAL_RULES)} (or, for LocalSGD, a "
+            "torch.optim.Optimizer instance)"
+        )
+    rule = LOCAL_RULES[optimizer]
+    foreign = [k for k in (_ADAMW_ONLY if rule.name == "sgd" else _SGD_ONLY) if given.get(k) is not None]
+    if foreign:
+        raise InvalidArgument(
+            f"{foreign[0]}={given[foreign[0]]!r} is not a setting of optimizer={optimizer!r}; it takes "
+            f"{', '.join(rule.keys)}"
+        )
+    kwargs = {k: v for k, v in given.items() if k in rule.keys and v is not None}
+    return rule, rule.Hyper.at_start(**kwargs)

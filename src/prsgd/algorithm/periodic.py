@@ -6,7 +6,7 @@ state-dict format. An engine hands it its :class:`~prsgd.algorithm.contract.Comm
 :meth:`PeriodicSync.step` once per step of every worker:
 
 1. ``sync="gradients"`` only: average the gradients (parallel mini-batch momentum SGD);
-2. the local rule's update (:mod:`prsgd.algorithm.local`: momentum SGD, eq. 4 or 5);
+2. the local rule's update (:mod:`prsgd.algorithm.local`: momentum SGD, eq. 4 or 5, or AdamW);
 3. after every ``period``-th step, the rule's round through the exchange stage: average (eq. 6), mix through W
    (eq. 18) or a compressed average; with overlap it starts now and is applied ``delay`` steps later; then the outer
    step, and the optimizer state averaged, cleared or kept as the rule says.
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Communicator
 from prsgd.algorithm.exchange import make_exchange
-from prsgd.algorithm.local import LOCAL_RULE, Hyperparameters, MomentumSGD, UpdateGroup
+from prsgd.algorithm.local import LOCAL_RULE, LocalRule, UpdateGroup
 from prsgd.algorithm.outer import OuterOptimizer
 from prsgd.algorithm.overlap import OverlappedRounds
 from prsgd.algorithm.round import RoundSpec
@@ -58,7 +58,7 @@ class PeriodicSync:
         *,
         has_state: bool,
         engine: Communicator | None = None,
-        local_rule: MomentumSGD = LOCAL_RULE,
+        local_rule: LocalRule = LOCAL_RULE,
     ) -> None:
         if not isinstance(spec, RoundSpec):
             raise InvalidArgument(f"PeriodicSync takes a prsgd.RoundSpec, not {type(spec).__name__}")
@@ -181,11 +181,12 @@ class PeriodicSync:
             self.exchange.rebase(self._round_tensors())  # the values every worker holds now
 
     def _apply_state_rule(self) -> None:
-        """Clear the optimizer state after a round, for the rules that do (averaging it is the round's own work)."""
+        """Clear the optimizer state after a round, for the rules that do, and restart the local rule's counters (a
+        fresh optimizer: AdamW's bias correction starts again); averaging the state is the round's own work."""
         if self.rule.state == "clear":
-            state = self.engine.tensors("state")
-            if state:
-                torch._foreach_zero_(state)
+            for tensors in (self.engine.tensors("state"), self.engine.counters):
+                if tensors:
+                    torch._foreach_zero_(tensors)
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:
@@ -319,23 +320,29 @@ class FollowsAlgorithm:
         :attr:`PeriodicSync.in_consensus`)."""
         return self.algorithm.in_consensus
 
-    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Hyperparameters:
-        """A param group's hyperparameters, validated when they change (a ``torch.optim.lr_scheduler`` sets ``lr``,
-        some also ``momentum``, between steps). Momentum buffers exist only if the engine was built with momentum:
-        turning momentum on later is refused (until the engine sets ``_built``, any value is allowed)."""
-        key = (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"])
-        cache: dict[int, tuple[tuple, Hyperparameters]] = self.__dict__.setdefault("_hyper", {})
+    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Any:
+        """A param group's hyperparameters for the local rule, validated when they change (a
+        ``torch.optim.lr_scheduler`` sets ``lr``, some also ``momentum`` or ``betas``, between steps). Momentum
+        buffers exist only if the engine was built with momentum: turning momentum on later is refused (until the
+        engine sets ``_built``, any value is allowed)."""
+        rule = self.algorithm.local_rule
+        key = tuple(_frozen(group[k]) for k in rule.keys)
+        cache: dict[int, tuple[tuple, Any]] = self.__dict__.setdefault("_hyper", {})
         cached = cache.get(index)
         if cached is not None and cached[0] == key:
             return cached[1]
-        hyper = Hyperparameters(*key)
-        if hyper.momentum > 0 and getattr(self, "_built", True) and not self.algorithm.has_state:
+        hyper = rule.hyperparameters(group)
+        if getattr(hyper, "momentum", 0) > 0 and getattr(self, "_built", True) and not self.algorithm.has_state:
             raise InvalidArgument(
                 f"momentum={hyper.momentum!r} was set after {type(self).__name__} was built with momentum 0; "
                 "momentum buffers are allocated at construction: construct it with momentum > 0"
             )
         cache[index] = (key, hyper)
         return hyper
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

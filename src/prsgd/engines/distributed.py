@@ -43,6 +43,7 @@ class ProcessGroupCommunicator:
         process_group: dist.ProcessGroup | None = None,
         topology: Topology | None = None,
         *,
+        counters: Sequence[Tensor] = (),
         node_group: dist.ProcessGroup | None = None,
         background_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -53,6 +54,7 @@ class ProcessGroupCommunicator:
         self.topology = topology
         self.node_group = node_group
         self.comm = CommStats()
+        self.counters = list(counters)
         self._receive: list[Tensor] = []
         self._background = None
         if background_group is not None:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, RoundSpec, UpdateGroup
+from prsgd.algorithm import FollowsAlgorithm, PeriodicSync, RoundSpec, UpdateGroup
+from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.distributed import (
@@ -33,7 +34,7 @@ from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check
 
 
 class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
-    """Momentum SGD on each worker with periodic averaging (PR-SGD-Momentum, Yu, Jin & Yang 2019).
+    """Momentum SGD (or AdamW) on each worker with periodic averaging (PR-SGD-Momentum, Yu, Jin & Yang 2019).
 
     Args:
         params: the model (an ``nn.Module``, so that its BatchNorm running statistics are averaged at each sync
@@ -41,9 +42,14 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             ``model=`` as well to have the model's float buffers averaged (a warning says so at the first forward
             when a model with float buffers is trained without it). Every tensor must share one dtype and device.
         lr: learning rate gamma (> 0), positional or keyword as in ``torch.optim.SGD``.
-        momentum: beta in [0, 1); 0 gives local SGD.
-        nesterov: option II (eq. 5) instead of Polyak's option I (eq. 4), in ``torch.optim.SGD``'s form.
-        weight_decay: L2 penalty added to the gradient, as ``torch.optim.SGD`` does.
+        optimizer: the local rule: ``"sgd"`` (momentum SGD, the paper's; the default) or ``"adamw"``
+            (``torch.optim.AdamW``'s step; its state ``exp_avg``, ``exp_avg_sq`` and ``step`` under torch's names in
+            ``opt.state[p]``). A rule's settings given to the other are refused.
+        momentum: sgd: beta in [0, 1); 0 (the default) gives local SGD.
+        nesterov: sgd: option II (eq. 5) instead of Polyak's option I (eq. 4), in ``torch.optim.SGD``'s form.
+        weight_decay: sgd: L2 penalty added to the gradient (default 0), as ``torch.optim.SGD`` does; adamw:
+            decoupled weight decay (default 0.01), as ``torch.optim.AdamW`` does.
+        betas, eps: adamw: as ``torch.optim.AdamW`` (defaults (0.9, 0.999) and 1e-8).
         process_group: the workers that average together; default: the whole world. Without an initialized
             process group the optimizer runs as a single worker: averaging is a no-op and ``comm`` counts nothing.
             ``WORLD_SIZE > 1`` in the environment (torchrun) without an initialized group is refused.
@@ -93,9 +99,12 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float,
         *,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+        momentum: float | None = None,
+        nesterov: bool | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         process_group: Any = None,
         check_finite: bool = False,
         model: nn.Module | None = None,
@@ -103,13 +112,15 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         **round_options: Any,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
-        Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        rule, hyper = local_rule(
+            optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps
+        )
         spec = RoundSpec.of(round, **round_options)
         check_process_group(process_group)
         if spec.inner_period is not None and spec.nodes is None:
             spec = spec.replace(nodes=torchrun_nodes())
         spec.check_workers(group_size(process_group))
-        self.algorithm = PeriodicSync(spec, has_state=momentum > 0)
+        self.algorithm = PeriodicSync(spec, has_state=rule.keeps_state([hyper.as_kwargs()]), local_rule=rule)
         self.nodes = spec.nodes
         if isinstance(params, nn.Module):
             if model is not None:
@@ -124,9 +135,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             check_not_wrapped(model, "at construction")
         self.num_workers = group_size(process_group)
         self.topology = make_topology(spec.topology, self.num_workers) if spec.topology is not None else None
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         self._built = False
-        super().__init__(params, defaults)
+        super().__init__(params, hyper.as_kwargs())
         for index, group in enumerate(self.param_groups):
             self._group_hyperparameters(index, group)
 
@@ -142,9 +152,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                     f"model= ({type(model).__name__}); pass the model they belong to"
                 )
         self.model_buffers = model_buffers
-        self.has_momentum = self.algorithm.has_state = any(group["momentum"] > 0 for group in self.param_groups)
-        local_rule = self.algorithm.local_rule
-        self._state_names = local_rule.state_names(self.has_momentum)
+        self.has_momentum = self.algorithm.has_state = rule.keeps_state(self.param_groups)
+        self._state_names = rule.state_names(self.has_momentum)
         shapes = [p.shape for p in all_params]
         # layout params | buffers | grads (sync="gradients" only) | state (by name): every round is one span
         self.storage = FlatStorage(
@@ -152,14 +161,19 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             {"grads": shapes if self.rule.averages_gradients else [], "state": shapes * len(self._state_names)},
         )
         state = iter(self.storage.tensors("state"))
-        for name in local_rule.STATE:  # each name's tensors in parameter order; None where the rule keeps none
+        for name in rule.STATE:  # each name's tensors in parameter order; None where the rule keeps none
             for p in all_params:
                 self.state[p][name] = next(state) if name in self._state_names else None
+        for name in rule.COUNTERS:  # kept per worker, outside the flat storage (never sent)
+            for p in all_params:
+                self.state[p][name] = rule.counter()
+        self._counters = [self.state[p][name] for name in rule.COUNTERS for p in all_params]
         self.process_group = process_group
         self.engine = ProcessGroupCommunicator(
             self.storage,
             process_group,
             self.topology,
+            counters=self._counters,
             node_group=node_group(self.nodes, process_group) if self.nodes is not None else None,
             background_group=same_ranks_group(process_group) if self.algorithm.overlap is not None else None,
         )
@@ -184,9 +198,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             f"workers={self.num_workers}, rank={rank}, steps_done={self.steps_done}, "
             f"comm=(rounds={self.comm.rounds}, bytes={self.comm.bytes}))"
         )
+        keys = self.algorithm.local_rule.keys
         groups = "".join(
-            f"\n  group {i}: {len(g['params'])} tensors, lr={g['lr']}, momentum={g['momentum']}, "
-            f"nesterov={g['nesterov']}, weight_decay={g['weight_decay']}"
+            f"\n  group {i}: {len(g['params'])} tensors, " + ", ".join(f"{k}={g[k]}" for k in keys)
             for i, g in enumerate(self.param_groups)
         )
         return head + groups
@@ -205,9 +219,13 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
 
     def round_state(self) -> dict[str, Any]:
         """This worker's algorithm state: counters and the round stages' state (compression's anchor and residuals,
-        an overlapped round in flight, the outer step's), as ``state_dict()["prsgd"]``."""
+        an overlapped round in flight, the outer step's), as ``state_dict()["prsgd"]``, and the local rule's own
+        counters (AdamW's ``step`` per parameter, which live outside :meth:`worker_state`)."""
         self._forward_check.run_pending()
-        return self.algorithm.state_dict()
+        state = self.algorithm.state_dict()
+        if self._counters:
+            state["local_counters"] = torch.stack(self._counters).clone()
+        return state
 
     @torch.no_grad()
     def load_worker_state(
@@ -230,6 +248,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
 
         def apply() -> None:
             flat.copy_(values)
+            if round_state is not None and self._counters:
+                torch._foreach_copy_(self._counters, list(round_state["local_counters"].unbind()))
             if round_state is not None:
                 self.algorithm.load_state_dict(round_state, from_consensus=from_consensus)
                 self.algorithm.take_x0()
@@ -289,7 +309,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 grads.append(grad)
             if grad_scale is not None and grads:
                 torch._foreach_mul_(grads, float(grad_scale.double().reciprocal()))
-            state = {name: [self.state[p][name] for p in params] for name in self._state_names}
+            names = (*self._state_names, *self.algorithm.local_rule.COUNTERS)
+            state = {name: [self.state[p][name] for p in params] for name in names}
             groups.append(UpdateGroup(params, grads, state, hyper))
         if self.check_finite and found_inf is None:
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
@@ -338,7 +359,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         afresh from the loaded values at the next forward pass, so the model's state may be loaded before or after."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
-        names = self.algorithm.local_rule.STATE
+        names = (*self.algorithm.local_rule.STATE, *self.algorithm.local_rule.COUNTERS)
         views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
         super().load_state_dict(state_dict)
         for p, by_name in views.items():

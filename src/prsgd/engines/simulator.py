@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prsgd.algorithm import FollowsAlgorithm, Hyperparameters, PeriodicSync, RoundSpec, UpdateGroup
+from prsgd.algorithm import FollowsAlgorithm, PeriodicSync, RoundSpec, UpdateGroup
+from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.gradients import (
@@ -46,7 +47,8 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
     Args:
         model: the network every worker starts from (x^0); it is copied, not modified.
         num_workers: N >= 1.
-        lr, momentum, nesterov, weight_decay, period, sync, topology: as in :class:`prsgd.LocalSGD`.
+        lr, optimizer, momentum, nesterov, weight_decay, betas, eps: the local rule and its settings, as in
+            :class:`prsgd.LocalSGD` (``optimizer="sgd"`` or ``"adamw"``; an optimizer instance is LocalSGD's only).
         device: where the stacked workers live.
         compute: how the N gradients are computed: ``"vmap"`` (one vectorized call), ``"loop"`` (plain autograd
             per worker on views of the stacked tensors) or ``"auto"`` (loop for models with convolutions or
@@ -86,9 +88,12 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         *,
         num_workers: int,
         lr: float,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
+        optimizer: str = "sgd",
+        momentum: float | None = None,
+        nesterov: bool | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         device: str | torch.device = "cpu",
         compute: str = "auto",
         threads: int | None = None,
@@ -100,12 +105,20 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model={type(model).__name__} is not allowed; it must be a torch.nn.Module")
         check_int("num_workers", num_workers, 1)
-        Hyperparameters.at_start(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidArgument(
+                "the Simulator runs its own stacked local rules: optimizer='sgd' or 'adamw' (with their settings as "
+                "keywords); an optimizer instance is wrapped by prsgd.LocalSGD only"
+            )
+        rule, hyper = local_rule(
+            optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps
+        )
         spec = RoundSpec.of(round, **round_options)
         if spec.inner_period is not None and spec.nodes is None:
             raise InvalidArgument("inner_period= needs nodes= (how many nodes the workers form)")
         spec.check_workers(num_workers)
-        self.algorithm = PeriodicSync(spec, has_state=momentum > 0)
+        has_state = rule.keeps_state([hyper.as_kwargs()])
+        self.algorithm = PeriodicSync(spec, has_state=has_state, local_rule=rule)
         self.nodes = spec.nodes
         self.num_workers = num_workers
         self.check_finite = check_bool("check_finite", check_finite)
@@ -123,23 +136,25 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
         self._params = {name: stack(p) for name, p in model.named_parameters()}
         self._buffers = {name: stack(b) for name, b in model.named_buffers()}
-        names = self.algorithm.local_rule.state_names(momentum > 0)
+        names = rule.state_names(has_state)
         self._state = {n: {name: torch.zeros_like(p) for name, p in self._params.items()} for n in names}
+        # one counter per parameter for all workers: the stacked workers update in lockstep
+        self._counters = {n: {name: rule.counter() for name in self._params} for n in rule.COUNTERS}
         self.engine = StackedCommunicator(
             num_workers,
             params=list(self._params.values()),
             buffers=[b for b in self._buffers.values() if b.is_floating_point()],
             state=[t for by_param in self._state.values() for t in by_param.values()],
+            counters=[t for by_param in self._counters.values() for t in by_param.values()],
             topology=self.topology,
             device=self.device,
             nodes=self.nodes or 1,
         )
         self.algorithm.attach(self.engine)
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
-        torch.optim.Optimizer.__init__(self, list(self._params.values()), defaults)
+        torch.optim.Optimizer.__init__(self, list(self._params.values()), hyper.as_kwargs())
 
     @property
-    def hyper(self) -> Hyperparameters:
+    def hyper(self) -> Any:
         """The hyperparameters of the next step (what the param group holds now)."""
         return self._group_hyperparameters(0, self.param_groups[0])
 
@@ -176,13 +191,14 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         group = UpdateGroup(
             params=list(self._params.values()),
             grads=self.engine.set_grads([grads[name] for name in self._params]),
-            state={n: list(by_param.values()) for n, by_param in self._state.items()},
+            state={n: list(by_param.values()) for n, by_param in (*self._state.items(), *self._counters.items())},
             hyper=self.hyper,
         )
         self.algorithm.step([group])
         if self.check_finite:
             e = self.engine
-            kinds = [(what, e.tensors(field)) for what, field in self._KINDS]
+            state = "momentum buffer" if self.algorithm.local_rule.name == "sgd" else "optimizer state"
+            kinds = [("parameter", e.tensors("params")), ("buffer", e.tensors("buffers")), (state, e.tensors("state"))]
             self._raise_if_nonfinite(kinds, self.steps_done - 1)
         return losses.detach()
 
@@ -203,8 +219,6 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
                 f"{_first_layer_takes(self._template)}: {message}"
             )
         return error
-
-    _KINDS = (("parameter", "params"), ("buffer", "buffers"), ("momentum buffer", "state"))
 
     def _raise_if_nonfinite(self, kinds: list[tuple[str, list[Tensor]]], step: int) -> None:
         """One fused check (one device sync) of all ``kinds`` (what, stacked tensors); only after a failure are the
@@ -231,14 +245,14 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, object]:  # type: ignore[override]
         """Everything needed to continue bit-identically: every worker's parameters, model buffers and optimizer
-        state by name (``momentum_buffer``), the learning rate, and the algorithm's state (step counter, hence the
+        state by name (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and the counter ``step``), the learning rate, and the algorithm's state (step counter, hence the
         position within the period, and communication) under ``"prsgd"``, in the format :class:`prsgd.LocalSGD`
         saves too."""
         return {
             "num_workers": self.num_workers,
             "params": self.params(),
             "buffers": self.buffers(),
-            "state": {n: {name: s.clone() for name, s in by_param.items()} for n, by_param in self._state.items()},
+            "state": self.optimizer_state(),
             "lr": self.param_groups[0]["lr"],
             "hyperparameters": self.hyper.as_kwargs(),  # what a scheduler may have changed: momentum too
             "prsgd": self.algorithm.state_dict(),
@@ -254,9 +268,10 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         if not from_consensus and saved_workers != self.num_workers:
             raise CheckpointError(f"the state holds {saved_workers} workers; this simulator has {self.num_workers}")
         saved_state = state["state"] if "state" in state else _older_optimizer_state(state)
-        if set(saved_state) != set(self._state):
+        ours = {**self._state, **self._counters}
+        if set(saved_state) != set(ours):
             raise CheckpointError(
-                f"the state keeps optimizer state {sorted(saved_state)}; this simulator keeps {sorted(self._state)}"
+                f"the state keeps optimizer state {sorted(saved_state)}; this simulator keeps {sorted(ours)}"
             )
         parts = [("params", state["params"], self._params), ("buffers", state["buffers"], self._buffers)]
         parts += [(name, saved_state[name], ours) for name, ours in self._state.items()]
@@ -266,6 +281,11 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
                 raise CheckpointError(f"the state's {kind} do not match this model's (names or shapes differ)")
             for name, t in ours.items():
                 t.copy_(theirs[name][:1].expand_as(t) if from_consensus else theirs[name])
+        for kind, counters in self._counters.items():  # one per parameter, for every worker
+            if set(saved_state[kind]) != set(counters):
+                raise CheckpointError(f"the state's {kind} counters do not match this model's parameters")
+            for name, t in counters.items():
+                t.copy_(saved_state[kind][name])
         algorithm = state["prsgd"] if "prsgd" in state else _older_algorithm_state(state)
         self.algorithm.load_state_dict(algorithm, from_consensus=from_consensus)
         self.algorithm.take_x0()  # every tensor is loaded
@@ -277,7 +297,7 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         ``param_groups``)."""
         self._set_hyperparameters(lr=lr)
 
-    def _set_hyperparameters(self, **changes: float | bool) -> None:
+    def _set_hyperparameters(self, **changes: Any) -> None:
         dataclasses.replace(self.hyper, **changes)  # checked now
         self.param_groups[0].update(changes)
 
@@ -288,6 +308,12 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
     def momentum(self) -> dict[str, Tensor]:
         """Every worker's momentum buffer: name -> ``(N, ...)`` (a copy); empty when momentum is 0."""
         return {name: m.clone() for name, m in self._state.get("momentum_buffer", {}).items()}
+
+    def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
+        """Every worker's optimizer state: state name -> parameter name -> ``(N, ...)`` (copies); counters (AdamW's
+        ``step``) are one 0-d tensor per parameter, common to all workers."""
+        kept = (*self._state.items(), *self._counters.items())
+        return {n: {name: t.clone() for name, t in by_param.items()} for n, by_param in kept}
 
     def buffers(self) -> dict[str, Tensor]:
         """Every worker's model buffers (e.g. BatchNorm running statistics): name -> ``(N, ...)`` (a copy)."""

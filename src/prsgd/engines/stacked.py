@@ -116,6 +116,7 @@ class StackedCommunicator:
         topology: Topology | None = None,
         device: torch.device | None = None,
         nodes: int = 1,
+        counters: Sequence[Tensor] = (),
     ) -> None:
         self.num_workers = num_workers
         self.nodes = nodes
@@ -125,6 +126,7 @@ class StackedCommunicator:
             "grads": [],
             "state": state,
         }
+        self.counters = list(counters)
         self.mixer = StackedMixer(topology, device or params[0].device) if topology is not None else None
         self.comm = CommStats()
 
