@@ -57,8 +57,13 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     "trajectory": trajectory,
                     "buffers": {n: b.clone() for n, b in model.named_buffers()},
                     "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-                    if opt.has_momentum
+                    if opt.has_momentum and "momentum_buffer" in opt.state[model[0].weight]
                     else [],
+                    "state": {  # every tensor the local rule keeps, by torch's names
+                        name: {n: opt.state[p][name].clone() for n, p in model.named_parameters()}
+                        for name in next(iter(opt.state.values()))
+                        if opt.state[model[0].weight][name] is not None
+                    },
                     "rounds": opt.comm.rounds,
                     "bytes": opt.comm.bytes,
                     "comm": dataclasses.astuple(opt.comm),

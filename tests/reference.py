@@ -1,5 +1,5 @@
 """An independent reference for the tests: a plain Python loop over N models, each with its own
-``torch.optim.SGD``, and averaging written out by hand. It shares no code with prsgd."""
+``torch.optim.SGD`` (or ``torch.optim.AdamW``), and averaging written out by hand. It shares no code with prsgd."""
 
 from __future__ import annotations
 
@@ -19,13 +19,39 @@ def call(model, inputs, i):
     return model(inputs[i])
 
 
+STATE = {torch.optim.SGD: ("momentum_buffer",), torch.optim.AdamW: ("exp_avg", "exp_avg_sq")}
+"""The tensors shaped like a parameter that each torch optimizer keeps, in the order they are laid out."""
+
+
+def state_names(opt):
+    return (
+        STATE[type(opt)] if opt.state and opt.state[next(iter(opt.state))].get(STATE[type(opt)][0]) is not None else ()
+    )
+
+
 def round_tensors(model, opt, sync):
     """What an averaging round of ``sync`` communicates for one worker: its parameters, float buffers and, for
-    Algorithm 1, momentum buffers (once they exist)."""
+    Algorithm 1, the optimizer's state tensors (once they exist), name by name."""
     tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-    if sync == "params_and_momentum" and opt.state:
-        tensors += [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    if sync == "params_and_momentum":
+        tensors += [opt.state[p][name] for name in state_names(opt) for p in model.parameters()]
     return tensors
+
+
+def make_optimizer(
+    params, optimizer="sgd", *, lr, momentum=0.0, nesterov=False, weight_decay=0.0, betas=None, eps=1e-8
+):
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas or (0.9, 0.999), eps=eps, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def clear_state(opt):
+    """A fresh optimizer's state: every tensor it keeps, step counters included, at zero."""
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
 
 
 class ReferenceWorkers:
@@ -41,12 +67,13 @@ class ReferenceWorkers:
         period=1,
         sync="params_and_momentum",
         mixing_matrix=None,
+        optimizer="sgd",
+        betas=None,
+        eps=1e-8,
     ):
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
-        self.opts = [
-            torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-            for m in self.models
-        ]
+        hyper = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps)
+        self.opts = [make_optimizer(m.parameters(), optimizer, **hyper) for m in self.models]
         self.period, self.sync, self.t = period, sync, 0
         self.mixing_matrix = mixing_matrix  # a function step -> N x N numpy array, for the gossip rules
 
@@ -82,14 +109,13 @@ class ReferenceWorkers:
         if self.sync in PERIODIC and self.t % self.period == 0:
             for params in zip(*(m.parameters() for m in self.models), strict=True):
                 self._mean_into(list(params))
-                buffers = [opt.state[p].get("momentum_buffer") for opt, p in zip(self.opts, params, strict=True)]
-                if buffers[0] is None:
-                    continue
-                if self.sync == "params_and_momentum":
-                    self._mean_into(buffers)
-                elif self.sync == "params_clear_momentum":
-                    for b in buffers:
-                        b.zero_()
+                for name in state_names(self.opts[0]):
+                    buffers = [opt.state[p][name] for opt, p in zip(self.opts, params, strict=True)]
+                    if self.sync == "params_and_momentum":
+                        self._mean_into(buffers)
+            if self.sync == "params_clear_momentum":
+                for opt in self.opts:
+                    clear_state(opt)
             for bufs in zip(*(m.buffers() for m in self.models), strict=True):
                 if bufs[0].is_floating_point():
                     self._mean_into(list(bufs))
@@ -97,10 +123,8 @@ class ReferenceWorkers:
             w = self.mixing_matrix(self.t - 1)
             for params in zip(*(m.parameters() for m in self.models), strict=True):
                 self._mix_into(list(params), w)
-                if self.sync == "gossip" and self.opts[0].state[params[0]].get("momentum_buffer") is not None:
-                    self._mix_into(
-                        [opt.state[p]["momentum_buffer"] for opt, p in zip(self.opts, params, strict=True)], w
-                    )
+                for name in state_names(self.opts[0]) if self.sync == "gossip" else ():
+                    self._mix_into([opt.state[p][name] for opt, p in zip(self.opts, params, strict=True)], w)
             for bufs in zip(*(m.buffers() for m in self.models), strict=True):
                 if bufs[0].is_floating_point():
                     self._mix_into(list(bufs), w)
@@ -111,14 +135,23 @@ class ReferenceWorkers:
         return {n: torch.stack([dict(m.named_parameters())[n].detach() for m in self.models]) for n in names}
 
     def momentum(self):
+        return self.state().get("momentum_buffer", {})
+
+    def state(self):
+        """Every worker's optimizer state: name -> parameter name -> (N, ...), and ``step`` -> parameter name ->
+        (N,) (AdamW's counters)."""
         out = {}
-        for n, _ in self.models[0].named_parameters():
-            out[n] = torch.stack(
-                [
-                    opt.state[dict(m.named_parameters())[n]]["momentum_buffer"]
-                    for m, opt in zip(self.models, self.opts, strict=True)
-                ]
-            )
+        names = [*state_names(self.opts[0]), *(("step",) if isinstance(self.opts[0], torch.optim.AdamW) else ())]
+        for name in names if self.opts[0].state else ():
+            out[name] = {
+                n: torch.stack(
+                    [
+                        opt.state[dict(m.named_parameters())[n]][name]
+                        for m, opt in zip(self.models, self.opts, strict=True)
+                    ]
+                )
+                for n, _ in self.models[0].named_parameters()
+            }
         return out
 
     def buffers(self):
@@ -175,15 +208,17 @@ class RoundReference(ReferenceWorkers):
         nodes=None,
         outer_lr=None,
         outer_momentum=None,
+        **local,
     ):
-        super().__init__(model, num_workers, lr=lr, momentum=momentum, period=period, sync=sync)
+        super().__init__(model, num_workers, lr=lr, momentum=momentum, period=period, sync=sync, **local)
         self.mixing_matrix = mixing_matrix
         self.n, self.compression, self.delay = num_workers, compression, int(overlap)
         self.inner_period, self.nodes = inner_period, nodes
         self.pending = None  # an overlapped round: (due step, every worker's snapshot, their average)
         x0 = [t.detach().clone() for t in round_tensors(self.models[0], self.opts[0], sync)]
-        if sync == "params_and_momentum" and momentum > 0:
-            x0 += [torch.zeros_like(p) for p in self.models[0].parameters()]  # momentum starts at zero
+        kept = STATE[type(self.opts[0])] if momentum > 0 or isinstance(self.opts[0], torch.optim.AdamW) else ()
+        if sync == "params_and_momentum":  # the state starts at zero
+            x0 += [torch.zeros_like(p) for _ in kept for p in self.models[0].parameters()]
         self.shapes = [t.shape for t in x0]
         self.anchor = torch.cat([t.reshape(-1) for t in x0])
         self.residual = [torch.zeros_like(self.anchor) for _ in range(num_workers)]
@@ -211,8 +246,7 @@ class RoundReference(ReferenceWorkers):
     def _clear_momentum(self, workers):
         if self.sync == "params_clear_momentum":
             for i in workers:
-                for state in self.opts[i].state.values():
-                    state["momentum_buffer"].zero_()
+                clear_state(self.opts[i])
 
     def _compressed_average(self, vectors):
         """The new anchor: every worker's compressed change averaged, both roundings fed back."""

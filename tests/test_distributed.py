@@ -83,6 +83,13 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
             torch.testing.assert_close(b, sim.buffers()[name][rank], rtol=1e-5, atol=atol)
         for m, sim_m in zip(saved["momentum"], sim.momentum().values(), strict=True):
             torch.testing.assert_close(m, sim_m[rank], rtol=1e-5, atol=atol)
+        sim_state = sim.optimizer_state()
+        assert set(saved["state"]) == set(sim_state)
+        for kind, by_param in saved["state"].items():
+            for name, t in by_param.items():
+                theirs = sim_state[kind][name]
+                theirs = theirs if theirs.dim() == 0 else theirs[rank]  # counters: one for all workers
+                torch.testing.assert_close(t, theirs, rtol=1e-5, atol=atol, msg=f"{case} {kind} {name}")
 
 
 def test_workers_start_from_the_first_workers_parameters(tmp_path):

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from prsgd.algorithm.functional import adamw_, momentum_sgd_
 from prsgd.errors import InvalidArgument, check_bool, check_number
+
+if TYPE_CHECKING:
+    from prsgd.algorithm.round import RoundSpec
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,10 @@ class LocalRule:
         """The param-group keys the rule reads (its hyperparameters' fields)."""
         return tuple(f.name for f in fields(self.Hyper))
 
+    def watched(self, group: Mapping[str, Any]) -> tuple:
+        """What of a param group decides its hyperparameters: checked again whenever it changes."""
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (group[k] for k in self.keys))
+
     def hyperparameters(self, group: Mapping[str, Any]) -> Any:
         """A param group's hyperparameters, checked."""
         return self.Hyper(*(group[k] for k in self.keys))
@@ -133,6 +140,9 @@ class LocalRule:
     def state_names(self, has_state: bool) -> tuple[str, ...]:
         """The state tensors kept per parameter (shaped like it)."""
         return self.STATE if has_state else ()
+
+    def check_round(self, spec: RoundSpec) -> None:
+        """Refuse, with :class:`InvalidArgument`, round options this rule's state cannot go through."""
 
     def counter(self) -> Tensor:
         """A new counter at zero: a 0-d float32 tensor on the CPU, as ``torch.optim`` keeps ``step``."""
@@ -167,6 +177,25 @@ class AdamW(LocalRule):
     Hyper = AdamWHyperparameters
     STATE = ("exp_avg", "exp_avg_sq")
     COUNTERS = ("step",)
+
+    def check_round(self, spec: RoundSpec) -> None:
+        """``exp_avg_sq`` must stay >= 0 and accurate where it is small (an update divides by its root): a
+        compressed round rounds it by a step of its chunk's largest value, and an overlapped round's correction
+        avg(s) + (v - s) turns it negative once N (1 - beta2^delay) > 1. Both are refused where the rule averages
+        the state; with ``sync="params_only"`` (the state stays local, as in DiLoCo) they work."""
+        if spec.rule.state != "average":
+            return
+        for name, on in (("compression", spec.compression is not None), ("overlap", spec.delay > 0)):
+            if on:
+                raise InvalidArgument(
+                    f"{name}={getattr(spec, name)!r} with optimizer='adamw' and sync={spec.sync!r} is not supported: "
+                    f"that round would average exp_avg_sq through {name}, which can make it negative or round away "
+                    "its small values (the update divides by its root); use sync='params_only' (the state stays "
+                    f"local, as in DiLoCo) or exact rounds without {name}"
+                )
+
+    def watched(self, group: Mapping[str, Any]) -> tuple:
+        return (*super().watched(group), group.get("amsgrad"), group.get("maximize"))
 
     def hyperparameters(self, group: Mapping[str, Any]) -> Any:
         for flag in ("amsgrad", "maximize"):  # torch.optim.AdamW's options this rule does not have

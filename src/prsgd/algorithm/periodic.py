@@ -63,6 +63,7 @@ class PeriodicSync:
         if not isinstance(spec, RoundSpec):
             raise InvalidArgument(f"PeriodicSync takes a prsgd.RoundSpec, not {type(spec).__name__}")
         self.spec, self.rule, self.period = spec, spec.rule, spec.period
+        local_rule.check_round(spec)
         self.local_rule = local_rule
         self.schedule = make_schedule(spec)
         self.exchange = make_exchange(spec)
@@ -326,7 +327,7 @@ class FollowsAlgorithm:
         buffers exist only if the engine was built with momentum: turning momentum on later is refused (until the
         engine sets ``_built``, any value is allowed)."""
         rule = self.algorithm.local_rule
-        key = tuple(_frozen(group[k]) for k in rule.keys)
+        key = rule.watched(group)
         cache: dict[int, tuple[tuple, Any]] = self.__dict__.setdefault("_hyper", {})
         cached = cache.get(index)
         if cached is not None and cached[0] == key:
@@ -339,10 +340,6 @@ class FollowsAlgorithm:
             )
         cache[index] = (key, hyper)
         return hyper
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

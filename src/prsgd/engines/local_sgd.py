@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from prsgd.algorithm import FollowsAlgorithm, PeriodicSync, RoundSpec, UpdateGroup
-from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.functional import all_finite
+from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.distributed import (
     ProcessGroupCommunicator,

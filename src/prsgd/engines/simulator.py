@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from prsgd.algorithm import FollowsAlgorithm, PeriodicSync, RoundSpec, UpdateGroup
-from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.functional import all_finite
+from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.topology import make_topology
 from prsgd.engines.gradients import (
     Inputs,
@@ -245,9 +245,9 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, object]:  # type: ignore[override]
         """Everything needed to continue bit-identically: every worker's parameters, model buffers and optimizer
-        state by name (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and the counter ``step``), the learning rate, and the algorithm's state (step counter, hence the
-        position within the period, and communication) under ``"prsgd"``, in the format :class:`prsgd.LocalSGD`
-        saves too."""
+        state by name (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and the counter ``step``), the learning
+        rate, and the algorithm's state (step counter, hence the position within the period, and communication)
+        under ``"prsgd"``, in the format :class:`prsgd.LocalSGD` saves too."""
         return {
             "num_workers": self.num_workers,
             "params": self.params(),

@@ -41,7 +41,7 @@ BLOCK = re.compile(r"(<!-- table (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end -
 SETTINGS = {
     "data": ("dataset", "train_subset", "split"),
     "model": ("model",),
-    "algorithm": ("sync", "period", "momentum", "nesterov", "topology"),
+    "algorithm": ("sync", "period", "optimizer", "momentum", "nesterov", "topology"),
     "training": ("workers", "batch_size", "epochs", "lr", "lr_schedule"),
 }
 

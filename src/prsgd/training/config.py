@@ -14,30 +14,18 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
-from prsgd.algorithm import ROUND_OPTIONS, SYNC_RULES, Hyperparameters, RoundSpec, sync_rule
+from prsgd.algorithm import ROUND_OPTIONS, SYNC_RULES, RoundSpec, sync_rule
+from prsgd.algorithm.local import LOCAL_RULES, local_rule
 from prsgd.data.datasets import DATASET_NAMES
-from prsgd.errors import InvalidArgument
 from prsgd.models import MODEL_NAMES
+from prsgd.training.config_values import ConfigError, Theory, check_at_least, check_positive, convert, option
 from prsgd.training.trackers import LOGGERS, check_loggers
 
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
 SCHEDULES = ("constant", "step")
-
-
-def option(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with the one-line description (and allowed values) ``--help`` shows."""
-    return field(default=default, metadata={"doc": doc, "choices": choices})
-
-
-Theory = Literal["theory"]
-"""A value the run resolves from the paper's corollaries once N and T are known (:mod:`prsgd.algorithm.theory`)."""
-
-
-class ConfigError(InvalidArgument):
-    """A bad configuration value; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +46,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ConfigError(f"data.split={self.split!r} is not known; allowed: {', '.join(SPLITS)}")
-        _positive("data.alpha", self.alpha)
-        _at_least("data.classes_per_worker", self.classes_per_worker, 1)
-        _at_least("data.train_subset", self.train_subset, 0)
-        _at_least("data.image_size", self.image_size, 8)
+        check_positive("data.alpha", self.alpha)
+        check_at_least("data.classes_per_worker", self.classes_per_worker, 1)
+        check_at_least("data.train_subset", self.train_subset, 0)
+        check_at_least("data.image_size", self.image_size, 8)
 
 
 @dataclass(frozen=True)
@@ -74,7 +62,7 @@ class ModelConfig:
     hidden: int = option(64, "mlp width")
 
     def __post_init__(self) -> None:
-        _at_least("model.hidden", self.hidden, 1)
+        check_at_least("model.hidden", self.hidden, 1)
 
 
 @dataclass(frozen=True)
@@ -87,9 +75,16 @@ class _LocalAndRule:
         choices=tuple(SYNC_RULES),
     )
     period: int | Theory = option(8, "I, local steps between rounds; 'theory': the corollary's I for this N, T, data")
-    momentum: float = option(0.9, "beta, in [0, 1); 0 is local SGD")
-    nesterov: bool = option(False, "Nesterov momentum (option II, torch.optim.SGD's form) instead of Polyak's")
-    weight_decay: float = option(0.0, "L2 penalty added to the gradient, as torch.optim.SGD does")
+    optimizer: str = option(
+        "sgd",
+        "the local rule: sgd (momentum SGD, the paper's) or adamw (torch.optim.AdamW's step)",
+        choices=tuple(LOCAL_RULES),
+    )
+    momentum: float = option(0.9, "sgd: beta, in [0, 1); 0 is local SGD")
+    nesterov: bool = option(False, "sgd: Nesterov momentum (option II, torch.optim.SGD's form) instead of Polyak's")
+    weight_decay: float = option(0.0, "sgd: L2 penalty added to the gradient; adamw: decoupled weight decay")
+    betas: tuple[float, ...] = option((0.9, 0.999), "adamw: beta1,beta2, each in [0, 1)")
+    eps: float = option(1e-8, "adamw: added to the root of the second moment")
 
     def __post_init__(self) -> None:
         for o in ROUND_OPTIONS:
@@ -97,15 +92,32 @@ class _LocalAndRule:
             if o.choices is not None and value not in (o.off, "none", *o.choices):
                 allowed = ", ".join(("none", *o.choices))
                 raise ConfigError(f"algorithm.{o.name}={value!r} is not known; allowed: {allowed}")
+        if self.optimizer not in LOCAL_RULES:
+            raise ConfigError(f"algorithm.optimizer={self.optimizer!r} is not known; allowed: {', '.join(LOCAL_RULES)}")
         try:
             sync_rule(self.sync)
             # a 'theory' period is known once N and T are: check the options with one every option allows
             self.round_spec(
                 period=max(1, self.inner_period) * max(1, self.overlap) if self.period == "theory" else None
             )
-            Hyperparameters(lr=1.0, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
+            local_rule(self.optimizer, lr=1.0, **self.local_settings())
+        except ConfigError:
+            raise
         except ValueError as error:
             raise ConfigError(f"algorithm: {error}") from None
+
+    def local_settings(self) -> dict[str, Any]:
+        """The local rule's settings for the engines (``optimizer`` excluded): those of the rule ``optimizer`` names;
+        the other rule's keys must keep their defaults (a value given there would be ignored: refused instead)."""
+        sgd, adamw = {"momentum": 0.9, "nesterov": False}, {"betas": (0.9, 0.999), "eps": 1e-8}
+        mine, others = (sgd, adamw) if self.optimizer == "sgd" else (adamw, sgd)
+        for key, default in others.items():
+            if getattr(self, key) != default:
+                raise ConfigError(
+                    f"algorithm.{key}={getattr(self, key)!r} is not a setting of optimizer={self.optimizer!r}; it "
+                    f"takes {', '.join((*mine, 'weight_decay'))}"
+                )
+        return {key: getattr(self, key) for key in (*mine, "weight_decay")}
 
     def round_spec(self, period: int | None = None) -> RoundSpec:
         """The round's description (``period``: the resolved one, where the config says 'theory')."""
@@ -152,29 +164,29 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
-        _at_least("training.workers", self.workers, 1)
-        _at_least("training.batch_size", self.batch_size, 1)
-        _positive("training.epochs", self.epochs)
+        check_at_least("training.workers", self.workers, 1)
+        check_at_least("training.batch_size", self.batch_size, 1)
+        check_positive("training.epochs", self.epochs)
         if self.lr != "theory":
-            _positive("training.lr", self.lr)
+            check_positive("training.lr", self.lr)
             if self.lr > 1e6:
                 raise ConfigError(f"training.lr={self.lr!r} is not allowed; above 1e6 every update overflows float32")
-        _positive("training.lr_scale", self.lr_scale)
+        check_positive("training.lr_scale", self.lr_scale)
         if self.lr_schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
             raise ConfigError(f"training.lr_schedule={self.lr_schedule!r} is not known; allowed: {allowed}")
         if list(self.milestones) != sorted(self.milestones) or not all(0 < m < math.inf for m in self.milestones):
             raise ConfigError(f"training.milestones={self.milestones!r} must be increasing joint epochs > 0")
-        _positive("training.lr_decay", self.lr_decay)
-        _at_least("training.warmup_epochs", self.warmup_epochs, 0)
+        check_positive("training.lr_decay", self.lr_decay)
+        check_at_least("training.warmup_epochs", self.warmup_epochs, 0)
         if not math.isfinite(self.warmup_epochs):
             raise ConfigError(f"training.warmup_epochs={self.warmup_epochs!r} is not allowed; it must be finite")
-        _at_least("training.evals", self.evals, 1)
-        _at_least("training.eval_train_examples", self.eval_train_examples, 1)
-        _at_least("training.checkpoint_every", self.checkpoint_every, 0)
+        check_at_least("training.evals", self.evals, 1)
+        check_at_least("training.eval_train_examples", self.eval_train_examples, 1)
+        check_at_least("training.checkpoint_every", self.checkpoint_every, 0)
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"training.seed={self.seed!r} is not allowed; it must be in [0, 2**63)")
-        _at_least("training.keep_checkpoints", self.keep_checkpoints, 1)
+        check_at_least("training.keep_checkpoints", self.keep_checkpoints, 1)
 
     def lr_at(self, joint_epoch: float) -> float:
         """The learning rate after ``joint_epoch`` joint epochs: warm-up, then constant or step decay."""
@@ -216,10 +228,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r} is not known; allowed: {', '.join(ENGINES)}")
-        _at_least("seeds", self.seeds, 1)
+        check_at_least("seeds", self.seeds, 1)
         if self.seeds > 1000:
             raise ConfigError(f"seeds={self.seeds} is not allowed; at most 1000 runs of one config")
-        _positive("worker_timeout", self.worker_timeout)
+        check_positive("worker_timeout", self.worker_timeout)
         try:
             check_loggers(self.logger)
         except ValueError as error:
@@ -277,53 +289,6 @@ def _dotted(key: str) -> str:
     return LEAVES[key]
 
 
-def _positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name}={value!r} is not allowed; it must be a finite number > 0")
-
-
-def _at_least(name: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ConfigError(f"{name}={value!r} is not allowed; it must be >= {low}")
-
-
-def _convert(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` checked (or, from a string, parsed) against the field type ``annotation``: bool, int, float,
-    str, a tuple of floats, or a union of one of them with literals (``int | Literal["theory"]``)."""
-    if get_origin(annotation) is Union:
-        literals = [v for member in get_args(annotation) if get_origin(member) is Literal for v in get_args(member)]
-        if value in literals:
-            return value
-        (plain,) = [member for member in get_args(annotation) if get_origin(member) is not Literal]
-        try:
-            return _convert(key, value, plain)
-        except ConfigError:
-            allowed = " or ".join([plain.__name__, *map(repr, literals)])
-            raise ConfigError(f"{key}={value!r} is not allowed; it must be of type {allowed}") from None
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif annotation in (int, float):
-        numeric = isinstance(value, int if annotation is int else int | float) and not isinstance(value, bool)
-        try:
-            converted = annotation(value) if isinstance(value, str) or numeric else None
-        except (ValueError, OverflowError):
-            converted = None
-        if converted is not None and (annotation is float or -(2**63) <= converted < 2**63):
-            return converted
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif annotation == tuple[float, ...]:
-        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if isinstance(items, list | tuple):
-            return tuple(_convert(key, v, float) for v in items)
-    type_name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{key}={value!r} is not allowed; it must be of type {type_name}")
-
-
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = get_type_hints(cls)
     kwargs = {}
@@ -337,7 +302,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"{name} must be a section (a table of keys)")
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
         else:
-            kwargs[key] = _convert(name, value, hints[key])
+            kwargs[key] = convert(name, value, hints[key])
     return cls(**kwargs)
 
 

@@ -115,9 +115,8 @@ def algorithm_kwargs(config: RunConfig) -> dict[str, Any]:
     a = config.algorithm
     return {
         "lr": config.training.lr_at(0.0),
-        "momentum": a.momentum,
-        "nesterov": a.nesterov,
-        "weight_decay": a.weight_decay,
+        "optimizer": a.optimizer,
+        **a.local_settings(),
         "round": a.round_spec(),
     }
 
@@ -148,8 +147,8 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_memory(model: nn.Module, num_workers: int, device: torch.device) -> None:
-    """Refuse, before allocating, a simulator whose stacked state cannot fit: N workers x (parameters, momentum,
-    gradients, buffers) is a lower bound of what it holds. ``model`` may live on the meta device."""
+    """Refuse, before allocating, a simulator whose stacked state cannot fit: N workers x (parameters, optimizer
+    state, gradients, buffers) is a lower bound of what it holds. ``model`` may live on the meta device."""
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     state = 3 * state + sum(b.numel() * b.element_size() for b in model.buffers())
     need, free = num_workers * state, available_bytes(device)
