@@ -287,7 +287,97 @@ def accelerate_reference(rank: int, world_size: int, steps: int) -> dict:
     }
 
 
+ADAMW = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+POST_LOCAL_PERIOD = 3
+
+
+def adamw_vs_pytorch(rank: int, world_size: int, steps: int) -> dict:
+    """LocalSGD(optimizer="adamw") against PyTorch's own: sync="params_only" against PostLocalSGDOptimizer(AdamW)
+    with a PeriodicModelAverager (warm-up period - 1 steps: it averages after steps I, 2I, ..., as prsgd does), and
+    sync="gradients" against DDP + AdamW. Whether the parameters are bit-identical after every step."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    out: dict = {}
+    ours, theirs = mlp(), mlp()
+    opt = prsgd.LocalSGD(ours, optimizer="adamw", sync="params_only", period=POST_LOCAL_PERIOD, **ADAMW)
+    averager = PeriodicModelAverager(period=POST_LOCAL_PERIOD, warmup_steps=POST_LOCAL_PERIOD - 1)
+    ref = PostLocalSGDOptimizer(torch.optim.AdamW(theirs.parameters(), **ADAMW), averager)
+    equal = []
+    for xs, ys in batches(world_size, steps):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+            o.step()
+        equal.append(all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True)))
+    out["post_local_sgd"] = equal
+    out["ranks_differ_before_a_round"] = not _equal_on_all_ranks(_everything(opt), world_size)
+
+    ours, theirs = mlp(), mlp()
+    opt = prsgd.LocalSGD(ours, optimizer="adamw", sync="gradients", **ADAMW)
+    ddp = DDP(theirs)
+    ref = torch.optim.AdamW(theirs.parameters(), **ADAMW)
+    equal = []
+    for xs, ys in batches(world_size, steps):
+        for model, o in ((ours, opt), (ddp, ref)):
+            o.zero_grad()
+            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+            o.step()
+        equal.append(all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True)))
+    out["ddp"] = equal
+    return out
+
+
+ADAMW_RESUME_CASES = [
+    dict(sync="params_and_momentum", period=4),
+    dict(sync="params_only", period=4, outer_lr=0.7, outer_momentum=0.9),
+    dict(sync="params_only", period=4, compression="int8", overlap=1),
+]
+KILL_AT = (2, 5, 7)
+"""Steps after which the run is saved and continued by a fresh model and optimizer: inside the first period, one
+step after a round (an overlapped round in flight), the last step before a round."""
+
+
+def adamw_resume(rank: int, world_size: int, steps: int) -> dict:
+    """For each case and kill point: the straight run's parameters and state vs a run saved after the kill point
+    (model and LocalSGD state dicts, through torch.save) and resumed by fresh objects."""
+    import io
+
+    def fresh(case):
+        model = mlp(batchnorm=True)
+        return model, prsgd.LocalSGD(model, optimizer="adamw", **ADAMW, **case)
+
+    def train(model, opt, data):
+        for xs, ys in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+            opt.step()
+
+    data = batches(world_size, steps)
+    out = []
+    for case in ADAMW_RESUME_CASES:
+        model, opt = fresh(case)
+        train(model, opt, data)
+        straight = _everything(opt)
+        for kill in KILL_AT:
+            model, opt = fresh(case)
+            train(model, opt, data[:kill])
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+            del model, opt
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=False)
+            model, opt = fresh(case)
+            opt.load_state_dict(saved["opt"])
+            model.load_state_dict(saved["model"])  # after the optimizer: either order resumes exactly
+            train(model, opt, data[kill:])
+            out.append((case, kill, torch.equal(_everything(opt), straight), opt.steps_done))
+    return {"cases": out}
+
+
 SCENARIOS = {
+    "adamw_vs_pytorch": adamw_vs_pytorch,
+    "adamw_resume": adamw_resume,
     "ddp_guards": ddp_guards,
     "gradients_vs_ddp": gradients_vs_ddp,
     "consensus": consensus,

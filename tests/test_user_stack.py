@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import free_port
-from stack_worker import AMP_CASES, CONSENSUS_CASES, INF_AT, run
+from stack_worker import ADAMW_RESUME_CASES, AMP_CASES, CONSENSUS_CASES, INF_AT, KILL_AT, run
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +83,20 @@ def test_grad_scaler_with_unscale_and_clipping_matches_plain_torch_and_keeps_ran
         if case["sync"] != "gradients":  # step 6 (index 5) ended with a round: all ranks equal again
             for p, q in zip(outs[0]["trajectory"][5], outs[1]["trajectory"][5], strict=True):
                 assert torch.equal(p, q)
+
+
+def test_adamw_params_only_is_post_local_sgd_and_gradients_is_ddp_bit_for_bit(tmp_path):
+    for out in spawn("adamw_vs_pytorch", tmp_path, steps=8):
+        assert out["post_local_sgd"] == [True] * 8  # PostLocalSGDOptimizer(AdamW), PeriodicModelAverager
+        assert out["ranks_differ_before_a_round"]  # step 8: two steps into a period; the test can fail
+        assert out["ddp"] == [True] * 8  # DDP + torch.optim.AdamW
+
+
+def test_adamw_resumes_bit_for_bit_from_every_kill_point_inside_a_period(tmp_path):
+    ranks = spawn("adamw_resume", tmp_path, steps=11)
+    for out in ranks:
+        assert [(case, kill) for case, kill, _, _ in out["cases"]] == [
+            (case, kill) for case in ADAMW_RESUME_CASES for kill in KILL_AT
+        ]
+        for case, kill, equal, steps_done in out["cases"]:
+            assert equal and steps_done == 11, (case, kill)
