@@ -375,7 +375,77 @@ def adamw_resume(rank: int, world_size: int, steps: int) -> dict:
     return {"cases": out}
 
 
+WRAPPED = {
+    "Adam": lambda params: torch.optim.Adam(params, lr=0.01, betas=(0.9, 0.95)),
+    "RMSprop": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.9, centered=True),
+}
+WRAPPED_RULES = ("params_and_momentum", "params_clear_momentum", "params_only", "gradients")
+
+
+def wrapped_optimizers(rank: int, world_size: int, steps: int) -> dict:
+    """LocalSGD(model, optimizer=<a torch optimizer>) against the same torch optimizer on each rank with averaging
+    written by hand: every period, the parameters and every state tensor shaped like its parameter averaged
+    (params_and_momentum), the state dropped (params_clear_momentum: a fresh optimizer) or kept (params_only); the
+    gradients averaged every step (gradients). Then a save after step 4 (inside a period) resumed by fresh objects."""
+    out = {}
+    period = 3
+    for name, make in WRAPPED.items():
+        for sync in WRAPPED_RULES:
+            ours, theirs = mlp(), mlp()
+            opt = prsgd.LocalSGD(ours, optimizer=make(ours.parameters()), sync=sync, period=period)
+            ref = make(theirs.parameters())
+            equal = []
+            for t, (xs, ys) in enumerate(batches(world_size, steps)):
+                opt.zero_grad()
+                F.cross_entropy(ours(xs[rank]), ys[rank]).backward()
+                opt.step()
+                ref.zero_grad()
+                F.cross_entropy(theirs(xs[rank]), ys[rank]).backward()
+                if sync == "gradients":
+                    _hand_average([p.grad for p in theirs.parameters()], world_size)
+                ref.step()
+                if sync != "gradients" and (t + 1) % period == 0:
+                    with torch.no_grad():
+                        _hand_average([p.data for p in theirs.parameters()], world_size)
+                        for p in theirs.parameters():
+                            kept = [v for v in ref.state[p].values() if torch.is_tensor(v) and v.shape == p.shape]
+                            if sync == "params_and_momentum":
+                                _hand_average(kept, world_size)
+                        if sync == "params_clear_momentum":
+                            ref.state.clear()
+                equal.append(
+                    all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True))
+                )
+            out[name, sync] = {"equal": equal, "comm": (opt.comm.rounds, opt.comm.bytes), "state": opt.state_dict()}
+
+        # resume inside a period: bit for bit
+        def fresh(make=make):
+            model = mlp()
+            return model, prsgd.LocalSGD(model, optimizer=make(model.parameters()), period=period)
+
+        def train(model, o, data):
+            for xs, ys in data:
+                o.zero_grad()
+                F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+                o.step()
+
+        data = batches(world_size, steps)
+        model, o = fresh()
+        train(model, o, data)
+        straight = [p.detach().clone() for p in model.parameters()]
+        model, o = fresh()
+        train(model, o, data[:4])
+        saved = copy.deepcopy({"model": model.state_dict(), "opt": o.state_dict()})
+        model, o = fresh()
+        model.load_state_dict(saved["model"])
+        o.load_state_dict(saved["opt"])
+        train(model, o, data[4:])
+        out[name, "resumed"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), straight, strict=True))
+    return out
+
+
 SCENARIOS = {
+    "wrapped_optimizers": wrapped_optimizers,
     "adamw_vs_pytorch": adamw_vs_pytorch,
     "adamw_resume": adamw_resume,
     "ddp_guards": ddp_guards,

@@ -205,3 +205,57 @@ def test_the_simulator_refuses_an_optimizer_instance_naming_what_it_runs():
     model = mlp()
     with pytest.raises(prsgd.InvalidArgument, match=r"optimizer='sgd' or 'adamw'.*LocalSGD only"):
         prsgd.Simulator(model, num_workers=2, lr=0.01, optimizer=torch.optim.Adam(model.parameters()))
+
+
+def test_a_wrapped_torch_optimizer_steps_as_itself_and_shares_its_param_groups_with_schedulers():
+    model, theirs = mlp(), mlp()
+    inner = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = prsgd.LocalSGD(model, optimizer=inner, period=4)
+    ref = torch.optim.Adam(theirs.parameters(), lr=0.01)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt, ref)]
+    for x, y in batches(1, 6):
+        for m, o, sched in ((model, opt, schedulers[0]), (theirs, ref, schedulers[1])):
+            o.zero_grad()
+            F.cross_entropy(m(x[0]), y[0]).backward()
+            o.step()
+            sched.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theirs.parameters(), strict=True))
+    assert inner.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 0.01 * 0.5**3  # one group, both see it
+    assert opt.state is inner.state and opt.steps_done == 6
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda m: prsgd.LocalSGD(m, optimizer=torch.optim.Adam(list(m.parameters())[:2])),
+            r"do not cover the model: 2 of its 4 trainable parameters are missing and 0",
+        ),
+        (
+            lambda m: prsgd.LocalSGD(
+                m, optimizer=torch.optim.Adam([*m.parameters(), torch.nn.Parameter(torch.ones(2))])
+            ),
+            r"0 of its 4 trainable parameters are missing and 1 parameters are not the model's",
+        ),
+        (
+            lambda m: prsgd.LocalSGD(m, 0.1, optimizer=torch.optim.Adam(m.parameters())),
+            r"lr= was given with an optimizer instance \(Adam\); its settings are its own",
+        ),
+        (
+            lambda m: prsgd.LocalSGD(m.parameters(), optimizer=torch.optim.Adam(m.parameters())),
+            r"with an optimizer instance, LocalSGD takes the model \(an nn.Module\)",
+        ),
+        (
+            lambda m: prsgd.LocalSGD(m, optimizer=torch.optim.Adam(m.parameters()), period=4, compression="int8"),
+            r"compression='int8' with optimizer=Adam\(...\) and sync='params_and_momentum' is not supported",
+        ),
+        (
+            lambda m: prsgd.LocalSGD(m, optimizer=prsgd.LocalSGD(mlp(), 0.1)),
+            r"optimizer= is a LocalSGD; wrap the inner torch optimizer once",
+        ),
+        (lambda m: prsgd.LocalSGD(m), r"lr=None is not allowed"),
+    ],
+)
+def test_a_wrapped_optimizer_that_cannot_work_is_refused_with_one_clear_error(build, message):
+    with pytest.raises(prsgd.InvalidArgument, match=message):
+        build(mlp())

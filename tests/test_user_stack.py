@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port
-from stack_worker import ADAMW_RESUME_CASES, AMP_CASES, CONSENSUS_CASES, INF_AT, KILL_AT, run
+from helpers import free_port, mlp
+from stack_worker import ADAMW_RESUME_CASES, AMP_CASES, CONSENSUS_CASES, INF_AT, KILL_AT, WRAPPED, WRAPPED_RULES, run
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +100,23 @@ def test_adamw_resumes_bit_for_bit_from_every_kill_point_inside_a_period(tmp_pat
         ]
         for case, kill, equal, steps_done in out["cases"]:
             assert equal and steps_done == 11, (case, kill)
+
+
+def test_any_torch_optimizer_instance_averages_all_its_state_in_one_collective_as_written_out_by_hand(tmp_path):
+    steps = 8
+    ranks = spawn("wrapped_optimizers", tmp_path, steps=steps)
+    n_params = sum(p.numel() for p in mlp().parameters())
+    kept = {"Adam": 2, "RMSprop": 3}  # exp_avg, exp_avg_sq; square_avg, momentum_buffer, grad_avg
+    for out in ranks:
+        for name in WRAPPED:
+            for sync in WRAPPED_RULES:
+                assert out[name, sync]["equal"] == [True] * steps, (name, sync)
+                rounds, sent = out[name, sync]["comm"]
+                if sync == "gradients":
+                    assert rounds == steps and sent == steps * 4 * n_params
+                else:  # rounds after steps 3 and 6, each one all-reduce of the parameters and (Alg. 1) the state
+                    per_round = n_params * (1 + kept[name] if sync == "params_and_momentum" else 1)
+                    assert (rounds, sent) == (2, 2 * 4 * per_round), (name, sync)
+            state = out[name, "params_and_momentum"]["state"]  # under the optimizer's own names
+            assert "prsgd" in state and len(state["state"]) == 4
+            assert out[name, "resumed"], name

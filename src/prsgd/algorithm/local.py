@@ -12,7 +12,7 @@ on one worker's tensors and on stacked ``(N, ...)`` ones alike.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -144,6 +144,17 @@ class LocalRule:
     def check_round(self, spec: RoundSpec) -> None:
         """Refuse, with :class:`InvalidArgument`, round options this rule's state cannot go through."""
 
+    def step_(self, groups: Sequence[UpdateGroup]) -> None:
+        """One local step of every group."""
+        for group in groups:
+            self.update_(group)
+
+    def clear_(self, state: list[Tensor], counters: list[Tensor]) -> None:
+        """A fresh optimizer's state: every state tensor and counter at zero."""
+        for tensors in (state, counters):
+            if tensors:
+                torch._foreach_zero_(tensors)
+
     def counter(self) -> Tensor:
         """A new counter at zero: a 0-d float32 tensor on the CPU, as ``torch.optim`` keeps ``step``."""
         return torch.zeros((), dtype=torch.float32)
@@ -179,20 +190,7 @@ class AdamW(LocalRule):
     COUNTERS = ("step",)
 
     def check_round(self, spec: RoundSpec) -> None:
-        """``exp_avg_sq`` must stay >= 0 and accurate where it is small (an update divides by its root): a
-        compressed round rounds it by a step of its chunk's largest value, and an overlapped round's correction
-        avg(s) + (v - s) turns it negative once N (1 - beta2^delay) > 1. Both are refused where the rule averages
-        the state; with ``sync="params_only"`` (the state stays local, as in DiLoCo) they work."""
-        if spec.rule.state != "average":
-            return
-        for name, on in (("compression", spec.compression is not None), ("overlap", spec.delay > 0)):
-            if on:
-                raise InvalidArgument(
-                    f"{name}={getattr(spec, name)!r} with optimizer='adamw' and sync={spec.sync!r} is not supported: "
-                    f"that round would average exp_avg_sq through {name}, which can make it negative or round away "
-                    "its small values (the update divides by its root); use sync='params_only' (the state stays "
-                    f"local, as in DiLoCo) or exact rounds without {name}"
-                )
+        refuse_state_through_lossy_rounds(spec, "optimizer='adamw'")
 
     def watched(self, group: Mapping[str, Any]) -> tuple:
         return (*super().watched(group), group.get("amsgrad"), group.get("maximize"))
@@ -206,6 +204,23 @@ class AdamW(LocalRule):
     def update_(self, group: UpdateGroup) -> None:
         s = group.state
         adamw_(group.params, group.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], **group.hyper.as_kwargs())
+
+
+def refuse_state_through_lossy_rounds(spec: RoundSpec, who: str) -> None:
+    """Adam's ``exp_avg_sq`` (and any second moment) must stay >= 0 and accurate where it is small, for an update
+    divides by its root: a compressed round rounds it by a step of its chunk's largest value, and an overlapped
+    round's correction avg(s) + (v - s) turns it negative once N (1 - beta2^delay) > 1. Both are refused where the
+    rule averages the state; with ``sync="params_only"`` (the state stays local, as in DiLoCo) they work."""
+    if spec.rule.state != "average":
+        return
+    for name, on in (("compression", spec.compression is not None), ("overlap", spec.delay > 0)):
+        if on:
+            raise InvalidArgument(
+                f"{name}={getattr(spec, name)!r} with {who} and sync={spec.sync!r} is not supported: that round would "
+                f"average the second moment through {name}, which can make it negative or round away its small "
+                "values (the update divides by its root); use sync='params_only' (the state stays local, as in "
+                f"DiLoCo) or exact rounds without {name}"
+            )
 
 
 LOCAL_RULES: dict[str, LocalRule] = {rule.name: rule for rule in (MomentumSGD(), AdamW())}

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Communicator
@@ -129,8 +128,7 @@ class PeriodicSync:
             if found_inf is not None:
                 apply_update = all(bool(g.isfinite().all()) for g in self.engine.tensors("grads"))
         if apply_update:
-            for group in groups:
-                self.local_rule.update_(group)
+            self.local_rule.step_(groups)
         self.steps_done += 1
         self._complete_due()  # a round started `delay` steps ago, before the next one starts
         scope = self.schedule.round_after(self.steps_done)
@@ -185,9 +183,7 @@ class PeriodicSync:
         """Clear the optimizer state after a round, for the rules that do, and restart the local rule's counters (a
         fresh optimizer: AdamW's bias correction starts again); averaging the state is the round's own work."""
         if self.rule.state == "clear":
-            for tensors in (self.engine.tensors("state"), self.engine.counters):
-                if tensors:
-                    torch._foreach_zero_(tensors)
+            self.local_rule.clear_(self.engine.tensors("state"), self.engine.counters)
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:

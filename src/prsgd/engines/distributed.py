@@ -35,7 +35,9 @@ class ProcessGroupCommunicator:
 
     ``node_group``: this rank's node, for hierarchical runs' inner rounds (``average(..., scope="node")``).
     ``background_group``: a second group of the same ranks, on which overlapped rounds' exchanges run in a
-    background thread (:meth:`start`), so that they never interleave with collectives of the training thread."""
+    background thread (:meth:`start`), so that they never interleave with collectives of the training thread.
+    ``state``: where the optimizer state lives when not in the storage (a wrapped torch optimizer's, created lazily):
+    a round that sends it packs it after the storage's span, still one collective."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class ProcessGroupCommunicator:
         topology: Topology | None = None,
         *,
         counters: Sequence[Tensor] = (),
+        state: Callable[[], list[Tensor]] | None = None,
         node_group: dist.ProcessGroup | None = None,
         background_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -55,22 +58,43 @@ class ProcessGroupCommunicator:
         self.node_group = node_group
         self.comm = CommStats()
         self.counters = list(counters)
+        self.outside_state = state
         self._receive: list[Tensor] = []
         self._background = None
         if background_group is not None:
             self._background = ProcessGroupCommunicator(storage, background_group)
 
     def tensors(self, field: Field) -> list[Tensor]:
+        if field == "state" and self.outside_state is not None:
+            return self.outside_state()
         return self.storage.tensors(field)
 
+    def _payload(self, fields: Sequence[Field]) -> tuple[Tensor, list[Tensor]]:
+        """The span of ``fields`` in the storage and the state kept outside it that they name (none, or a packed
+        copy: then the payload is a new tensor to be unpacked with :meth:`_unpack`)."""
+        if self.outside_state is None or "state" not in fields:
+            return self.storage.span(fields), []
+        outside = self.outside_state()
+        span = self.storage.span([f for f in fields if f != "state"])
+        return torch.cat([span, *(t.reshape(-1) for t in outside)]), outside
+
+    def _unpack(self, payload: Tensor, outside: list[Tensor], fields: Sequence[Field]) -> None:
+        if outside:
+            span = self.storage.span([f for f in fields if f != "state"])
+            pieces = payload.split([span.numel(), *(t.numel() for t in outside)])
+            torch._foreach_copy_(
+                [span, *outside], [p.view_as(t) for p, t in zip(pieces, [span, *outside], strict=True)]
+            )
+
     def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
-        span = self.storage.span(fields)
+        payload, outside = self._payload(fields)
         if scope == "node":
             if self.node_group is None:
                 raise RuntimeError("average(scope='node') needs a node_group")
-            self._average(span, self.node_group, scope)
+            self._average(payload, self.node_group, scope)
         else:
-            self._average(span, self.process_group, scope)
+            self._average(payload, self.process_group, scope)
+        self._unpack(payload, outside, fields)
 
     def average_tensors(self, tensors: list[Tensor]) -> None:
         for t in tensors:  # one: an overlapped round's snapshot of a span
@@ -112,6 +136,8 @@ class ProcessGroupCommunicator:
         return wait
 
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
+        if self.outside_state is not None and "state" in fields:
+            raise RuntimeError("elementwise() of optimizer state kept outside the storage")  # refused at construction
         return [self.storage.span(fields).unsqueeze(0)]  # contiguous: one row (this worker's) for the whole round
 
     def reduce_rows(self, payload: Tensor, reduce: Reduce, unit: int) -> None:
@@ -140,7 +166,7 @@ class ProcessGroupCommunicator:
     def mix(self, fields: Sequence[Field], step: int) -> None:
         if self.topology is None:
             raise RuntimeError("mix() needs a topology")
-        flat = self.storage.span(fields)
+        flat, outside = self._payload(fields)
         nbrs = self.topology.neighbours(self.rank, step)
         if len(self._receive) < len(nbrs.sources) or (self._receive and self._receive[0].numel() != flat.numel()):
             self._receive = [torch.empty_like(flat) for _ in nbrs.sources]
@@ -155,6 +181,7 @@ class ProcessGroupCommunicator:
                 work.wait()
         with torch.no_grad():
             mix_row_(flat, flat, nbrs, received)
+        self._unpack(flat, outside, fields)
         self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size())
 
 

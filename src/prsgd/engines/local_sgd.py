@@ -8,7 +8,7 @@ is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessG
 
 from __future__ import annotations
 
-import os
+import copy
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +20,7 @@ from prsgd.algorithm import FollowsAlgorithm, PeriodicSync, RoundSpec, UpdateGro
 from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.topology import make_topology
+from prsgd.algorithm.wrapped import wrap
 from prsgd.engines.distributed import (
     ProcessGroupCommunicator,
     broadcast_from_first,
@@ -30,6 +31,7 @@ from prsgd.engines.distributed import (
 )
 from prsgd.engines.flat_storage import FlatStorage
 from prsgd.engines.guards import ForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
+from prsgd.engines.torchrun import torchrun_nodes
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool
 
 
@@ -44,7 +46,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         lr: learning rate gamma (> 0), positional or keyword as in ``torch.optim.SGD``.
         optimizer: the local rule: ``"sgd"`` (momentum SGD, the paper's; the default) or ``"adamw"``
             (``torch.optim.AdamW``'s step; its state ``exp_avg``, ``exp_avg_sq`` and ``step`` under torch's names in
-            ``opt.state[p]``). A rule's settings given to the other are refused.
+            ``opt.state[p]``), or any ``torch.optim.Optimizer`` instance built on the model's parameters
+            (:mod:`prsgd.algorithm.wrapped`: its own step and settings; the state it keeps per parameter is averaged
+            with the parameters). A rule's settings given to another are refused.
         momentum: sgd: beta in [0, 1); 0 (the default) gives local SGD.
         nesterov: sgd: option II (eq. 5) instead of Polyak's option I (eq. 4), in ``torch.optim.SGD``'s form.
         weight_decay: sgd: L2 penalty added to the gradient (default 0), as ``torch.optim.SGD`` does; adamw:
@@ -97,9 +101,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | None = None,
         *,
-        optimizer: str = "sgd",
+        optimizer: str | torch.optim.Optimizer = "sgd",
         momentum: float | None = None,
         nesterov: bool | None = None,
         weight_decay: float | None = None,
@@ -112,15 +116,19 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         **round_options: Any,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
-        rule, hyper = local_rule(
-            optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps
-        )
+        settings = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps)
+        self._wrapped = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        if self._wrapped is not None:
+            rule, hyper = wrap(self._wrapped, params, settings)
+        else:
+            rule, hyper = local_rule(optimizer, **settings)
         spec = RoundSpec.of(round, **round_options)
         check_process_group(process_group)
         if spec.inner_period is not None and spec.nodes is None:
             spec = spec.replace(nodes=torchrun_nodes())
         spec.check_workers(group_size(process_group))
-        self.algorithm = PeriodicSync(spec, has_state=rule.keeps_state([hyper.as_kwargs()]), local_rule=rule)
+        has_state = hyper is None or rule.keeps_state([hyper.as_kwargs()])
+        self.algorithm = PeriodicSync(spec, has_state=has_state, local_rule=rule)
         self.nodes = spec.nodes
         if isinstance(params, nn.Module):
             if model is not None:
@@ -136,7 +144,11 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         self.num_workers = group_size(process_group)
         self.topology = make_topology(spec.topology, self.num_workers) if spec.topology is not None else None
         self._built = False
-        super().__init__(params, hyper.as_kwargs())
+        if self._wrapped is not None:  # its param groups and state, the very objects: schedulers on either work
+            super().__init__(self._wrapped.param_groups, self._wrapped.defaults)
+            self.state = self._wrapped.state
+        else:
+            super().__init__(params, hyper.as_kwargs())
         for index, group in enumerate(self.param_groups):
             self._group_hyperparameters(index, group)
 
@@ -174,6 +186,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             process_group,
             self.topology,
             counters=self._counters,
+            state=rule.state_tensors if self._wrapped is not None else None,
             node_group=node_group(self.nodes, process_group) if self.nodes is not None else None,
             background_group=same_ranks_group(process_group) if self.algorithm.overlap is not None else None,
         )
@@ -225,6 +238,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         state = self.algorithm.state_dict()
         if self._counters:
             state["local_counters"] = torch.stack(self._counters).clone()
+        if self._wrapped is not None:  # its state lives in the instance, outside the flat storage
+            state["optimizer"] = copy.deepcopy(self._wrapped.state_dict())
         return state
 
     @torch.no_grad()
@@ -250,6 +265,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             flat.copy_(values)
             if round_state is not None and self._counters:
                 torch._foreach_copy_(self._counters, list(round_state["local_counters"].unbind()))
+            if round_state is not None and self._wrapped is not None:
+                self._load_wrapped(round_state["optimizer"])
             if round_state is not None:
                 self.algorithm.load_state_dict(round_state, from_consensus=from_consensus)
                 self.algorithm.take_x0()
@@ -350,6 +367,11 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         base["prsgd"] = self.algorithm.state_dict()
         return base
 
+    def _load_wrapped(self, state_dict: dict[str, Any]) -> None:
+        """Load a wrapped optimizer's own state dict into it, and keep sharing its (new) param groups and state."""
+        self._wrapped.load_state_dict(state_dict)
+        self.param_groups, self.state = self._wrapped.param_groups, self._wrapped.state
+
     def load_state_dict(self, state_dict: dict[str, Any], *, from_consensus: bool = False) -> None:
         """Like ``Optimizer.load_state_dict``; momentum is copied into flat storage, prsgd's counters restored.
 
@@ -359,9 +381,13 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         afresh from the loaded values at the next forward pass, so the model's state may be loaded before or after."""
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
+        if self._wrapped is not None:
+            self._load_wrapped(state_dict)
+            state_dict = {"state": {}, "param_groups": []}  # loaded: nothing left for the views below
         names = (*self.algorithm.local_rule.STATE, *self.algorithm.local_rule.COUNTERS)
         views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
-        super().load_state_dict(state_dict)
+        if self._wrapped is None:
+            super().load_state_dict(state_dict)
         for p, by_name in views.items():
             for name, view in by_name.items():
                 loaded = self.state[p].get(name)
@@ -372,16 +398,3 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
             # stages that restart take x^0 at the next forward (or step), after the model's state is loaded too
             self._forward_check.before_next_forward(self.algorithm.take_x0)
-
-
-def torchrun_nodes() -> int:
-    """How many nodes torchrun started: ``WORLD_SIZE / LOCAL_WORLD_SIZE``; :class:`InvalidArgument` without them."""
-    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
-    if not world or not local or not world.isdigit() or not local.isdigit() or int(local) == 0:
-        raise InvalidArgument(
-            "inner_period= needs to know the nodes: pass nodes= (how many nodes the ranks form), or launch with "
-            "torchrun (WORLD_SIZE and LOCAL_WORLD_SIZE)"
-        )
-    if int(world) % int(local):
-        raise InvalidArgument(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: pass nodes=")
-    return int(world) // int(local)

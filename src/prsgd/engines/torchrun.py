@@ -332,3 +332,16 @@ class Heartbeat:
         deadline = time.monotonic() + 1.0
         for thread in [self._thread, *self._helpers]:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def torchrun_nodes() -> int:
+    """How many nodes torchrun started: ``WORLD_SIZE / LOCAL_WORLD_SIZE``; :class:`InvalidArgument` without them."""
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if not world or not local or not world.isdigit() or not local.isdigit() or int(local) == 0:
+        raise InvalidArgument(
+            "inner_period= needs to know the nodes: pass nodes= (how many nodes the ranks form), or launch with "
+            "torchrun (WORLD_SIZE and LOCAL_WORLD_SIZE)"
+        )
+    if int(world) % int(local):
+        raise InvalidArgument(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: pass nodes=")
+    return int(world) // int(local)
