@@ -29,12 +29,13 @@ def state_names(opt):
     )
 
 
-def round_tensors(model, opt, sync):
+def round_tensors(model, opt, sync, names=None):
     """What an averaging round of ``sync`` communicates for one worker: its parameters, float buffers and, for
-    Algorithm 1, the optimizer's state tensors (once they exist), name by name."""
+    Algorithm 1, the optimizer's state tensors (once they exist; ``names`` of them if given), name by name."""
     tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
     if sync == "params_and_momentum":
-        tensors += [opt.state[p][name] for name in state_names(opt) for p in model.parameters()]
+        sent = [n for n in state_names(opt) if names is None or n in names]
+        tensors += [opt.state[p][name] for name in sent for p in model.parameters()]
     return tensors
 
 
@@ -70,12 +71,22 @@ class ReferenceWorkers:
         optimizer="sgd",
         betas=None,
         eps=1e-8,
+        state_period=None,
+        sync_state=None,
     ):
+        self.state_period, self.sync_state = state_period, sync_state
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         hyper = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, eps=eps)
         self.opts = [make_optimizer(m.parameters(), optimizer, **hyper) for m in self.models]
         self.period, self.sync, self.t = period, sync, 0
         self.mixing_matrix = mixing_matrix  # a function step -> N x N numpy array, for the gossip rules
+
+    def sent_state(self):
+        """The state tensors this round averages (or mixes): those ``sync_state`` names (all by default), at every
+        ``state_period``-th round only (rounds counted from 1)."""
+        if self.state_period is not None and (self.t // self.period) % self.state_period:
+            return ()
+        return tuple(n for n in state_names(self.opts[0]) if self.sync_state is None or n in self.sync_state)
 
     def _mean_into(self, tensors):
         with torch.no_grad():
@@ -109,10 +120,8 @@ class ReferenceWorkers:
         if self.sync in PERIODIC and self.t % self.period == 0:
             for params in zip(*(m.parameters() for m in self.models), strict=True):
                 self._mean_into(list(params))
-                for name in state_names(self.opts[0]):
-                    buffers = [opt.state[p][name] for opt, p in zip(self.opts, params, strict=True)]
-                    if self.sync == "params_and_momentum":
-                        self._mean_into(buffers)
+                for name in self.sent_state() if self.sync == "params_and_momentum" else ():
+                    self._mean_into([opt.state[p][name] for opt, p in zip(self.opts, params, strict=True)])
             if self.sync == "params_clear_momentum":
                 for opt in self.opts:
                     clear_state(opt)
@@ -123,7 +132,7 @@ class ReferenceWorkers:
             w = self.mixing_matrix(self.t - 1)
             for params in zip(*(m.parameters() for m in self.models), strict=True):
                 self._mix_into(list(params), w)
-                for name in state_names(self.opts[0]) if self.sync == "gossip" else ():
+                for name in self.sent_state() if self.sync == "gossip" else ():
                     self._mix_into([opt.state[p][name] for opt, p in zip(self.opts, params, strict=True)], w)
             for bufs in zip(*(m.buffers() for m in self.models), strict=True):
                 if bufs[0].is_floating_point():
@@ -218,8 +227,8 @@ class RoundReference(ReferenceWorkers):
         x0 = [t.detach().clone() for t in round_tensors(self.models[0], self.opts[0], sync)]
         kept = STATE[type(self.opts[0])] if momentum > 0 or isinstance(self.opts[0], torch.optim.AdamW) else ()
         if sync == "params_and_momentum":  # the state starts at zero
-            x0 += [torch.zeros_like(p) for _ in kept for p in self.models[0].parameters()]
-        self.shapes = [t.shape for t in x0]
+            sent = [n for n in kept if self.sync_state is None or n in self.sync_state]
+            x0 += [torch.zeros_like(p) for _ in sent for p in self.models[0].parameters()]
         self.anchor = torch.cat([t.reshape(-1) for t in x0])
         self.residual = [torch.zeros_like(self.anchor) for _ in range(num_workers)]
         padded = -(-self.anchor.numel() // 256) * 256 if compression == "int8" else self.anchor.numel()
@@ -235,12 +244,15 @@ class RoundReference(ReferenceWorkers):
                 nesterov=outer_momentum > 0,
             )
 
+    def _tensors(self, i):
+        return round_tensors(self.models[i], self.opts[i], self.sync, self.sent_state())
+
     def _vector(self, i):
-        return torch.cat([t.detach().reshape(-1) for t in round_tensors(self.models[i], self.opts[i], self.sync)])
+        return torch.cat([t.detach().reshape(-1) for t in self._tensors(i)])
 
     def _set(self, i, vector):
-        pieces = vector.split([s.numel() for s in self.shapes])
-        for t, piece in zip(round_tensors(self.models[i], self.opts[i], self.sync), pieces, strict=True):
+        tensors = self._tensors(i)
+        for t, piece in zip(tensors, vector.split([t.numel() for t in tensors]), strict=True):
             t.copy_(piece.view_as(t))
 
     def _clear_momentum(self, workers):

@@ -259,3 +259,41 @@ def test_a_wrapped_torch_optimizer_steps_as_itself_and_shares_its_param_groups_w
 def test_a_wrapped_optimizer_that_cannot_work_is_refused_with_one_clear_error(build, message):
     with pytest.raises(prsgd.InvalidArgument, match=message):
         build(mlp())
+
+
+def _equal_on_all_workers(by_param: dict) -> bool:
+    return all(torch.equal(v, v[:1].expand_as(v)) for v in by_param.values())
+
+
+def test_sync_state_averages_the_first_moment_only_and_counts_only_what_it_sends():
+    model = mlp()
+    sim = prsgd.Simulator(model, num_workers=4, optimizer="adamw", period=2, sync_state=("exp_avg",), **ADAMW)
+    for x, y in batches(4, 4):
+        sim.step(x, y, F.cross_entropy)
+    state = sim.optimizer_state()
+    assert _equal_on_all_workers(state["exp_avg"]) and not _equal_on_all_workers(state["exp_avg_sq"])
+    n_params = sum(p.numel() for p in model.parameters())
+    assert sim.comm.bytes == 2 * 4 * 2 * n_params  # two rounds of parameters and exp_avg, fp32
+    assert not sim.in_consensus  # exp_avg_sq differs: not a state another number of workers could resume from
+
+
+def test_state_period_averages_the_state_at_every_kth_round_only():
+    model = mlp()
+    sim = prsgd.Simulator(model, num_workers=4, optimizer="adamw", period=2, state_period=2, **ADAMW)
+    n_params = sum(p.numel() for p in model.parameters())
+    seen = []
+    for x, y in batches(4, 4):
+        sim.step(x, y, F.cross_entropy)
+        seen.append((sim.comm.bytes, sim.in_consensus, _equal_on_all_workers(sim.optimizer_state()["exp_avg"])))
+    one = 4 * n_params
+    assert seen == [(0, False, False), (one, False, False), (one, False, False), (one + 3 * one, True, True)]
+
+
+def test_the_state_policies_are_config_keys_and_flags():
+    from prsgd.training.config import RunConfig
+
+    config = RunConfig().with_overrides({"optimizer": "adamw", "sync_state": "exp_avg", "state_period": "3"})
+    spec = config.algorithm.round_spec()
+    assert spec.sync_state == ("exp_avg",) and spec.state_period == 3
+    with pytest.raises(prsgd.InvalidArgument, match=r"state_period=2 changes how rounds average the optimizer state"):
+        RunConfig().with_overrides({"sync": "params_only", "state_period": "2"})

@@ -190,7 +190,7 @@ class AdamW(LocalRule):
     COUNTERS = ("step",)
 
     def check_round(self, spec: RoundSpec) -> None:
-        refuse_state_through_lossy_rounds(spec, "optimizer='adamw'")
+        refuse_state_through_lossy_rounds(spec, "optimizer='adamw'", "exp_avg_sq")
 
     def watched(self, group: Mapping[str, Any]) -> tuple:
         return (*super().watched(group), group.get("amsgrad"), group.get("maximize"))
@@ -206,12 +206,13 @@ class AdamW(LocalRule):
         adamw_(group.params, group.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], **group.hyper.as_kwargs())
 
 
-def refuse_state_through_lossy_rounds(spec: RoundSpec, who: str) -> None:
+def refuse_state_through_lossy_rounds(spec: RoundSpec, who: str, second_moment: str | None = None) -> None:
     """Adam's ``exp_avg_sq`` (and any second moment) must stay >= 0 and accurate where it is small, for an update
     divides by its root: a compressed round rounds it by a step of its chunk's largest value, and an overlapped
     round's correction avg(s) + (v - s) turns it negative once N (1 - beta2^delay) > 1. Both are refused where the
-    rule averages the state; with ``sync="params_only"`` (the state stays local, as in DiLoCo) they work."""
-    if spec.rule.state != "average":
+    rule averages the state, unless ``sync_state`` leaves ``second_moment`` out; with ``sync="params_only"`` (the
+    state stays local, as in DiLoCo) they work."""
+    if spec.rule.state != "average" or (spec.sync_state is not None and second_moment not in spec.sync_state):
         return
     for name, on in (("compression", spec.compression is not None), ("overlap", spec.delay > 0)):
         if on:
@@ -219,7 +220,7 @@ def refuse_state_through_lossy_rounds(spec: RoundSpec, who: str) -> None:
                 f"{name}={getattr(spec, name)!r} with {who} and sync={spec.sync!r} is not supported: that round would "
                 f"average the second moment through {name}, which can make it negative or round away its small "
                 "values (the update divides by its root); use sync='params_only' (the state stays local, as in "
-                f"DiLoCo) or exact rounds without {name}"
+                f"DiLoCo), sync_state=('exp_avg',), or exact rounds without {name}"
             )
 
 

@@ -70,8 +70,26 @@ class PeriodicSync:
         self.outer = OuterOptimizer.from_spec(spec)
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
+        self.local_state_names: tuple[str, ...] = ()
         self.steps_done = 0
         self.synchronized_at: int | None = None
+
+    def state_layout(self, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The local rule's state tensors ``names`` split into those rounds send (field ``"state"``) and those that
+        stay local (``"local_state"``), as ``sync_state`` says; :class:`InvalidArgument` for a name the rule does not
+        keep. Engines lay their state out by it."""
+        wanted = self.spec.sync_state
+        if wanted is None:
+            return names, ()
+        kept = self.local_rule.STATE
+        unknown = [n for n in wanted if n not in kept]
+        if unknown:
+            raise InvalidArgument(
+                f"sync_state names {unknown[0]!r}, which optimizer={self.local_rule.name!r} does not keep; it keeps "
+                f"{', '.join(kept) if kept else 'no state tensors by name'}"
+            )
+        self.local_state_names = tuple(n for n in names if n not in wanted)
+        return tuple(n for n in names if n in wanted), self.local_state_names
 
     def attach(self, engine: Communicator) -> None:
         """Take ``engine``'s tensors, which hold x^0 (the same on every worker), as the stages' starting point: the
@@ -163,6 +181,8 @@ class PeriodicSync:
             self.overlap.start_round(self._round_tensors(), self.exchange, self.engine, self.steps_done)
             return  # the state rule applies when the round is applied
         else:
+            if not self.spec.sends_state_after(self.steps_done):  # state_period: the state waits for a later round
+                fields = ("params", "buffers")
             self.exchange.exchange_round(self.engine, fields, self.steps_done - 1)
         if self.outer is not None:
             self._outer_step(exact)
@@ -183,7 +203,8 @@ class PeriodicSync:
         """Clear the optimizer state after a round, for the rules that do, and restart the local rule's counters (a
         fresh optimizer: AdamW's bias correction starts again); averaging the state is the round's own work."""
         if self.rule.state == "clear":
-            self.local_rule.clear_(self.engine.tensors("state"), self.engine.counters)
+            state = [*self.engine.tensors("state"), *self.engine.tensors("local_state")]
+            self.local_rule.clear_(state, self.engine.counters)
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:
@@ -203,12 +224,16 @@ class PeriodicSync:
         then may be resumed with a different number of workers."""
         if self.steps_done == 0 or self.rule.averages_gradients:
             return True
-        full_round = self.rule.state != "keep" or not self.has_state
+        # the state is equal everywhere after an exact round when there is none, it is cleared, or all of it is sent
+        state_equal = not self.has_state or self.rule.state == "clear"
+        state_equal = state_equal or (self.rule.state == "average" and not self.local_state_names)
         if self.synchronized_at == self.steps_done:
-            return full_round
+            return state_equal
         if self.overlap is not None and (self.overlap.delay or self.overlap.in_flight):
             return False  # every worker keeps its own progress made while the round was in flight
-        return self.rule.averages_params and self.schedule.ends_a_period(self.steps_done) and full_round
+        if self.has_state and self.rule.state == "average" and not self.spec.sends_state_after(self.steps_done):
+            return False  # state_period: this round left the state out
+        return self.rule.averages_params and self.schedule.ends_a_period(self.steps_done) and state_equal
 
     def _stages(self) -> list[Any]:
         """The stages that keep state, in the order they are restored."""

@@ -95,6 +95,20 @@ ROUND_OPTIONS: tuple[RoundOption, ...] = (
         off=0.0,
         examples=(0.9,),
     ),
+    RoundOption(
+        "state_period",
+        "rules that average the optimizer state: average it only every this many rounds; 0: every round",
+        kind=int,
+        off=0,
+        examples=(2,),
+    ),
+    RoundOption(
+        "sync_state",
+        "rules that average the optimizer state: only these of its tensors (comma-separated, e.g. exp_avg); empty: all",
+        kind=str,
+        off="",
+        examples=(("exp_avg",),),
+    ),
 )
 """Every round option beyond ``sync`` and ``period``, in the order of the config and of ``--help``."""
 
@@ -115,6 +129,11 @@ class RoundSpec:
         nodes: with ``inner_period``, how many nodes of consecutive workers (LocalSGD: default from torchrun).
         outer_lr, outer_momentum: DiLoCo's outer step at every scheduled averaging round
             (:mod:`prsgd.algorithm.outer`); on when either is given (the other then 1 or 0).
+        state_period: for rules that average the optimizer state (Algorithm 1, gossip): average (or mix) it only at
+            every ``state_period``-th round, the parameters at every round.
+        sync_state: for those rules: the names of the state tensors a round averages (``("exp_avg",)``: AdamW's
+            first moment only); the others stay local. A name the local rule does not keep is refused when an
+            engine is built.
 
     Every exclusion between options is one entry of :data:`EXCLUSIONS`; a spec that breaks one is refused with its
     message (:class:`prsgd.InvalidArgument`) at construction.
@@ -129,13 +148,16 @@ class RoundSpec:
     nodes: int | None = None
     outer_lr: float | None = None
     outer_momentum: float | None = None
+    state_period: int | None = None
+    sync_state: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         sync_rule(self.sync)
         check_int("period", self.period, 1)
         check_compression(self.compression)
         check_overlap(self.overlap, self.period)
-        for name in ("inner_period", "nodes"):
+        object.__setattr__(self, "sync_state", check_names("sync_state", self.sync_state))
+        for name in ("inner_period", "nodes", "state_period"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         outer = check_outer(self.outer_lr, self.outer_momentum)
@@ -149,6 +171,12 @@ class RoundSpec:
     @property
     def rule(self) -> SyncRule:
         return SYNC_RULES[self.sync]
+
+    def sends_state_after(self, step: int) -> bool:
+        """Whether the scheduled round after ``step`` averages (or mixes) the optimizer state."""
+        return self.rule.state == "average" and (
+            self.state_period is None or step % (self.state_period * self.period) == 0
+        )
 
     @property
     def delay(self) -> int:
@@ -223,6 +251,32 @@ def _averaging_only(name: str) -> Exclusion:
     return Exclusion(lambda spec: _on(spec, name) and not spec.rule.averages_params, message)
 
 
+def check_names(name: str, value: object) -> tuple[str, ...] | None:
+    """None, or a non-empty tuple of distinct names (a comma-separated string is split)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not isinstance(value, tuple | list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must name state tensors, e.g. ('exp_avg',)")
+    if len(set(value)) != len(value):
+        raise InvalidArgument(f"{name}={tuple(value)!r} names a tensor twice")
+    return tuple(value)
+
+
+def _state_averaging_only(name: str) -> Exclusion:
+    """``name`` changes how the optimizer state is averaged: refused under a rule that does not average it."""
+
+    def message(spec: RoundSpec) -> str:
+        allowed = ", ".join(rule.name for rule in SYNC_RULES.values() if rule.state == "average")
+        return (
+            f"{name}={getattr(spec, name)!r} changes how rounds average the optimizer state; sync={spec.sync!r} "
+            f"does not average it (allowed with {allowed})"
+        )
+
+    return Exclusion(lambda spec: _on(spec, name) and spec.rule.state != "average", message)
+
+
 def _on(spec: RoundSpec, name: str) -> bool:
     """Whether option ``name`` is on (overlap: a delay > 0)."""
     return spec.delay > 0 if name == "overlap" else getattr(spec, name) is not None
@@ -259,6 +313,15 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
     Exclusion(
         lambda s: s.outer is not None and s.delay > 0,
         lambda s: f"outer_lr/outer_momentum with overlap={s.overlap!r} is not supported",
+    ),
+    _state_averaging_only("state_period"),
+    _state_averaging_only("sync_state"),
+    Exclusion(
+        lambda s: s.state_period is not None and (s.compression is not None or s.delay > 0 or s.inner_period),
+        lambda s: (
+            f"state_period={s.state_period} with compression, overlap or inner_period is not supported (their "
+            "rounds keep one layout of what is sent); use sync_state= to send part of the state at every round"
+        ),
     ),
 )
 """Every exclusion between round options, checked in this order when a :class:`RoundSpec` is built."""

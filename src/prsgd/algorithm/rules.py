@@ -12,9 +12,10 @@ from typing import Literal
 
 from prsgd.errors import InvalidArgument
 
-Field = Literal["params", "buffers", "grads", "state"]
+Field = Literal["params", "buffers", "grads", "state", "local_state"]
 """What a round communicates: all parameters, floating-point model buffers, this step's gradients, and the local
-rule's optimizer state (every tensor it keeps per parameter, by name: momentum SGD's ``momentum_buffer``)."""
+rule's optimizer state (every tensor it keeps per parameter, by name: momentum SGD's ``momentum_buffer``), but for
+``local_state``: the state tensors a round never sends (those ``sync_state`` leaves out)."""
 
 Round = Literal["gradients", "average", "mix", "nothing"]
 Scope = Literal["all", "node"]

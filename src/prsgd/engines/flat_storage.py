@@ -1,7 +1,7 @@
 """One flat tensor holding a worker's parameters, float buffers, gradient copies and optimizer state, field by field.
 
 :class:`prsgd.LocalSGD` keeps everything a round communicates here, in the fixed order
-``params | buffers | grads | state``, so that every round the algorithm asks for is one contiguous span:
+``params | buffers | grads | state | local_state``, so that every round the algorithm asks for is one contiguous span:
 ``params + buffers (+ state)`` for parameter rounds, ``buffers + grads`` for ``sync="gradients"`` (which never
 averages the optimizer state). The layout knows its spans; nothing is re-discovered from storage pointers.
 """
@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from prsgd.algorithm.local import LocalRule
 from prsgd.algorithm.rules import Field
 from prsgd.errors import InvalidArgument
 
-ORDER: tuple[Field, ...] = ("params", "buffers", "grads", "state")
+ORDER: tuple[Field, ...] = ("params", "buffers", "grads", "state", "local_state")
 
 
 class FlatStorage:
@@ -77,3 +78,22 @@ class FlatStorage:
         if gaps:
             raise ValueError(f"fields {tuple(fields)} are not one span: {gaps} lie between them")
         return self.flat[start:end]
+
+
+def place_state(
+    storage: FlatStorage, state: dict, params: Sequence[Tensor], names: Sequence[str], rule: LocalRule
+) -> list[Tensor]:
+    """Put the local rule's state where ``torch.optim`` keeps it, ``state[p][name]``: the tensors of ``names`` are the
+    storage's ``state`` then ``local_state`` views, each name's in parameter order (None for a name the rule keeps
+    none of); its counters are new tensors outside the storage (never sent), returned name by name."""
+    views = iter([*storage.tensors("state"), *storage.tensors("local_state")])
+    for name in names:
+        for p in params:
+            state[p][name] = next(views)
+    for name in rule.STATE:
+        for p in params:
+            state[p].setdefault(name, None)
+    for name in rule.COUNTERS:
+        for p in params:
+            state[p][name] = rule.counter()
+    return [state[p][name] for name in rule.COUNTERS for p in params]

@@ -29,7 +29,7 @@ from prsgd.engines.distributed import (
     node_group,
     same_ranks_group,
 )
-from prsgd.engines.flat_storage import FlatStorage
+from prsgd.engines.flat_storage import FlatStorage, place_state
 from prsgd.engines.guards import ForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.engines.torchrun import torchrun_nodes
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool
@@ -55,38 +55,31 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             decoupled weight decay (default 0.01), as ``torch.optim.AdamW`` does.
         betas, eps: adamw: as ``torch.optim.AdamW`` (defaults (0.9, 0.999) and 1e-8).
         process_group: the workers that average together; default: the whole world. Without an initialized
-            process group the optimizer runs as a single worker: averaging is a no-op and ``comm`` counts nothing.
-            ``WORLD_SIZE > 1`` in the environment (torchrun) without an initialized group is refused.
-        check_finite: check this worker's gradients before the step (unless a GradScaler handles them) and its
-            parameters, buffers and momentum after it; a NaN or infinity raises :class:`prsgd.NonFiniteError`
-            naming the step and this worker's rank. Two fused passes per step (gradients, then the flat storage), no
-            communication.
+            process group it runs as a single worker (averaging does nothing, ``comm`` counts nothing); with
+            ``WORLD_SIZE > 1`` in the environment (torchrun) that is refused.
+        check_finite: check this worker's gradients before the step (unless a GradScaler does) and all its tensors
+            after it: a NaN or infinity raises :class:`prsgd.NonFiniteError` naming the step and rank.
         model: with ``params`` given as parameters or param groups, the model they belong to: its float buffers
             are averaged with the parameters, and its other tensors (frozen parameters, integer buffers) are
             broadcast from the first worker at construction.
         round: the round's description, a :class:`prsgd.RoundSpec` (rule, period and every option, checked
             together); or, as a convenience, its fields as keywords (``sync=``, ``period=``, ``compression=``, ...):
         sync: ``"params_and_momentum"`` (Algorithm 1, the default), ``"params_clear_momentum"``, ``"params_only"``,
-            ``"gradients"`` (all-reduce gradients, and float buffers, every step; ignores ``period``), ``"gossip"``
-            (Algorithm 2: mix parameters and momentum with neighbours through W), ``"gossip_params_only"`` or
-            ``"none"``.
+            ``"gradients"`` (all-reduce gradients and float buffers every step), ``"gossip"`` (Algorithm 2: mix
+            parameters and state with neighbours through W), ``"gossip_params_only"`` or ``"none"``.
         period: I >= 1, local steps between sync rounds (eq. 6). 1 gives parallel mini-batch momentum SGD.
-        topology: for the gossip rules only: a name (``"ring"``, ``"torus"``, ``"exponential"``, ...), a
-            :class:`prsgd.algorithm.topology.Topology`, an N x N mixing matrix or an adjacency list; worker i of the
-            topology is rank i of the group. Each worker then exchanges only with its neighbours, point to point.
-        compression, overlap, inner_period, nodes, outer_lr, outer_momentum: compressed, overlapped and
-            hierarchical rounds and DiLoCo's outer step, as :class:`prsgd.RoundSpec` describes them. ``nodes``
-            defaults to ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment. Beyond the paper's analysis.
+        topology, compression, overlap, inner_period, nodes, outer_lr, outer_momentum, state_period, sync_state: as
+            :class:`prsgd.RoundSpec` describes them (worker i of a topology is rank i of the group; ``nodes``
+            defaults to ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment).
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
     every rank of the world constructs its LocalSGD at the same point.
 
-    Parameters, floating-point model buffers and momentum buffers live as views in one flat tensor, so each
-    round is a single ``all_reduce``; momentum buffers exist (as zeros) from construction on. At construction the
-    first member's model is broadcast so every worker starts at the same x^0. ``comm`` counts rounds and payload
-    bytes sent per worker (the size of what was reduced). Parameters that got no gradient skip the local update,
-    as in ``torch.optim.SGD``, but are still averaged; with ``sync="gradients"`` a missing gradient counts as zero
-    so that all workers stay identical.
+    Parameters, floating-point model buffers and optimizer state live as views in one flat tensor, so each round
+    is a single ``all_reduce``; the state exists (as zeros) from construction on. At construction the first
+    member's model is broadcast so every worker starts at the same x^0. ``comm`` counts rounds and payload bytes
+    sent per worker. Parameters that got no gradient skip the local update, as in ``torch.optim``, but are still
+    averaged; with ``sync="gradients"`` a missing gradient counts as zero so that all workers stay identical.
 
     LocalSGD does all the communication itself: a model wrapped in ``DistributedDataParallel`` or FSDP (before or
     after construction), or parameters moved out of its flat storage (``model.to(...)``, ``.half()``, a wrapper
@@ -165,21 +158,19 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 )
         self.model_buffers = model_buffers
         self.has_momentum = self.algorithm.has_state = rule.keeps_state(self.param_groups)
-        self._state_names = rule.state_names(self.has_momentum)
+        synced, kept = self.algorithm.state_layout(rule.state_names(self.has_momentum))
+        self._state_names = (*synced, *kept)
         shapes = [p.shape for p in all_params]
-        # layout params | buffers | grads (sync="gradients" only) | state (by name): every round is one span
+        # layout params | buffers | grads (sync="gradients" only) | state | local_state (by name): a round is one span
         self.storage = FlatStorage(
             {"params": all_params, "buffers": model_buffers},
-            {"grads": shapes if self.rule.averages_gradients else [], "state": shapes * len(self._state_names)},
+            {
+                "grads": shapes if self.rule.averages_gradients else [],
+                "state": shapes * len(synced),
+                "local_state": shapes * len(kept),
+            },
         )
-        state = iter(self.storage.tensors("state"))
-        for name in rule.STATE:  # each name's tensors in parameter order; None where the rule keeps none
-            for p in all_params:
-                self.state[p][name] = next(state) if name in self._state_names else None
-        for name in rule.COUNTERS:  # kept per worker, outside the flat storage (never sent)
-            for p in all_params:
-                self.state[p][name] = rule.counter()
-        self._counters = [self.state[p][name] for name in rule.COUNTERS for p in all_params]
+        self._counters = place_state(self.storage, self.state, all_params, self._state_names, rule)
         self.process_group = process_group
         self.engine = ProcessGroupCommunicator(
             self.storage,

@@ -136,15 +136,16 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
 
         self._params = {name: stack(p) for name, p in model.named_parameters()}
         self._buffers = {name: stack(b) for name, b in model.named_buffers()}
-        names = rule.state_names(has_state)
-        self._state = {n: {name: torch.zeros_like(p) for name, p in self._params.items()} for n in names}
+        synced, kept = self.algorithm.state_layout(rule.state_names(has_state))
+        self._state = {n: {name: torch.zeros_like(p) for name, p in self._params.items()} for n in (*synced, *kept)}
         # one counter per parameter for all workers: the stacked workers update in lockstep
         self._counters = {n: {name: rule.counter() for name in self._params} for n in rule.COUNTERS}
         self.engine = StackedCommunicator(
             num_workers,
             params=list(self._params.values()),
             buffers=[b for b in self._buffers.values() if b.is_floating_point()],
-            state=[t for by_param in self._state.values() for t in by_param.values()],
+            state=[t for n in synced for t in self._state[n].values()],
+            local_state=[t for n in kept for t in self._state[n].values()],
             counters=[t for by_param in self._counters.values() for t in by_param.values()],
             topology=self.topology,
             device=self.device,
@@ -198,7 +199,8 @@ class Simulator(FollowsAlgorithm, torch.optim.Optimizer):
         if self.check_finite:
             e = self.engine
             state = "momentum buffer" if self.algorithm.local_rule.name == "sgd" else "optimizer state"
-            kinds = [("parameter", e.tensors("params")), ("buffer", e.tensors("buffers")), (state, e.tensors("state"))]
+            state_tensors = [*e.tensors("state"), *e.tensors("local_state")]
+            kinds = [("parameter", e.tensors("params")), ("buffer", e.tensors("buffers")), (state, state_tensors)]
             self._raise_if_nonfinite(kinds, self.steps_done - 1)
         return losses.detach()
 

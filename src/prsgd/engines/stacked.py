@@ -117,6 +117,7 @@ class StackedCommunicator:
         device: torch.device | None = None,
         nodes: int = 1,
         counters: Sequence[Tensor] = (),
+        local_state: Sequence[Tensor] = (),
     ) -> None:
         self.num_workers = num_workers
         self.nodes = nodes
@@ -125,6 +126,7 @@ class StackedCommunicator:
             "buffers": buffers,
             "grads": [],
             "state": state,
+            "local_state": list(local_state),
         }
         self.counters = list(counters)
         self.mixer = StackedMixer(topology, device or params[0].device) if topology is not None else None

@@ -97,10 +97,17 @@ class _LocalAndRule:
         try:
             sync_rule(self.sync)
             # a 'theory' period is known once N and T are: check the options with one every option allows
-            self.round_spec(
+            spec = self.round_spec(
                 period=max(1, self.inner_period) * max(1, self.overlap) if self.period == "theory" else None
             )
             local_rule(self.optimizer, lr=1.0, **self.local_settings())
+            kept = LOCAL_RULES[self.optimizer].STATE
+            for name in spec.sync_state or ():
+                if name not in kept:
+                    raise ConfigError(
+                        f"algorithm.sync_state names {name!r}, which optimizer={self.optimizer!r} does not keep; it "
+                        f"keeps {', '.join(kept)}"
+                    )
         except ConfigError:
             raise
         except ValueError as error:
