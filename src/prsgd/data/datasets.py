@@ -14,6 +14,7 @@ import torch
 from prsgd.data.cifar import load_cifar10
 from prsgd.data.idx import load_fashion_mnist, load_mnist
 from prsgd.data.imagefolder import load_imagefolder
+from prsgd.data.text import load_stdlib_text
 from prsgd.data.types import ArraySplit, DataError, Dataset
 
 
@@ -57,6 +58,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "mnist": load_mnist,
     "cifar10": load_cifar10,
     "imagefolder": load_imagefolder,
+    "stdlib_text": load_stdlib_text,
 }
 DATASET_NAMES = tuple(LOADERS)
 

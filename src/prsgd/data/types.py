@@ -20,15 +20,33 @@ class DataError(InvalidArgument):
 
 
 class ArraySplit:
-    """Examples held in memory: ``inputs`` (uint8 images or float features) and int64 ``targets``."""
+    """Examples held in memory: ``inputs`` (uint8 images, float features or int64 tokens) and int64 ``targets`` (a
+    class per example, or per token of a sequence). ``labels``: what non-identical splits group examples by (their
+    class by default; a text window's source file)."""
 
-    def __init__(self, inputs: Tensor, targets: Tensor, mean: Tensor | None = None, std: Tensor | None = None):
-        if len(inputs) != len(targets):
-            raise DataError(f"{len(inputs)} inputs but {len(targets)} targets")
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        mean: Tensor | None = None,
+        std: Tensor | None = None,
+        labels: Tensor | None = None,
+    ):
+        if len(inputs) != len(targets) or (labels is not None and len(labels) != len(targets)):
+            raise DataError(
+                f"{len(inputs)} inputs but {len(targets)} targets"
+                + ("" if labels is None else f" and {len(labels)} labels")
+            )
         self.inputs = inputs
         self.targets = targets
         self.mean = mean
         self.std = std
+        self._labels = labels
+
+    @property
+    def labels(self) -> Tensor:
+        """One label per example, for splits by class: ``labels`` if given, else the targets."""
+        return self.targets if self._labels is None else self._labels
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -42,10 +60,12 @@ class ArraySplit:
             if self.mean is not None:
                 shape = (1, -1) + (1,) * (x.dim() - 2)
                 x = (x - self.mean.view(shape)) / self.std.view(shape)
-        return x.view(*indices.shape, *x.shape[1:]), self.targets[flat].view(indices.shape)
+        y = self.targets[flat]
+        return x.view(*indices.shape, *x.shape[1:]), y.view(*indices.shape, *y.shape[1:])
 
     def subset(self, indices: Tensor) -> ArraySplit:
-        return ArraySplit(self.inputs[indices], self.targets[indices], self.mean, self.std)
+        labels = None if self._labels is None else self._labels[indices]
+        return ArraySplit(self.inputs[indices], self.targets[indices], self.mean, self.std, labels)
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,11 @@ class Dataset:
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    @property
+    def is_text(self) -> bool:
+        """Token sequences: a target per input token (next-token prediction)."""
+        return self.train.targets.dim() == 2
 
 
 def require_file(path: Path, what: str) -> Path:

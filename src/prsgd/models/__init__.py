@@ -8,15 +8,17 @@ from torch import nn
 
 from prsgd.errors import InvalidArgument, check_choice, check_int
 from prsgd.models.cnn import SmallCNN
+from prsgd.models.gpt import GPT
 from prsgd.models.mlp import MLP
 from prsgd.models.resnet import CifarResNet, ResNet50
 
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
-MODEL_NAMES = ("mlp", "cnn", *(f"resnet{d}" for d in CIFAR_DEPTHS), "resnet50")
+MODEL_NAMES = ("mlp", "cnn", *(f"resnet{d}" for d in CIFAR_DEPTHS), "resnet50", "gpt")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
-    """``mlp`` (any input), ``cnn`` (square images), ``resnet8``...``resnet110`` (CIFAR ResNets), ``resnet50``."""
+    """``mlp`` (any input), ``cnn`` (square images), ``resnet8``...``resnet110`` (CIFAR ResNets), ``resnet50``, ``gpt``
+    (token sequences: a 2-layer, 4-head GPT of width ``hidden`` over ``num_classes`` tokens)."""
     check_choice("model", name, MODEL_NAMES)
     if (
         not isinstance(input_shape, tuple | list)
@@ -30,6 +32,13 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
     check_int("hidden", hidden, 1)
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, hidden=hidden)
+    if name == "gpt":
+        if len(input_shape) != 1 or hidden % 4:
+            raise InvalidArgument(
+                f"model='gpt' needs token sequences (one dimension: the context) and a width (model.hidden) divisible "
+                f"by its 4 heads; got inputs of shape {input_shape} and hidden={hidden}"
+            )
+        return GPT(vocab=num_classes, context=input_shape[0], width=hidden)
     if len(input_shape) != 3:
         raise InvalidArgument(
             f"model={name!r} needs image inputs (C, H, W); this dataset's inputs have shape {input_shape}"
@@ -46,4 +55,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
     return CifarResNet(int(name.removeprefix("resnet")), num_classes, in_channels=channels)
 
 
-__all__ = ["MLP", "MODEL_NAMES", "CifarResNet", "ResNet50", "SmallCNN", "build_model"]
+__all__ = ["GPT", "MLP", "MODEL_NAMES", "CifarResNet", "ResNet50", "SmallCNN", "build_model"]

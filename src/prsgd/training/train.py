@@ -154,7 +154,7 @@ def _train(
             shape_only = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
         check_memory(shape_only, num_workers, placement.device)
     shards = partition(
-        data.train.targets,
+        data.train.labels,
         num_workers,
         config.data.split,
         seed=t.seed,
@@ -169,7 +169,9 @@ def _train(
         for note in notes:
             tqdm.write(note)
     sampler = WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
-    heterogeneity = label_distribution(data.train.targets, shards, num_workers, data.num_classes)
+    labels = data.train.labels  # a text window's label is its module: how non-identical its shards are
+    kinds = int(labels.max()) + 1 if data.is_text else data.num_classes
+    heterogeneity = label_distribution(labels, shards, num_workers, kinds)
 
     warm_up_s = _warm_up(config, data, placement, sampler)
     torch.manual_seed(t.seed)
@@ -245,6 +247,7 @@ def _train(
                     "wall_clock": wall,
                     "comm_rounds": workers.comm.rounds,
                     "comm_bytes": workers.comm.bytes,
+                    **({"test_perplexity": math.exp(min(test_loss, 700.0))} if data.is_text else {}),
                 }
                 records.append(record)
                 bar.set_postfix({"train loss": f"{train_loss:.4f}", "test acc": f"{test_acc:.3f}"})
@@ -324,8 +327,9 @@ def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
     return (
         f"done: {final['step']} steps ({final['joint_epoch']:.2f} joint epochs, {final['wall_clock']:.1f} s training, "
         f"{evaluation_s:.1f} s evaluating); "
-        f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}; "
-        f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker{where}"
+        f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}"
+        + (f", test perplexity {final['test_perplexity']:.3f}; " if "test_perplexity" in final else "; ")
+        + f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker{where}"
     )
 
 

@@ -192,8 +192,8 @@ class SimulatedWorkers(_EngineWorkers):
         self.sim.step(x.to(self.device), y.to(self.device), F.cross_entropy)
 
     def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
-        loss_sum, correct = loss_and_correct(self.sim.averaged_model(), split, indices, self.device)
-        return loss_sum / len(indices), round(correct) / len(indices)
+        loss_sum, correct, count = loss_and_correct(self.sim.averaged_model(), split, indices, self.device)
+        return loss_sum / count, round(correct) / count
 
 
 class DistributedWorker(_EngineWorkers):
@@ -234,7 +234,7 @@ class DistributedWorker(_EngineWorkers):
         """Every rank holds the same averaged model: each evaluates every world-size-th example and one
         all-reduce adds up the sums, so evaluation takes 1/N of the time it would on one rank."""
         average = distributed.averaged_copy(self.model)
-        loss_sum, correct = loss_and_correct(average, split, indices[self.rank :: self.num_workers], self.device)
-        sums = torch.tensor([loss_sum, correct], dtype=torch.float64, device=self.device)  # NCCL reduces CUDA only
-        loss_sum, correct = distributed.all_reduce_sum_(sums).tolist()
-        return loss_sum / len(indices), round(correct) / len(indices)
+        mine = loss_and_correct(average, split, indices[self.rank :: self.num_workers], self.device)
+        sums = torch.tensor(mine, dtype=torch.float64, device=self.device)  # NCCL reduces CUDA only
+        loss_sum, correct, count = distributed.all_reduce_sum_(sums).tolist()
+        return loss_sum / count, round(correct) / count
