@@ -65,3 +65,23 @@ def test_the_committed_results_doc_matches_its_per_run_summaries(capsys):
     """Every table in docs/results.md is what docs/results/runs.jsonl gives (python -m prsgd results --check)."""
     main(["--check", "--doc", str(ROOT / "docs/results.md"), "--summaries", str(ROOT / "docs/results/runs.jsonl")])
     assert "20 tables match" in capsys.readouterr().out  # every table block of the doc was compared
+
+
+def test_language_model_tables_pair_each_arm_with_the_baseline_on_the_same_data_and_keep_other_summaries(tmp_path):
+    losses = {"ddp": [1.0, 1.2, 1.1], "alg1": [1.1, 1.25, 1.3]}
+    for arm, values in losses.items():
+        for split, shift in (("identical", 0.0), ("classes", 0.5)):
+            for seed, loss in enumerate(values):
+                folder = tmp_path / "runs/gpt_n4" / arm / f"split={split}" / f"seed{seed}"
+                fake_run(folder, seed, 0.4, loss + shift, 8)
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- table gpt_n4 lm -->\n<!-- end -->\n<!-- table gpt_n4 lm_paired ddp -->\n<!-- end -->\n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"experiment": "kept", "group": "g", "seed": 0}) + "\n")
+    main([str(tmp_path / "runs"), "--doc", str(doc), "--summaries", str(tmp_path / "gpt.jsonl")])
+    text = doc.read_text()
+    # alg1 - ddp per seed: +0.1, +0.05, +0.2 (the same on both data cases: the shift cancels)
+    assert "| alg1/split=identical | 3 | +0.1167 +- 0.0764 | 0 of 3 | 1.00 |" in text
+    assert "| alg1/split=classes | 3 | +0.1167 +- 0.0764 | 0 of 3 | 1.00 |" in text
+    assert "| ddp/split=identical | 3 | 1.1000 +- 0.1000 | 3.014 +- 0.301 | 0.4000 +- 0.0000 | 12 | 2.0 |" in text
+    assert "kept" in (tmp_path / "other.jsonl").read_text()  # another set's summaries are not touched
+    main(["--check", "--doc", str(doc), "--summaries", str(tmp_path / "gpt.jsonl")])

@@ -1,6 +1,7 @@
 """docs/results.md's tables from the CPU twins' runs with seeds, and the per-run summaries they are made from.
 
     prsgd results RUNS [--doc docs/results.md] [--summaries docs/results/runs.jsonl]
+    prsgd results runs/gpt --summaries docs/results/gpt_runs.jsonl
     prsgd results --check [--doc ...] [--summaries ...]
 
 ``RUNS`` holds one folder per experiment (``RUNS/<config>/<key>=<value>/seed<k>/``, as ``prsgd run --seeds`` writes
@@ -12,12 +13,15 @@ lines:
 - ``summary``: each group's final metrics, mean +- sd over seeds;
 - ``paired BASELINE``: each group minus the baseline group, seed by seed (same seed: same data order and
   initialisation), mean +- sd of the differences and in how many seeds the group was better;
+- ``lm``, ``lm_paired BASELINE``: the same for language models (validation loss, perplexity, next-token accuracy),
+  paired within each data case: group ``ARM/split=S`` minus ``BASELINE/split=S``;
 - ``skipping POLYAK NESTEROV``: the drop in test accuracy from period 1 to each longer period, for the Polyak runs
   of experiment POLYAK and the Nesterov runs of experiment NESTEROV (the paper's Figs. 8-9: Nesterov is more robust
   to skipping communication).
 
 ``--check`` rewrites nothing: it exits with status 1 if any table of the doc differs from what the committed
-summaries give (the tests run it), so every number in the doc can be traced to a run.
+summaries give (the tests run it), so every number in the doc can be traced to a run. The tables draw on every
+``*.jsonl`` in the summaries' folder, so one set of experiments is regenerated without the others.
 """
 
 from __future__ import annotations
@@ -159,17 +163,61 @@ def skipping_table(rows: list[dict[str, Any]], polyak: str, nesterov: str) -> st
     return "\n".join(lines)
 
 
+def lm_table(rows: list[dict[str, Any]], experiment: str) -> str:
+    """A language model's final validation loss, perplexity (exp of each seed's loss) and next-token accuracy."""
+    lines = [
+        "| run | seeds | validation loss | perplexity | next-byte accuracy | rounds | MB sent / worker | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for group, by_seed in _groups(rows, experiment).items():
+        runs = list(by_seed.values())
+        loss = np.array([r["final"]["test_loss"] for r in runs])
+        acc = np.array([r["final"]["test_accuracy"] for r in runs])
+        lines.append(
+            f"| {group} | {len(runs)} | {pm(loss)} | {pm(np.exp(loss), '.3f')} | {pm(acc)} "
+            f"| {np.mean([r['final']['comm_rounds'] for r in runs]):.0f} "
+            f"| {np.mean([r['final']['comm_mb'] for r in runs]):.1f} "
+            f"| {pm([r['time_s']['train'] for r in runs], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def lm_paired_table(rows: list[dict[str, Any]], experiment: str, baseline: str) -> str:
+    """Each group ``ARM/REST`` minus ``BASELINE/REST`` (the same data case), seed by seed: validation loss."""
+    groups = _groups(rows, experiment)
+    lines = [
+        f"| run - {baseline} (same data) | seeds | validation loss difference | lower in | MB sent ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for group, by_seed in groups.items():
+        arm, _, rest = group.partition("/")
+        base = groups.get(f"{baseline}/{rest}" if rest else baseline)
+        if arm == baseline or base is None:
+            continue
+        seeds = sorted(set(by_seed) & set(base))
+        diff = np.array([by_seed[s]["final"]["test_loss"] - base[s]["final"]["test_loss"] for s in seeds])
+        ratio = np.mean([by_seed[s]["final"]["comm_mb"] / base[s]["final"]["comm_mb"] for s in seeds])
+        lines.append(
+            f"| {group} | {len(seeds)} | {pm(diff, '+.4f')} | {int((diff < 0).sum())} of {len(seeds)} | {ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def render(spec: str, rows: list[dict[str, Any]]) -> str:
     words = spec.split()
     if len(words) == 2 and words[1] == "summary":
         return summary_table(rows, words[0])
     if len(words) == 3 and words[1] == "paired":
         return paired_table(rows, words[0], words[2])
+    if len(words) == 2 and words[1] == "lm":
+        return lm_table(rows, words[0])
+    if len(words) == 3 and words[1] == "lm_paired":
+        return lm_paired_table(rows, words[0], words[2])
     if len(words) == 3 and words[0] == "skipping":
         return skipping_table(rows, words[1], words[2])
     raise InvalidArgument(
-        f"table block {spec!r} is not known; write 'EXPERIMENT summary', 'EXPERIMENT paired BASELINE' or "
-        "'skipping POLYAK NESTEROV'"
+        f"table block {spec!r} is not known; write 'EXPERIMENT summary', 'EXPERIMENT paired BASELINE', "
+        "'EXPERIMENT lm', 'EXPERIMENT lm_paired BASELINE' or 'skipping POLYAK NESTEROV'"
     )
 
 
@@ -183,6 +231,16 @@ def read_summaries(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as error:
         raise InvalidArgument(f"{path} cannot be read as per-run summaries (JSON lines): {error}") from None
+
+
+def every_summary(path: Path, replaced: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The summaries of every ``*.jsonl`` beside ``path`` (the doc's tables draw on all of them: one file per set of
+    experiments, so regenerating one set keeps the others), with ``path``'s own lines ``replaced`` if given."""
+    rows = []
+    for file in sorted(path.parent.glob("*.jsonl")):
+        if file != path:
+            rows += read_summaries(file)
+    return rows + (replaced if replaced is not None else read_summaries(path) if path.exists() else [])
 
 
 def read_doc(path: Path) -> str:
@@ -202,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     doc_path, summaries = Path(args.doc), Path(args.summaries)
     if args.check:
         doc = read_doc(doc_path)
-        if fill(doc, read_summaries(summaries)) != doc:
+        if fill(doc, every_summary(summaries)) != doc:
             print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd results RUNS", file=sys.stderr)
             sys.exit(1)
         print(f"{doc_path}: {len(BLOCK.findall(doc))} tables match {summaries}")
@@ -213,5 +271,5 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         parser.error(f"no finished runs (summary.json) under {args.runs}")
     atomic_write(summaries, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    atomic_write(doc_path, fill(read_doc(doc_path), rows).encode())
+    atomic_write(doc_path, fill(read_doc(doc_path), every_summary(summaries, rows)).encode())
     print(f"{len(rows)} runs -> {summaries}; tables of {doc_path} rewritten")
