@@ -70,3 +70,8 @@ def test_rate_parsing(rate, bits):
     assert time_to_target.bits_per_second(rate) == bits
     with pytest.raises(ValueError, match=r"use e\.g\. 100mbit"):
         time_to_target.bits_per_second("fast")
+
+
+def test_adamw_benchmark():
+    out = run_script("adamw.py", "--workers", "2", "--repeats", "1", "--width", "16", "--step-width", "16")
+    assert "| torch AdamW(foreach) |" in out and "| 2 |" in out
