@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch._dynamo  # noqa: F401  before accelerate creates the process group (see prsgd.engines.distributed)
 import torch.nn.functional as F
 from accelerate import Accelerator
-from common import accuracy, digits, make_model, momentum_spread, options, round_options, save_state
+from common import accuracy, digits, local_rule, make_model, momentum_spread, options, round_options, save_state
 from torch.utils.data import DataLoader
 
 import prsgd
@@ -31,7 +31,7 @@ def main() -> None:
     train, test = digits(args.train_size)
     model = make_model(args.seed).to(accelerator.device)  # on its device BEFORE LocalSGD is built
     opt = prsgd.LocalSGD(
-        model, args.lr, momentum=args.momentum, period=args.period, sync=args.sync, **round_options(args.round)
+        model, args.lr, **local_rule(args), period=args.period, sync=args.sync, **round_options(args.round)
     )
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=not args.no_shuffle)
     opt, loader = prsgd.accelerate.prepare(accelerator, model, opt, loader)  # not the model

@@ -21,7 +21,8 @@ def options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=5, help="passes over this rank's share of the data")
     parser.add_argument("--batch-size", type=int, default=32, help="per-rank batch size")
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="the local rule")
+    parser.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
     parser.add_argument("--period", type=int, default=8, help="local steps between rounds (I)")
     parser.add_argument("--sync", default="params_and_momentum", choices=list(prsgd.SYNC_RULES))
     parser.add_argument("--train-size", type=int, default=0, help="use the first N training images (0: all 1438)")
@@ -38,6 +39,11 @@ def options(description: str) -> argparse.ArgumentParser:
         help="a round option of prsgd.RoundSpec (compression=int8, overlap=2, outer_lr=0.7, ...); repeatable",
     )
     return parser
+
+
+def local_rule(args: argparse.Namespace) -> dict[str, object]:
+    """LocalSGD's local-rule keywords: momentum SGD with ``--momentum``, or AdamW (torch's defaults)."""
+    return {"momentum": args.momentum} if args.optimizer == "sgd" else {"optimizer": "adamw"}
 
 
 def round_options(items: list[str]) -> dict[str, object]:
@@ -87,28 +93,35 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     return correct
 
 
-def momentum_buffers(opt: prsgd.LocalSGD) -> list[torch.Tensor]:
-    """The optimizer's momentum buffers, as any torch optimizer keeps them (``opt.state[p]["momentum_buffer"]``)."""
-    return [opt.state[p]["momentum_buffer"] for group in opt.param_groups for p in group["params"]]
+def state_tensors(opt: prsgd.LocalSGD) -> list[torch.Tensor]:
+    """The optimizer's state, as any torch optimizer keeps it (``opt.state[p][name]``: momentum buffers, or AdamW's
+    moments and step), parameter by parameter, name by name."""
+    return [
+        value
+        for group in opt.param_groups
+        for p in group["params"]
+        for _, value in sorted(opt.state[p].items())
+        if isinstance(value, torch.Tensor)
+    ]
 
 
 def momentum_spread(opt: prsgd.LocalSGD) -> float:
-    """max |u_r - u_0| over ranks r of the momentum buffers (0 when every rank holds the same)."""
-    mine = torch.cat([m.reshape(-1) for m in momentum_buffers(opt)])
+    """max |u_r - u_0| over ranks r of the optimizer state (0 when every rank holds the same)."""
+    mine = torch.cat([m.reshape(-1) for m in state_tensors(opt)])
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return max((u - every[0]).abs().max().item() for u in every)
 
 
 def save_state(out: str, rank: int, model: nn.Module, opt: prsgd.LocalSGD, **extra) -> None:
-    """This rank's parameters, buffers, momentum and counters to OUT/rank-R.pt (for the tests)."""
+    """This rank's parameters, buffers, optimizer state and counters to OUT/rank-R.pt (for the tests)."""
     if not out:
         return
     os.makedirs(out, exist_ok=True)
     state = {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "momentum": [m.detach().clone() for m in momentum_buffers(opt)],
+        "momentum": [m.detach().clone() for m in state_tensors(opt)],
         "steps_done": opt.steps_done,
         "comm": (opt.comm.rounds, opt.comm.bytes),
         **extra,

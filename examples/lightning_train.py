@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import accuracy, digits, make_model, momentum_spread, options, round_options, save_state
+from common import accuracy, digits, local_rule, make_model, momentum_spread, options, round_options, save_state
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
@@ -49,7 +49,7 @@ class DigitsClassifier(pl.LightningModule):
     def configure_optimizers(self):
         a = self.args
         opt = prsgd.LocalSGD(
-            self, a.lr, momentum=a.momentum, period=a.period, sync=a.sync, **round_options(a.round)
+            self, a.lr, **local_rule(a), period=a.period, sync=a.sync, **round_options(a.round)
         )  # the module itself
         if not a.lr_step:
             return opt

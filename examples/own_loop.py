@@ -13,7 +13,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import accuracy, autocast, digits, make_model, momentum_spread, options, round_options, save_state
+from common import (
+    accuracy,
+    autocast,
+    digits,
+    local_rule,
+    make_model,
+    momentum_spread,
+    options,
+    round_options,
+    save_state,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 import prsgd
@@ -27,7 +37,7 @@ def main() -> None:
     train, test = digits(args.train_size)
     model = make_model(args.seed)  # move it to its device BEFORE building LocalSGD
     opt = prsgd.LocalSGD(
-        model, args.lr, momentum=args.momentum, period=args.period, sync=args.sync, **round_options(args.round)
+        model, args.lr, **local_rule(args), period=args.period, sync=args.sync, **round_options(args.round)
     )
     scheduler = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5) if args.lr_step else None
     scaler = torch.amp.GradScaler("cpu") if args.precision == "fp16" else None

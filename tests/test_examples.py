@@ -103,9 +103,11 @@ ROUND_CASES = {
     "int8-outer": ["--round", "compression=int8", "--round", "outer_lr=0.7", "--round", "outer_momentum=0.9"],
     "bf16-overlap": ["--round", "compression=bf16", "--round", "overlap=3"],
     "hierarchical": ["--round", "inner_period=2", "--round", "nodes=1"],
+    "adamw-first-moment-int8": ["--optimizer", "adamw", "--round", "sync_state=exp_avg", "--round", "compression=int8"],
 }
 """Every round stage, in three cases: compressed rounds with the outer step; an overlapped compressed round (the one
-started at step 4 is due at step 7, so it is in flight at the checkpoint of step 6); inner rounds."""
+started at step 4 is due at step 7, so it is in flight at the checkpoint of step 6); inner rounds; and AdamW (its
+moments and step counters) with its first moment averaged through int8 rounds."""
 
 
 @pytest.mark.parametrize("case", list(ROUND_CASES))
@@ -126,7 +128,7 @@ def test_lightning_checkpoint_saved_on_rank_0_alone_fails_in_seconds_saying_why(
     assert not (tmp_path / "x.ckpt").exists()
 
 
-@pytest.mark.parametrize("case", ["exact", "int8-outer", "bf16-overlap"])
+@pytest.mark.parametrize("case", ["exact", "int8-outer", "bf16-overlap", "adamw-first-moment-int8"])
 def test_accelerate_save_state_and_load_state_resume_every_rank_bit_identically(tmp_path, case):
     a = ACCELERATE_RUN
     args = ["--train-size", str(a["train_size"]), "--batch-size", str(a["batch_size"]), "--period", str(a["period"])]
