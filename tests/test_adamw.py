@@ -173,6 +173,10 @@ def test_an_adamw_state_does_not_load_into_an_sgd_simulator():
         (dict(betas=(0.9, 0.95)), r"betas=\(0.9, 0.95\) is not a setting of optimizer='sgd'; it takes lr, momentum"),
         (dict(eps=1e-6), r"eps=1e-06 is not a setting of optimizer='sgd'"),
         (
+            dict(optimizer="adamw", sync_state=("momentum_buffer",)),
+            r"sync_state names 'momentum_buffer', which optimizer='adamw' does not keep; it keeps exp_avg, exp_avg_sq",
+        ),
+        (
             dict(optimizer="adamw", sync="params_and_momentum", period=4, compression="int8"),
             r"compression='int8' with optimizer='adamw' and sync='params_and_momentum' is not supported",
         ),
@@ -297,3 +301,23 @@ def test_the_state_policies_are_config_keys_and_flags():
     assert spec.sync_state == ("exp_avg",) and spec.state_period == 3
     with pytest.raises(prsgd.InvalidArgument, match=r"state_period=2 changes how rounds average the optimizer state"):
         RunConfig().with_overrides({"sync": "params_only", "state_period": "2"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--optimizer", "adam"], r"algorithm.optimizer='adam' is not known; allowed: sgd, adamw"),
+        (["--optimizer", "adamw", "--betas", "0.9,1"], r"algorithm: betas=\(0.9, 1.0\) is not allowed"),
+        (["--optimizer", "adamw", "--eps", "-1"], r"algorithm: eps=-1.0 is not allowed"),
+        (["--optimizer", "adamw", "--weight-decay", "-1"], r"algorithm: weight_decay=-1.0 is not allowed"),
+        (["--optimizer", "adamw", "--nesterov"], r"algorithm.nesterov=True is not a setting of optimizer='adamw'"),
+        (["--betas", "0.8,0.9"], r"algorithm.betas=\(0.8, 0.9\) is not a setting of optimizer='sgd'"),
+        (["--sync-state", "exp_avg"], r"algorithm.sync_state names 'exp_avg', which optimizer='sgd' does not keep"),
+    ],
+)
+def test_bad_local_rule_flags_are_one_error_line_before_training(flags, message, tmp_path):
+    from prsgd.training.train import main
+
+    with pytest.raises(SystemExit, match=f"prsgd train: error: {message}"):
+        main(["--epochs", "1", "--out", str(tmp_path / "run"), *flags])
+    assert not list(tmp_path.iterdir())
