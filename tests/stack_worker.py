@@ -291,6 +291,19 @@ ADAMW = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
 POST_LOCAL_PERIOD = 3
 
 
+def _side_by_side(ours: tuple, theirs: tuple, data: list, rank: int) -> list[bool]:
+    """Train two (model, optimizer) pairs on this rank's batches; whether their parameters are equal after each step."""
+    equal = []
+    for xs, ys in data:
+        for model, o in (ours, theirs):
+            o.zero_grad()
+            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+            o.step()
+        pairs = zip(ours[0].parameters(), theirs[0].parameters(), strict=True)
+        equal.append(all(torch.equal(p, q) for p, q in pairs))
+    return equal
+
+
 def adamw_vs_pytorch(rank: int, world_size: int, steps: int) -> dict:
     """LocalSGD(optimizer="adamw") against PyTorch's own: sync="params_only" against PostLocalSGDOptimizer(AdamW)
     with a PeriodicModelAverager (warm-up period - 1 steps: it averages after steps I, 2I, ..., as prsgd does), and
@@ -303,28 +316,14 @@ def adamw_vs_pytorch(rank: int, world_size: int, steps: int) -> dict:
     opt = prsgd.LocalSGD(ours, optimizer="adamw", sync="params_only", period=POST_LOCAL_PERIOD, **ADAMW)
     averager = PeriodicModelAverager(period=POST_LOCAL_PERIOD, warmup_steps=POST_LOCAL_PERIOD - 1)
     ref = PostLocalSGDOptimizer(torch.optim.AdamW(theirs.parameters(), **ADAMW), averager)
-    equal = []
-    for xs, ys in batches(world_size, steps):
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.zero_grad()
-            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
-            o.step()
-        equal.append(all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True)))
-    out["post_local_sgd"] = equal
+    out["post_local_sgd"] = _side_by_side((ours, opt), (theirs, ref), batches(world_size, steps), rank)
     out["ranks_differ_before_a_round"] = not _equal_on_all_ranks(_everything(opt), world_size)
 
     ours, theirs = mlp(), mlp()
     opt = prsgd.LocalSGD(ours, optimizer="adamw", sync="gradients", **ADAMW)
     ddp = DDP(theirs)
     ref = torch.optim.AdamW(theirs.parameters(), **ADAMW)
-    equal = []
-    for xs, ys in batches(world_size, steps):
-        for model, o in ((ours, opt), (ddp, ref)):
-            o.zero_grad()
-            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
-            o.step()
-        equal.append(all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters(), strict=True)))
-    out["ddp"] = equal
+    out["ddp"] = _side_by_side((ours, opt), (ddp, ref), batches(world_size, steps), rank)
     return out
 
 

@@ -26,8 +26,21 @@ if TYPE_CHECKING:
     from prsgd.algorithm.round import RoundSpec
 
 
+class _Settings:
+    """What every local rule's settings answer: built at an engine's start (a learning rate > 0), and as keywords."""
+
+    @classmethod
+    def at_start(cls, **kwargs: Any) -> Any:
+        """The hyperparameters an engine is built with: as any, and a learning rate > 0."""
+        _check_start_lr(kwargs.get("lr"))
+        return cls(**kwargs)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class Hyperparameters:
+class Hyperparameters(_Settings):
     """Momentum SGD's settings: lr (gamma), momentum (beta), nesterov (option II), weight_decay (L2, added to the
     gradient as ``torch.optim.SGD`` does)."""
 
@@ -46,18 +59,9 @@ class Hyperparameters:
             raise InvalidArgument("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
         check_number("weight_decay", self.weight_decay, 0)
 
-    @classmethod
-    def at_start(cls, **kwargs: Any) -> Hyperparameters:
-        """The hyperparameters an engine is built with: as any, and a learning rate > 0."""
-        _check_start_lr(kwargs.get("lr"))
-        return cls(**kwargs)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class AdamWHyperparameters:
+class AdamWHyperparameters(_Settings):
     """AdamW's settings, as ``torch.optim.AdamW`` takes them: lr, betas (beta1, beta2), eps, and decoupled
     weight decay (the parameters shrink by lr * weight_decay each step)."""
 
@@ -78,14 +82,6 @@ class AdamWHyperparameters:
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
         check_number("eps", self.eps, 0)
         check_number("weight_decay", self.weight_decay, 0)
-
-    @classmethod
-    def at_start(cls, **kwargs: Any) -> AdamWHyperparameters:
-        _check_start_lr(kwargs.get("lr"))
-        return cls(**kwargs)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _check_start_lr(lr: object) -> None:
