@@ -291,14 +291,20 @@ ADAMW = dict(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
 POST_LOCAL_PERIOD = 3
 
 
+def _train(model, opt, data: list, rank: int) -> None:
+    """Steps of ``opt`` on this rank's batches of ``data``."""
+    for xs, ys in data:
+        opt.zero_grad()
+        F.cross_entropy(model(xs[rank]), ys[rank]).backward()
+        opt.step()
+
+
 def _side_by_side(ours: tuple, theirs: tuple, data: list, rank: int) -> list[bool]:
     """Train two (model, optimizer) pairs on this rank's batches; whether their parameters are equal after each step."""
     equal = []
-    for xs, ys in data:
+    for step in data:
         for model, o in (ours, theirs):
-            o.zero_grad()
-            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
-            o.step()
+            _train(model, o, [step], rank)
         pairs = zip(ours[0].parameters(), theirs[0].parameters(), strict=True)
         equal.append(all(torch.equal(p, q) for p, q in pairs))
     return equal
@@ -347,10 +353,7 @@ def adamw_resume(rank: int, world_size: int, steps: int) -> dict:
         return model, prsgd.LocalSGD(model, optimizer="adamw", **ADAMW, **case)
 
     def train(model, opt, data):
-        for xs, ys in data:
-            opt.zero_grad()
-            F.cross_entropy(model(xs[rank]), ys[rank]).backward()
-            opt.step()
+        _train(model, opt, data, rank)
 
     data = batches(world_size, steps)
     out = []
@@ -423,10 +426,7 @@ def wrapped_optimizers(rank: int, world_size: int, steps: int) -> dict:
             return model, prsgd.LocalSGD(model, optimizer=make(model.parameters()), period=period)
 
         def train(model, o, data):
-            for xs, ys in data:
-                o.zero_grad()
-                F.cross_entropy(model(xs[rank]), ys[rank]).backward()
-                o.step()
+            _train(model, o, data, rank)
 
         data = batches(world_size, steps)
         model, o = fresh()
