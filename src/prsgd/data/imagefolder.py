@@ -27,6 +27,11 @@ class ImageFileSplit:
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 
+    @property
+    def labels(self) -> Tensor:
+        """What non-identical splits group examples by: their class."""
+        return self.targets
+
     def __len__(self) -> int:
         return len(self.paths)
 
