@@ -261,9 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         doc = read_doc(doc_path)
         if fill(doc, every_summary(summaries)) != doc:
-            print(f"{doc_path}: its tables differ from {summaries}; run python -m prsgd results RUNS", file=sys.stderr)
+            print(
+                f"{doc_path}: its tables differ from the summaries in {summaries.parent}; "
+                "run python -m prsgd results RUNS",
+                file=sys.stderr,
+            )
             sys.exit(1)
-        print(f"{doc_path}: {len(BLOCK.findall(doc))} tables match {summaries}")
+        print(f"{doc_path}: {len(BLOCK.findall(doc))} tables match the summaries in {summaries.parent}")
         return
     if not args.runs:
         parser.error("RUNS is required (or --check)")
