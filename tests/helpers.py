@@ -98,5 +98,6 @@ LOG_FIELDS = {
     "wall_clock",
     "comm_rounds",
     "comm_bytes",
+    "comm_peak_step_bytes",
 }
 """The documented fields of one log.jsonl record."""

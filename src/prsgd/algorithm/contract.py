@@ -10,7 +10,7 @@ Engines move bytes: they know nothing of compression, overlap or the outer step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor
@@ -21,28 +21,40 @@ from prsgd.algorithm.rules import Field, Scope
 @dataclass
 class CommStats:
     """Communication so far, per worker: ``rounds`` (collectives) and ``bytes`` (payload sent), of which
-    ``node_rounds`` and ``node_bytes`` within a node (hierarchical runs' inner rounds)."""
+    ``node_rounds`` and ``node_bytes`` within a node (hierarchical runs' inner rounds), and ``peak_step_bytes``: the
+    most bytes any one step sent (what the link must carry at once; a round outside the schedule, ``synchronize()``,
+    counts as a step of its own; an overlapped round counts in the step that waits for it)."""
 
     rounds: int = 0
     bytes: int = 0
     node_rounds: int = 0
     node_bytes: int = 0
+    peak_step_bytes: int = 0
+    step_bytes: int = field(default=0, repr=False, compare=False)
+    """Bytes sent so far in the step under way."""
 
     def record(self, nbytes: int, scope: Scope = "all") -> None:
         """Count one round that sent ``nbytes``; a round that sent nothing (a single worker) is not counted."""
         if nbytes > 0:
             self.rounds += 1
             self.bytes += nbytes
+            self.step_bytes += nbytes
             if scope == "node":
                 self.node_rounds += 1
                 self.node_bytes += nbytes
 
     def add(self, other: CommStats) -> None:
-        """Count ``other``'s rounds too (an overlapped round's, once it has been waited for)."""
+        """Count ``other``'s rounds too (an overlapped round's, once it has been waited for), in this step."""
         self.rounds += other.rounds
         self.bytes += other.bytes
+        self.step_bytes += other.bytes
         self.node_rounds += other.node_rounds
         self.node_bytes += other.node_bytes
+
+    def end_step(self) -> None:
+        """Close the step under way: its bytes count towards ``peak_step_bytes``."""
+        self.peak_step_bytes = max(self.peak_step_bytes, self.step_bytes)
+        self.step_bytes = 0
 
 
 Reduce = Callable[[Tensor], Tensor]

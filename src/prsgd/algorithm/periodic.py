@@ -156,6 +156,7 @@ class PeriodicSync:
         elif scope == "node":
             self.engine.average(self.rule.round_fields(), scope="node")
             self._apply_state_rule()
+        self.comm.end_step()
         return apply_update
 
     def synchronize(self) -> None:
@@ -166,6 +167,7 @@ class PeriodicSync:
         unchanged. An overlapped round in flight is completed first."""
         self._complete()
         self._round(exact=True)
+        self.comm.end_step()
         self.synchronized_at = self.steps_done
 
     def _round_tensors(self) -> list[Tensor]:
@@ -252,6 +254,7 @@ class PeriodicSync:
             "steps_done": self.steps_done,
             "rounds": self.comm.rounds,
             "bytes": self.comm.bytes,
+            "peak_step_bytes": self.comm.peak_step_bytes,
             **{stage.key: stage.state_dict() for stage in reversed(self._stages())},
             **({"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes} if nodes else {}),
             **({"synchronized_at": self.synchronized_at} if self.synchronized_at is not None else {}),
@@ -283,6 +286,7 @@ class PeriodicSync:
                 "workers, or save after synchronize()"
             )
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
+        self.comm.peak_step_bytes = int(state.get("peak_step_bytes", 0))  # states saved before it was counted: 0
         self.comm.node_rounds, self.comm.node_bytes = int(state.get("node_rounds", 0)), int(state.get("node_bytes", 0))
         synchronized = state.get("synchronized_at")  # a consensus state continued by other workers: at its step
         self.synchronized_at = None if synchronized is None else rescaled_steps(int(synchronized), saved, workers)

@@ -143,14 +143,17 @@ def summary_table(groups: Groups) -> str:
         return text if len(values) == 1 else f"{text} ({format(values.min(), fmt)}-{format(values.max(), fmt)})"
 
     lines = [
-        "| run | seeds | final train loss | test accuracy | comm rounds | MB sent / worker | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | seeds | final train loss | test accuracy | comm rounds | MB sent / worker | peak MB / step "
+        "| train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in groups.items():
-        last = {k: np.array([r[-1][k] for r in runs], dtype=float) for k in runs[0][-1]}
+        last = {k: np.array([r[-1].get(k, np.nan) for r in runs], dtype=float) for k in runs[0][-1]}
+        peak = last.get("comm_peak_step_bytes")  # logs written before it was counted have none
+        peak_cell = "-" if peak is None or np.isnan(peak).any() else f"{peak.max() / 1e6:.2f}"
         lines.append(
             f"| {name} | {len(runs)} | {cell(last['train_loss'], '.4f')} | {cell(last['test_accuracy'], '.4f')} "
-            f"| {int(last['comm_rounds'].mean())} | {last['comm_bytes'].mean() / 1e6:.2f} "
+            f"| {int(last['comm_rounds'].mean())} | {last['comm_bytes'].mean() / 1e6:.2f} | {peak_cell} "
             f"| {cell(last['wall_clock'], '.1f')} |"
         )
     return "\n".join(lines)

@@ -247,6 +247,7 @@ def _train(
                     "wall_clock": wall,
                     "comm_rounds": workers.comm.rounds,
                     "comm_bytes": workers.comm.bytes,
+                    "comm_peak_step_bytes": workers.comm.peak_step_bytes,
                     **({"test_perplexity": math.exp(min(test_loss, 700.0))} if data.is_text else {}),
                 }
                 records.append(record)
@@ -329,7 +330,8 @@ def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
         f"{evaluation_s:.1f} s evaluating); "
         f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}"
         + (f", test perplexity {final['test_perplexity']:.3f}; " if "test_perplexity" in final else "; ")
-        + f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker{where}"
+        + f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker (at most "
+        f"{final.get('comm_peak_step_bytes', 0) / 2**20:.2f} MiB in one step){where}"
     )
 
 
