@@ -12,6 +12,7 @@ on one worker's tensors and on stacked ``(N, ...)`` ones alike.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -116,7 +117,7 @@ class LocalRule:
     STATE: ClassVar[tuple[str, ...]]
     COUNTERS: ClassVar[tuple[str, ...]] = ()
 
-    @property
+    @functools.cached_property
     def keys(self) -> tuple[str, ...]:
         """The param-group keys the rule reads (its hyperparameters' fields)."""
         return tuple(f.name for f in fields(self.Hyper))

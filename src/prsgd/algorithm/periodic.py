@@ -70,7 +70,6 @@ class PeriodicSync:
         self.outer = OuterOptimizer.from_spec(spec)
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
-        self.local_state_names: tuple[str, ...] = ()
         self.steps_done = 0
         self.synchronized_at: int | None = None
 
@@ -88,8 +87,12 @@ class PeriodicSync:
                 f"sync_state names {unknown[0]!r}, which optimizer={self.local_rule.name!r} does not keep; it keeps "
                 f"{', '.join(kept) if kept else 'no state tensors by name'}"
             )
-        self.local_state_names = tuple(n for n in names if n not in wanted)
-        return tuple(n for n in names if n in wanted), self.local_state_names
+        return tuple(n for n in names if n in wanted), tuple(n for n in names if n not in wanted)
+
+    @property
+    def local_state_names(self) -> tuple[str, ...]:
+        """The state tensors rounds never send (those ``sync_state`` leaves out)."""
+        return self.state_layout(self.local_rule.state_names(self.has_state))[1]
 
     def attach(self, engine: Communicator) -> None:
         """Take ``engine``'s tensors, which hold x^0 (the same on every worker), as the stages' starting point: the

@@ -238,17 +238,19 @@ class Exclusion:
     message: Callable[[RoundSpec], str]
 
 
-def _averaging_only(name: str) -> Exclusion:
-    """``name`` changes averaging rounds: refused under a rule that has none."""
+def _only_where(name: str, holds: Callable[[SyncRule], bool], changes: str, lacks: str) -> Exclusion:
+    """``name`` changes what ``changes`` says: refused under a rule for which ``holds`` is false."""
 
     def message(spec: RoundSpec) -> str:
-        allowed = ", ".join(rule.name for rule in SYNC_RULES.values() if rule.averages_params)
-        return (
-            f"{name}={getattr(spec, name)!r} changes averaging rounds; sync={spec.sync!r} has none "
-            f"(allowed with {allowed})"
-        )
+        allowed = ", ".join(rule.name for rule in SYNC_RULES.values() if holds(rule))
+        return f"{name}={getattr(spec, name)!r} changes {changes}; sync={spec.sync!r} {lacks} (allowed with {allowed})"
 
-    return Exclusion(lambda spec: _on(spec, name) and not spec.rule.averages_params, message)
+    return Exclusion(lambda spec: _on(spec, name) and not holds(spec.rule), message)
+
+
+def _averaging_only(name: str) -> Exclusion:
+    """``name`` changes averaging rounds: refused under a rule that has none."""
+    return _only_where(name, lambda rule: rule.averages_params, "averaging rounds", "has none")
 
 
 def check_names(name: str, value: object) -> tuple[str, ...] | None:
@@ -266,15 +268,9 @@ def check_names(name: str, value: object) -> tuple[str, ...] | None:
 
 def _state_averaging_only(name: str) -> Exclusion:
     """``name`` changes how the optimizer state is averaged: refused under a rule that does not average it."""
-
-    def message(spec: RoundSpec) -> str:
-        allowed = ", ".join(rule.name for rule in SYNC_RULES.values() if rule.state == "average")
-        return (
-            f"{name}={getattr(spec, name)!r} changes how rounds average the optimizer state; sync={spec.sync!r} "
-            f"does not average it (allowed with {allowed})"
-        )
-
-    return Exclusion(lambda spec: _on(spec, name) and spec.rule.state != "average", message)
+    return _only_where(
+        name, lambda rule: rule.state == "average", "how rounds average the optimizer state", "does not average it"
+    )
 
 
 def _on(spec: RoundSpec, name: str) -> bool:

@@ -79,6 +79,12 @@ class WrappedOptimizer(LocalRule):
                     f"and {names} for another (a parameter without a gradient so far?); a round averages the same "
                     "state for every parameter: give every parameter a gradient before the first round"
                 )
+            for n, t in kept:
+                if t.dtype != p.dtype:
+                    raise InvalidArgument(
+                        f"the wrapped {type(self.optimizer).__name__} keeps {n} in {t.dtype} for a {p.dtype} "
+                        "parameter; a round sends the state with the parameters, in their dtype: keep them alike"
+                    )
             tensors += [t for _, t in kept]
         return tensors
 

@@ -70,31 +70,30 @@ class ProcessGroupCommunicator:
         return self.storage.tensors(field)
 
     def _payload(self, fields: Sequence[Field]) -> tuple[Tensor, list[Tensor]]:
-        """The span of ``fields`` in the storage and the state kept outside it that they name (none, or a packed
-        copy: then the payload is a new tensor to be unpacked with :meth:`_unpack`)."""
+        """What a round of ``fields`` reduces, and where its parts live: the storage's span itself (no copy), or,
+        when the state is kept outside the storage, the span and that state packed into one new tensor, to be
+        copied back with :meth:`_unpack`."""
         if self.outside_state is None or "state" not in fields:
-            return self.storage.span(fields), []
-        outside = self.outside_state()
-        span = self.storage.span([f for f in fields if f != "state"])
-        return torch.cat([span, *(t.reshape(-1) for t in outside)]), outside
+            span = self.storage.span(fields)
+            return span, [span]
+        parts = [self.storage.span([f for f in fields if f != "state"]), *self.outside_state()]
+        return torch.cat([t.reshape(-1) for t in parts]), parts
 
-    def _unpack(self, payload: Tensor, outside: list[Tensor], fields: Sequence[Field]) -> None:
-        if outside:
-            span = self.storage.span([f for f in fields if f != "state"])
-            pieces = payload.split([span.numel(), *(t.numel() for t in outside)])
-            torch._foreach_copy_(
-                [span, *outside], [p.view_as(t) for p, t in zip(pieces, [span, *outside], strict=True)]
-            )
+    @staticmethod
+    def _unpack(payload: Tensor, parts: list[Tensor]) -> None:
+        if len(parts) > 1:  # a packed copy
+            pieces = payload.split([t.numel() for t in parts])
+            torch._foreach_copy_(parts, [p.view_as(t) for p, t in zip(pieces, parts, strict=True)])
 
     def average(self, fields: Sequence[Field], scope: Scope = "all") -> None:
-        payload, outside = self._payload(fields)
+        payload, parts = self._payload(fields)
         if scope == "node":
             if self.node_group is None:
                 raise RuntimeError("average(scope='node') needs a node_group")
             self._average(payload, self.node_group, scope)
         else:
             self._average(payload, self.process_group, scope)
-        self._unpack(payload, outside, fields)
+        self._unpack(payload, parts)
 
     def average_tensors(self, tensors: list[Tensor]) -> None:
         for t in tensors:  # one: an overlapped round's snapshot of a span
@@ -166,7 +165,7 @@ class ProcessGroupCommunicator:
     def mix(self, fields: Sequence[Field], step: int) -> None:
         if self.topology is None:
             raise RuntimeError("mix() needs a topology")
-        flat, outside = self._payload(fields)
+        flat, parts = self._payload(fields)
         nbrs = self.topology.neighbours(self.rank, step)
         if len(self._receive) < len(nbrs.sources) or (self._receive and self._receive[0].numel() != flat.numel()):
             self._receive = [torch.empty_like(flat) for _ in nbrs.sources]
@@ -181,7 +180,7 @@ class ProcessGroupCommunicator:
                 work.wait()
         with torch.no_grad():
             mix_row_(flat, flat, nbrs, received)
-        self._unpack(flat, outside, fields)
+        self._unpack(flat, parts)
         self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size())
 
 

@@ -159,7 +159,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         self.model_buffers = model_buffers
         self.has_momentum = self.algorithm.has_state = rule.keeps_state(self.param_groups)
         synced, kept = self.algorithm.state_layout(rule.state_names(self.has_momentum))
-        self._state_names = (*synced, *kept)
+        self._state_names = (*synced, *kept, *rule.COUNTERS)  # what each step's update reads, by name
         shapes = [p.shape for p in all_params]
         # layout params | buffers | grads (sync="gradients" only) | state | local_state (by name): a round is one span
         self.storage = FlatStorage(
@@ -170,7 +170,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 "local_state": shapes * len(kept),
             },
         )
-        self._counters = place_state(self.storage, self.state, all_params, self._state_names, rule)
+        self._counters = place_state(self.storage, self.state, all_params, (*synced, *kept), rule)
         self.process_group = process_group
         self.engine = ProcessGroupCommunicator(
             self.storage,
@@ -317,8 +317,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
                 grads.append(grad)
             if grad_scale is not None and grads:
                 torch._foreach_mul_(grads, float(grad_scale.double().reciprocal()))
-            names = (*self._state_names, *self.algorithm.local_rule.COUNTERS)
-            state = {name: [self.state[p][name] for p in params] for name in names}
+            state = {name: [self.state[p][name] for p in params] for name in self._state_names}
             groups.append(UpdateGroup(params, grads, state, hyper))
         if self.check_finite and found_inf is None:
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
@@ -373,18 +372,17 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         state_dict = dict(state_dict)
         counters = state_dict.pop("prsgd", None)
         if self._wrapped is not None:
-            self._load_wrapped(state_dict)
-            state_dict = {"state": {}, "param_groups": []}  # loaded: nothing left for the views below
-        names = (*self.algorithm.local_rule.STATE, *self.algorithm.local_rule.COUNTERS)
-        views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
-        if self._wrapped is None:
+            self._load_wrapped(state_dict)  # its state lives in the instance, not in views of the storage
+        else:
+            names = (*self.algorithm.local_rule.STATE, *self.algorithm.local_rule.COUNTERS)
+            views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
             super().load_state_dict(state_dict)
-        for p, by_name in views.items():
-            for name, view in by_name.items():
-                loaded = self.state[p].get(name)
-                if view is not None and loaded is not None:
-                    view.copy_(loaded)
-                self.state[p][name] = view
+            for p, by_name in views.items():
+                for name, view in by_name.items():
+                    loaded = self.state[p].get(name)
+                    if view is not None and loaded is not None:
+                        view.copy_(loaded)
+                    self.state[p][name] = view
         if counters is not None:
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
             # stages that restart take x^0 at the next forward (or step), after the model's state is loaded too
