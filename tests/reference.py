@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -169,21 +170,38 @@ class ReferenceWorkers:
 
 
 def low(codec, v):
-    """What one 1-D fp32 vector ``v`` becomes when sent: rounded to bf16 / fp16 (clipped to its range), or for int8
-    each chunk of 256 (zero-padded) scaled by its largest magnitude / 127 and rounded to the nearest integer."""
+    """What one 1-D fp32 vector ``v`` becomes when sent: rounded to bf16 / fp16 (clipped to its range); for int8 /
+    int4 each group of 256 / 128 (zero-padded) scaled by its largest magnitude / 127 / 7 and rounded to the nearest
+    integer; for topk:f, cut into the fewest chunks of at most 4096 values, all of ceil(len(v) / chunks) values but
+    the last (zero-padded), in each the ceil(f x chunk) largest in magnitude kept, the others zero."""
     if codec == "bf16":
         return v.to(torch.bfloat16).float()
     if codec == "fp16":
         return v.clamp(-65504, 65504).to(torch.float16).float()
-    chunks = -(-v.numel() // 256)
-    padded = torch.zeros(chunks * 256)
-    padded[: v.numel()] = v
+    if codec.startswith("topk:"):
+        chunk = -(-v.numel() // -(-v.numel() // 4096))
+        keep = math.ceil(float(codec[5:]) * chunk)
+        out = []
+        for c in padded(v, chunk).split(chunk):
+            kept = torch.zeros_like(c)
+            largest = torch.argsort(c.abs(), descending=True, stable=True)[:keep]
+            kept[largest] = c[largest]
+            out.append(kept)
+        return torch.cat(out)[: v.numel()]
+    group, top = {"int8": (256, 127), "int4": (128, 7)}[codec]
     out = []
-    for c in padded.split(256):
-        scale = c.abs().max() / 127
+    for c in padded(v, group).split(group):
+        scale = c.abs().max() / top
         scale = scale if scale > 0 else torch.tensor(1.0)
-        out.append((c / scale).round().clamp(-127, 127) * scale)
+        out.append((c / scale).round().clamp(-top, top) * scale)
     return torch.cat(out)[: v.numel()]
+
+
+def padded(v, size):
+    """``v`` zero-padded to a whole number of ``size``."""
+    out = torch.zeros(-(-v.numel() // size) * size)
+    out[: v.numel()] = v
+    return out
 
 
 class RoundReference(ReferenceWorkers):
@@ -231,8 +249,8 @@ class RoundReference(ReferenceWorkers):
             x0 += [torch.zeros_like(p) for _ in sent for p in self.models[0].parameters()]
         self.anchor = torch.cat([t.reshape(-1) for t in x0])
         self.residual = [torch.zeros_like(self.anchor) for _ in range(num_workers)]
-        padded = -(-self.anchor.numel() // 256) * 256 if compression == "int8" else self.anchor.numel()
-        self.mean_residual = torch.zeros(padded)
+        group = {"int8": 256, "int4": 128}.get(compression, 1)
+        self.mean_residual = torch.zeros(-(-self.anchor.numel() // group) * group)
         self.outer = None
         if outer_lr is not None or outer_momentum is not None:
             self.outer = copy.deepcopy(self.models[0])  # the global model the outer optimizer steps
@@ -269,6 +287,9 @@ class RoundReference(ReferenceWorkers):
             sent = low(self.compression, delta)
             self.residual[i] = delta - sent
             exact[:n] += sent
+        if self.compression.startswith("topk:"):  # every worker's selection gathered: the mean is exact
+            self.anchor = self.anchor + exact[:n] / self.n
+            return self.anchor
         exact = exact / self.n + self.mean_residual
         mean = low(self.compression, exact)
         self.mean_residual = exact - mean

@@ -36,6 +36,9 @@ CASES = [
     dict(lr=0.1, momentum=0.9, period=2, sync="params_only", overlap=1, compression="int8"),
     dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", outer_lr=0.7, outer_momentum=0.9),
     dict(lr=0.1, momentum=0.9, period=2, compression="bf16", outer_lr=0.7, outer_momentum=0.9, batchnorm=True),
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", compression="int4", batchnorm=True),
+    dict(lr=0.1, momentum=0.9, period=3, sync="params_and_momentum", compression="topk:0.05", batchnorm=True),
+    dict(lr=0.1, momentum=0.9, period=2, sync="params_only", overlap=1, compression="topk:0.1"),
 ]
 
 
@@ -61,7 +64,7 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
     sim = prsgd.Simulator(model, num_workers=world_size, **case)
     # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
     # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
-    atol = atols[case.get("compression")]
+    atol = atols.get(case.get("compression"), atols[None])
     for t, (x, y) in enumerate(batches(world_size, steps)):
         sim.step(x, y, F.cross_entropy)
         for rank, saved in enumerate(ranks):

@@ -24,6 +24,17 @@ exactly, whatever N. ``"bf16"`` keeps fp32's range with 8 bits of mantissa; ``"f
 (parameters and momentum) sends the bytes of one fp32 gradient. ``"int8"`` sends each chunk of 256 values as
 int8 with one fp32 scale (its largest magnitude / 127, rounded to nearest): 260 bytes per 256 values, about a
 quarter of fp32, with a coarser rounding step (1/254 of the chunk's range) that the same two feedbacks carry.
+``"int4"`` does the same with groups of 128 values, two to a byte, and a scale of largest magnitude / 7: 68 bytes
+per 128 values, 0.133 of fp32.
+
+``"topk:<fraction>"`` (SparseLoCo / DeMo-style sparsification) sends only the largest-magnitude fraction of each
+chunk of the change, as (int16 index, fp32 value) pairs: 6 bytes per value sent, 1.5 x fraction of fp32. The rest
+stays in the residual (error feedback): nothing is lost, only delayed. Sparse payloads cannot be summed shard by
+shard, so the exchange is an all-gather: every worker receives every worker's pairs and sums them exactly in
+worker order (the mean needs no second rounding, hence no mean residual). ``comm`` counts the bytes one worker
+sends (its payload), as for every exchange; on the wire an all-gather delivers (N-1) payloads to each worker, so
+what each receives grows linearly with N, while a ring all-reduce's stays at 2 (N-1)/N of the round: top-k at
+fraction f moves less than an exact fp32 all-reduce only while N x 1.5 f < 2, e.g. up to N = 133 at f = 0.01.
 
 A round works on every tensor of the round at once: each worker's values are laid out as one row (the tensors
 flattened and concatenated in the round's order, which both engines share), so the int8 chunks are the same on
@@ -32,6 +43,7 @@ both engines and a rank's shard of the exchange is whole chunks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +63,7 @@ class FloatCodec:
 
     unit = 1  # payload elements that travel together
     values_per_unit = 1
+    gathers = False  # exchanged by a reduce-scatter of the payload (see :func:`rounded_mean`), not an all-gather
 
     def __init__(self, dtype: torch.dtype, clip: float | None = None) -> None:
         self.dtype, self.clip = dtype, clip
@@ -59,7 +72,7 @@ class FloatCodec:
         """``values`` (rows, L) in fp32 -> the payload (rows, L) in ``dtype``."""
         return (values.clamp(-self.clip, self.clip) if self.clip is not None else values).to(self.dtype)
 
-    def decode(self, payload: Tensor) -> Tensor:
+    def decode(self, payload: Tensor, numel: int | None = None) -> Tensor:
         return payload.float()
 
     def values_numel(self, payload_numel: int) -> int:
@@ -67,53 +80,140 @@ class FloatCodec:
         return payload_numel
 
 
-class Int8Codec:
-    """Chunks of ``chunk`` values as int8, each chunk with one fp32 scale (largest magnitude / 127), packed into
-    one int8 payload: per chunk, ``chunk`` quantized values then the scale's 4 bytes."""
+class IntCodec:
+    """Groups of ``group`` values as ``bits``-bit integers (8 or 4), each group with one fp32 scale (its largest
+    magnitude / (2^(bits-1) - 1)), rounded to nearest, packed into one int8 payload: per group, the quantized values
+    (two to a byte for 4 bits, each stored as q + 8) then the scale's 4 bytes. Nearest rounding, not stochastic:
+    the rounding error is what error feedback carries, and both engines round the same row the same way."""
 
-    values_per_unit = 256
+    gathers = False
 
-    def __init__(self) -> None:
-        self.dtype = torch.int8
-        self.unit = self.values_per_unit + 4
+    def __init__(self, bits: int, group: int) -> None:
+        self.dtype, self.bits, self.values_per_unit = torch.int8, bits, group
+        self.qmax = 2 ** (bits - 1) - 1
+        self.value_bytes = group * bits // 8
+        self.unit = self.value_bytes + 4
 
     def encode(self, values: Tensor) -> Tensor:
-        """``values`` (rows, L) in fp32 -> (rows, chunks x (chunk + 4)) int8, zero-padded to whole chunks."""
-        rows, chunk = values.shape[0], self.values_per_unit
-        chunks = -(-values.shape[1] // chunk)
-        v = F.pad(values, (0, chunks * chunk - values.shape[1])).view(rows, chunks, chunk)
-        scale = v.abs().amax(dim=-1, keepdim=True) / 127
+        """``values`` (rows, L) in fp32 -> (rows, groups x unit) int8, zero-padded to whole groups."""
+        rows, group = values.shape[0], self.values_per_unit
+        groups = -(-values.shape[1] // group)
+        v = F.pad(values, (0, groups * group - values.shape[1])).view(rows, groups, group)
+        scale = v.abs().amax(dim=-1, keepdim=True) / self.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        packed = torch.empty(rows, chunks, self.unit, dtype=torch.int8, device=values.device)
-        packed[..., :chunk] = torch.round(v / scale).clamp_(-127, 127)
-        packed[..., chunk:] = scale.view(torch.int8)
+        q = torch.round(v / scale).clamp_(-self.qmax, self.qmax)
+        packed = torch.empty(rows, groups, self.unit, dtype=torch.int8, device=values.device)
+        if self.bits == 4:  # q + 8 in [1, 15]: the even-indexed value in the low nibble, the odd one in the high
+            q = (q[..., 0::2] + 8) + (q[..., 1::2] + 8) * 16
+            packed[..., : self.value_bytes] = q.to(torch.uint8).view(torch.int8)
+        else:
+            packed[..., : self.value_bytes] = q
+        packed[..., self.value_bytes :] = scale.view(torch.int8)
         return packed.view(rows, -1)
 
-    def decode(self, payload: Tensor) -> Tensor:
-        """The payload (rows, P) -> its values (rows, chunks x chunk) in fp32."""
-        rows, chunk = payload.shape[0], self.values_per_unit
+    def decode(self, payload: Tensor, numel: int | None = None) -> Tensor:
+        """The payload (rows, P) -> its values (rows, groups x group) in fp32."""
+        rows = payload.shape[0]
         packed = payload.reshape(rows, -1, self.unit)
-        scale = packed[..., chunk:].contiguous().view(torch.float32)
-        return (packed[..., :chunk].float() * scale).view(rows, -1)
+        scale = packed[..., self.value_bytes :].contiguous().view(torch.float32)
+        q = packed[..., : self.value_bytes]
+        if self.bits == 4:
+            nibbles = q.contiguous().view(torch.uint8).int()
+            q = torch.stack((nibbles % 16 - 8, nibbles // 16 - 8), dim=-1).flatten(-2)
+        return (q.float() * scale).view(rows, -1)
 
     def values_numel(self, payload_numel: int) -> int:
         return payload_numel // self.unit * self.values_per_unit
 
 
-Codec = FloatCodec | Int8Codec
+class TopKCodec:
+    """The largest-magnitude ``fraction`` of the values, sent as (index, value) pairs: the row is cut into the fewest
+    chunks of at most 4096 values, of near-equal length (the last one zero-padded), and each chunk sends its
+    k = ceil(fraction x chunk) largest, as k int16 indices within the chunk then the k fp32 values (as int16
+    pairs): 6k bytes per chunk. Chunks keep the choice local (parameters and optimizer state, which differ in scale,
+    lie in different chunks), and int16 indices halve what int32 ones would cost. What is not sent stays in the
+    residual (error feedback). Workers exchange their payloads by an all-gather and each sums every worker's
+    values exactly (``gathers``); see :meth:`mean`."""
 
-CODECS: dict[str, Codec] = {
+    dtype = torch.int16
+    gathers = True
+    max_chunk = 4096
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def layout(self, numel: int) -> tuple[int, int, int]:
+        """(chunks, chunk, k) for a row of ``numel`` values."""
+        chunks = max(1, -(-numel // self.max_chunk))
+        chunk = max(1, -(-numel // chunks))
+        return chunks, chunk, math.ceil(self.fraction * chunk)
+
+    def encode(self, values: Tensor) -> Tensor:
+        """``values`` (rows, L) in fp32 -> (rows, chunks x 3k) int16: each chunk's k indices, then its k values."""
+        rows, numel = values.shape
+        chunks, chunk, k = self.layout(numel)
+        v = F.pad(values, (0, chunks * chunk - numel)).view(rows, chunks, chunk)
+        index = v.abs().topk(k, dim=-1, sorted=False).indices
+        picked = v.gather(-1, index).contiguous().view(torch.int16)
+        return torch.cat((index.to(torch.int16), picked), dim=-1).view(rows, -1)
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        """The payload (rows, P) of a row of ``numel`` values -> what it sends, dense: (rows, chunks x chunk)."""
+        rows = payload.shape[0]
+        chunks, chunk, k = self.layout(numel)
+        packed = payload.reshape(rows, chunks, 3 * k)
+        index = packed[..., :k].long()
+        picked = packed[..., k:].reshape(-1).clone().view(torch.float32).view(rows, chunks, k)  # aligned for fp32
+        dense = torch.zeros(rows, chunks, chunk, device=payload.device)
+        return dense.scatter_(-1, index, picked).view(rows, -1)
+
+    def mean(self, gathered: Tensor, numel: int) -> Tensor:
+        """Every worker's payload (N, P), in worker order -> the mean of what they sent, (1, chunks x chunk): decoded
+        and summed exactly in fp32 in worker order, so every worker (and both engines) holds the same mean."""
+        values = self.decode(gathered, numel)
+        total = values[0].clone()
+        for i in range(1, values.shape[0]):
+            total += values[i]
+        return (total / gathered.shape[0]).unsqueeze(0)
+
+
+Codec = FloatCodec | IntCodec | TopKCodec
+
+CODECS: dict[str, FloatCodec | IntCodec] = {
     "bf16": FloatCodec(torch.bfloat16),
     "fp16": FloatCodec(torch.float16, 65504.0),
-    "int8": Int8Codec(),
+    "int8": IntCodec(8, 256),
+    "int4": IntCodec(4, 128),
 }
+"""The codecs with a fixed name; ``"topk:<fraction>"`` names a :class:`TopKCodec`."""
+
+COMPRESSION_FORMS = (*CODECS, "topk:<fraction>")
+
+
+def codec_for(compression: str) -> Codec:
+    """The codec ``compression`` names (checked by :func:`check_compression`)."""
+    if compression in CODECS:
+        return CODECS[compression]
+    return TopKCodec(float(compression.split(":", 1)[1]))
 
 
 def check_compression(compression: str | None) -> str | None:
-    """``compression`` if it is None or a known codec, else :class:`InvalidArgument` naming the allowed ones."""
-    if compression is not None and compression not in CODECS:
-        allowed = ", ".join(["None", *CODECS])
+    """``compression`` if it is None, a known codec or ``"topk:<fraction>"`` with a fraction in (0, 1], else
+    :class:`InvalidArgument` naming the allowed forms."""
+    if compression is None or compression in CODECS:
+        return compression
+    allowed = ", ".join(["None", *COMPRESSION_FORMS])
+    if not isinstance(compression, str) or not compression.startswith("topk:"):
         raise InvalidArgument(f"compression={compression!r} is not known; allowed: {allowed}")
+    try:
+        fraction = float(compression.split(":", 1)[1])
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise InvalidArgument(
+            f"compression={compression!r} is not allowed; topk takes the fraction of values each worker sends, in "
+            "(0, 1], e.g. 'topk:0.01'"
+        )
     return compression
 
 
@@ -149,7 +249,7 @@ class CompressedRounds:
 
     def __init__(self, codec: str) -> None:
         self.codec_name = check_compression(codec)
-        self.codec: Codec = CODECS[codec]
+        self.codec: Codec = codec_for(codec)
         self.anchor: list[Tensor] = []
         self.residual: list[Tensor] = []
         self.mean_residual: Tensor | None = None
@@ -176,7 +276,7 @@ class CompressedRounds:
         return [self.encode(tensors)]
 
     def exchange_payload(self, payload: list[Tensor], engine: Communicator) -> None:
-        self.exchange(payload[0], engine)
+        payload[0] = self.exchange(payload[0], engine)
 
     def averaged(self, payload: list[Tensor]) -> list[Tensor]:
         return self.decode(payload[0])
@@ -184,9 +284,12 @@ class CompressedRounds:
     @torch.no_grad()
     def round(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
         """One compressed round over ``tensors``, in place, exchanging the payload through ``engine``."""
-        payload = self.encode(tensors)
-        self.exchange(payload, engine)
-        torch._foreach_copy_(list(tensors), self.decode(payload))
+        torch._foreach_copy_(list(tensors), self.decode(self.exchange(self.encode(tensors), engine)))
+
+    @property
+    def numel(self) -> int:
+        """Values in one worker's row."""
+        return sum(a[0].numel() for a in self.anchor)
 
     @torch.no_grad()
     def encode(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -198,13 +301,17 @@ class CompressedRounds:
         torch._foreach_add_(delta, self.residual)
         rows = _rows(delta)
         payload = self.codec.encode(rows)
-        # what this round leaves out (rounding, and anything clipped) goes with the next: views of `rows`
-        self.residual = _split(rows.sub_(self.codec.decode(payload)[:, : rows.shape[1]]), self.residual)
+        # what this round leaves out (rounding, anything clipped or not chosen) goes with the next: views of `rows`
+        self.residual = _split(rows.sub_(self.codec.decode(payload, rows.shape[1])[:, : rows.shape[1]]), self.residual)
         return payload
 
-    def exchange(self, payload: Tensor, engine: Communicator) -> None:
-        """Replace ``payload`` by the rounded mean of every worker's (through ``engine``), in place: the engine hands
-        each shard's rows to :func:`rounded_mean`, whose residual (one per value of the shard) lives here."""
+    def exchange(self, payload: Tensor, engine: Communicator) -> Tensor:
+        """Every worker's ``payload`` exchanged through ``engine``: for a codec that ``gathers``, every worker's
+        payload (N, P), gathered; otherwise ``payload`` itself, replaced in place by the rounded mean of every
+        worker's: the engine hands each shard's rows to :func:`rounded_mean`, whose residual (one per value of the
+        shard) lives here."""
+        if self.codec.gathers:
+            return engine.gather_rows(payload)
 
         def reduce(rows: Tensor) -> Tensor:
             if self.mean_residual is None:
@@ -212,12 +319,18 @@ class CompressedRounds:
             return rounded_mean(rows, self.mean_residual, self.codec)
 
         engine.reduce_rows(payload, reduce, self.codec.unit)
+        return payload
 
     @torch.no_grad()
-    def decode(self, payload: Tensor) -> list[Tensor]:
-        """The new anchor, the same on every worker: the old one plus the exchanged (rounded mean) ``payload``."""
-        numel = sum(a[0].numel() for a in self.anchor)
-        torch._foreach_add_(self.anchor, _split(self.codec.decode(payload)[:, :numel], self.anchor))
+    def decode(self, exchanged: Tensor) -> list[Tensor]:
+        """The new anchor, the same on every worker: the old one plus the mean that ``exchanged`` (what
+        :meth:`exchange` returned) carries."""
+        numel = self.numel
+        if self.codec.gathers:
+            mean = self.codec.mean(exchanged, numel)[:, :numel].expand(self.anchor[0].shape[0], -1)
+        else:
+            mean = self.codec.decode(exchanged)[:, :numel]
+        torch._foreach_add_(self.anchor, _split(mean, self.anchor))
         return self.anchor
 
     def state_dict(self) -> dict[str, Any]:

@@ -100,6 +100,11 @@ class Communicator(Protocol):
         ``reduce`` sees the same rows in the same worker order on both engines."""
         ...
 
+    def gather_rows(self, payload: Tensor) -> Tensor:
+        """Every worker's row of ``payload`` (rows, P), in worker order: (N, P); counts the row's bytes (an
+        all-gather: each worker's row reaches every other, so what each receives grows with N)."""
+        ...
+
     def start(self, work: Callable[[Communicator], None]) -> Callable[[], None]:
         """Run ``work`` (an overlapped round's exchange) with a communicator for exchanges that overlap training,
         and return how to wait for it: at once on the simulator, on a background thread and a process group of

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prsgd.algorithm.compression import CODECS, check_compression
+from prsgd.algorithm.compression import COMPRESSION_FORMS, check_compression
 from prsgd.algorithm.outer import check_outer
 from prsgd.algorithm.overlap import check_overlap
 from prsgd.algorithm.rules import SYNC_RULES, SyncRule, sync_rule
@@ -40,7 +40,7 @@ class RoundOption:
     def from_config(self, value: Any) -> Any:
         """The spec's value for a config file's ``value``: the spec's default (off) for the config's off value, and for
         ``"none"`` where the option names its values (``--compression none``)."""
-        return _DEFAULTS[self.name] if value == self.off or (self.choices and value == "none") else value
+        return _DEFAULTS[self.name] if value == self.off or (self.kind is str and value == "none") else value
 
 
 ROUND_OPTIONS: tuple[RoundOption, ...] = (
@@ -54,11 +54,12 @@ ROUND_OPTIONS: tuple[RoundOption, ...] = (
     ),
     RoundOption(
         "compression",
-        "averaging rounds send the change since the last round in this format (error feedback); empty: exact",
+        "averaging rounds send the change since the last round in this format, with error feedback ("
+        + ", ".join(COMPRESSION_FORMS)
+        + "); empty: exact",
         kind=str,
         off="",
-        examples=tuple(CODECS),
-        choices=tuple(CODECS),
+        examples=("fp16", "int8", "int4", "topk:0.1"),
     ),
     RoundOption(
         "overlap",
@@ -121,8 +122,9 @@ class RoundSpec:
         sync: the rule's name (:data:`prsgd.SYNC_RULES`): ``"params_and_momentum"`` is Algorithm 1.
         period: I >= 1, local steps between rounds (eq. 6; ignored by ``"gradients"`` and ``"none"``).
         topology: gossip rules only: a name, a :class:`prsgd.algorithm.topology.Topology`, a mixing matrix or a graph.
-        compression: ``None`` (exact), ``"bf16"``, ``"fp16"`` or ``"int8"``: averaging rounds send the change since
-            the last round in that format, with error feedback (:mod:`prsgd.algorithm.compression`).
+        compression: ``None`` (exact), ``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"`` or ``"topk:<fraction>"``:
+            averaging rounds send the change since the last round in that format, with error feedback
+            (:mod:`prsgd.algorithm.compression`).
         overlap: ``False``, ``True`` (1) or a delay in steps in [0, period]: an averaging round's exchange runs
             while local steps go on, applied ``delay`` steps later (:mod:`prsgd.algorithm.overlap`).
         inner_period: hierarchical rounds: average within each node every ``inner_period`` steps; divides period.

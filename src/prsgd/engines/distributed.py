@@ -157,6 +157,15 @@ class ProcessGroupCommunicator:
         payload[0].copy_(flat[:total])
         self.comm.record(total * flat.element_size())
 
+    def gather_rows(self, payload: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return payload
+        row = payload[0].contiguous().view(torch.uint8)  # as bytes: gloo has no int16
+        gathered = row.new_empty(self.world_size * row.numel())
+        dist.all_gather_into_tensor(gathered, row, group=self.process_group)
+        self.comm.record(row.numel())
+        return gathered.view(payload.dtype).view(self.world_size, -1)
+
     def _peer(self, worker: int) -> int:
         if self.process_group is None:
             return worker

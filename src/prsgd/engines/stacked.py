@@ -173,6 +173,11 @@ class StackedCommunicator:
         payload.copy_(reduce(payload).unsqueeze(0).expand_as(payload))  # one shard: the whole row
         self.comm.record(payload[0].numel() * payload.element_size())
 
+    def gather_rows(self, payload: Tensor) -> Tensor:
+        if self.num_workers > 1:
+            self.comm.record(payload[0].numel() * payload.element_size())
+        return payload  # every worker's row already
+
     def mix(self, fields: Sequence[Field], step: int) -> None:
         if self.mixer is None:
             raise RuntimeError("mix() needs a topology")

@@ -1,0 +1,108 @@
+"""int4 and top-k rounds (issue 28): what one value becomes when sent, against tests/reference.py's ``low`` (written
+independently of the codecs); the bytes each sends, scales and indices included; error feedback over 1000 rounds;
+and the bad values refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches, mlp
+from reference import low
+
+import prsgd
+from prsgd.algorithm.compression import CompressedRounds, codec_for
+from prsgd.engines.stacked import StackedCommunicator
+
+N = 4
+
+
+@pytest.mark.parametrize("codec", ["int4", "topk:0.01", "topk:0.3", "topk:1"])
+@pytest.mark.parametrize("numel", [1, 127, 1000, 9000])
+def test_what_a_value_becomes_when_sent_is_the_references(codec, numel):
+    values = torch.randn(3, numel, generator=torch.Generator().manual_seed(numel)) * torch.logspace(-3, 1, numel)
+    c = codec_for(codec)
+    sent = c.decode(c.encode(values), numel)[:, :numel]
+    for row, mine in zip(values, sent, strict=True):
+        assert torch.equal(mine, low(codec, row))
+
+
+def test_int4_sends_an_eighth_of_fp32_plus_a_scale_per_128_values():
+    kw = dict(lr=0.1, momentum=0.9, period=1)
+    exact, int4 = (prsgd.Simulator(mlp(hidden=1000), num_workers=N, compression=c, **kw) for c in (None, "int4"))
+    for x, y in batches(N, 2):
+        exact.step(x, y, F.cross_entropy)
+        int4.step(x, y, F.cross_entropy)
+    values = exact.comm.bytes // exact.comm.rounds // 4
+    assert int4.comm.bytes // int4.comm.rounds == -(-values // 128) * (64 + 4)
+    assert int4.comm.bytes / exact.comm.bytes < 1 / 7
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1])
+def test_topk_sends_its_fraction_of_each_chunk_with_int16_indices(fraction):
+    kw = dict(lr=0.1, momentum=0.9, period=1)
+    model = mlp(hidden=1000)
+    exact = prsgd.Simulator(model, num_workers=N, **kw)
+    topk = prsgd.Simulator(model, num_workers=N, compression=f"topk:{fraction}", **kw)
+    for x, y in batches(N, 2):
+        exact.step(x, y, F.cross_entropy)
+        topk.step(x, y, F.cross_entropy)
+    values = exact.comm.bytes // exact.comm.rounds // 4
+    chunks = -(-values // 4096)  # of near-equal length
+    per_chunk = math.ceil(fraction * -(-values // chunks)) * (2 + 4)  # an int16 index and an fp32 value each
+    assert topk.comm.bytes // topk.comm.rounds == chunks * per_chunk
+    assert topk.comm.bytes / exact.comm.bytes < 1.55 * fraction  # 6 bytes per sent value, 4 per exact one
+
+
+def without_feedback(codec, change):
+    """What sending each worker's change in ``codec`` without error feedback applies: the mean of what is sent (and,
+    for int4, that mean rounded again, as the exchange does)."""
+    mean = torch.stack([low(codec, row) for row in change]).mean(0)
+    return mean if codec.startswith("topk") else low(codec, mean)
+
+
+@pytest.mark.parametrize(("codec", "bound"), [("int4", 1 / 7), ("topk:0.01", 8.0)])
+def test_error_feedback_keeps_the_drift_from_exact_rounds_bounded_over_1000_rounds(codec, bound):
+    """1000 rounds of random changes with a common drift: with error feedback the compressed anchor stays within
+    ``bound`` times the largest change of the exact fp32 average (int4: within one rounding step, 1/7 of a group's
+    largest change; top-k 1%: what is not sent waits at most about 1/fraction rounds), while without it the drift
+    grows (top-k drops 99% of the common drift)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(N, 512)
+    engine = StackedCommunicator(N, params=[x], buffers=[], state=[])
+    rounds = CompressedRounds(codec)
+    rounds.restart([x])
+    exact, without = x[0].clone(), x[0].clone()
+    largest = 0.0
+    for _ in range(1000):
+        change = 1e-3 * (torch.randn(N, 512, generator=g) + 0.3)
+        largest = max(largest, change.abs().max().item())
+        x.add_(change)
+        exact += change.mean(0)
+        without += without_feedback(codec, change)
+        rounds.round([x], engine)
+        assert torch.equal(x, x[:1].expand_as(x))  # exact consensus after every round
+    drift, drift_without = (x[0] - exact).abs().max().item(), (without - exact).abs().max().item()
+    print(
+        f"\n1000 {codec} rounds: |compressed - exact| = {drift / largest:.2f} x the largest change, "
+        f"{drift_without / largest:.2f} without feedback"
+    )
+    assert drift <= bound * largest < drift_without
+
+
+@pytest.mark.parametrize(
+    ("compression", "message"),
+    [
+        ("topk:0", r"compression='topk:0' is not allowed; topk takes the fraction .* in \(0, 1\]"),
+        ("topk:1.5", r"compression='topk:1.5' is not allowed"),
+        ("topk:x", r"compression='topk:x' is not allowed"),
+        ("int2", r"compression='int2' is not known; allowed: None, bf16, fp16, int8, int4, topk:<fraction>"),
+    ],
+)
+def test_bad_compression_is_refused_with_what_is_allowed(compression, message):
+    with pytest.raises(prsgd.InvalidArgument, match=message):
+        prsgd.Simulator(mlp(), num_workers=N, lr=0.1, period=2, compression=compression)
+    with pytest.raises(prsgd.InvalidArgument, match=r"compression='topk:0.1' changes averaging rounds; sync='gossip'"):
+        prsgd.Simulator(mlp(), num_workers=N, lr=0.1, sync="gossip", topology="ring", compression="topk:0.1")
