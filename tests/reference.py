@@ -210,13 +210,19 @@ class RoundReference(ReferenceWorkers):
     - ``inner_period`` / ``nodes``: after every ``inner_period``-th step that is not a global round, each node's
       consecutive workers take the plain mean of what the round communicates (momentum cleared for the rule that
       clears it);
-    - ``compression``: a global round lays each worker's round tensors out as one vector, sends
-      low(x_i - anchor + r_i), keeps what rounding left out in r_i, and all set x = anchor = anchor + low(mean + e),
-      e keeping what rounding the mean left out;
+    - ``fragments`` F: what a global round communicates is, for each worker, its parameters, float buffers and each
+      sent state tensor name, each of these groups flattened into one vector; fragment f is the f-th of F
+      contiguous near-equal ranges of each group's vector, joined. After every step t with t % (period / F) == 0,
+      fragment f = (t % period) // (period / F) takes the round below (its own anchor, residuals, outer step);
+      without fragments (F = 1) a round takes everything;
+    - ``compression``: a round lays each worker's fragment out as one vector, sends low(x_i - anchor + r_i), keeps
+      what rounding left out in r_i, and all set x = anchor = anchor + low(mean + e), e keeping what rounding the
+      mean left out (topk: every worker's selection summed exactly, no e);
     - ``overlap`` (a delay d > 0): a global round takes each worker's snapshot s_i, averages the snapshots (exactly or
       compressed as above) and, d steps later, every worker adds avg - s_i to what it holds then;
     - ``outer_lr`` / ``outer_momentum``: after a global round the parameters take a ``torch.optim.SGD`` step with
-      Nesterov momentum from the previous round's parameters along (previous - average), DiLoCo's outer step.
+      Nesterov momentum from the previous round's parameters along (previous - average), DiLoCo's outer step (one
+      optimizer per fragment, whose values outside the fragment are never read).
     """
 
     def __init__(
@@ -235,102 +241,148 @@ class RoundReference(ReferenceWorkers):
         nodes=None,
         outer_lr=None,
         outer_momentum=None,
+        fragments=None,
         **local,
     ):
         super().__init__(model, num_workers, lr=lr, momentum=momentum, period=period, sync=sync, **local)
         self.mixing_matrix = mixing_matrix
         self.n, self.compression, self.delay = num_workers, compression, int(overlap)
         self.inner_period, self.nodes = inner_period, nodes
-        self.pending = None  # an overlapped round: (due step, every worker's snapshot, their average)
-        x0 = [t.detach().clone() for t in round_tensors(self.models[0], self.opts[0], sync)]
+        self.fragments = fragments or 1
+        self.pending = None  # an overlapped round: (due step, fragment, every worker's snapshot, their average)
         kept = STATE[type(self.opts[0])] if momentum > 0 or isinstance(self.opts[0], torch.optim.AdamW) else ()
+        x0 = self._groups(0)
         if sync == "params_and_momentum":  # the state starts at zero
             sent = [n for n in kept if self.sync_state is None or n in self.sync_state]
-            x0 += [torch.zeros_like(p) for _ in sent for p in self.models[0].parameters()]
-        self.anchor = torch.cat([t.reshape(-1) for t in x0])
-        self.residual = [torch.zeros_like(self.anchor) for _ in range(num_workers)]
+            x0 += [[torch.zeros_like(p) for p in self.models[0].parameters()] for _ in sent]
+        self.anchor = [self._cut(x0, f) for f in range(self.fragments)]
+        self.residual = [[torch.zeros_like(a) for _ in range(num_workers)] for a in self.anchor]
         group = {"int8": 256, "int4": 128}.get(compression, 1)
-        self.mean_residual = torch.zeros(-(-self.anchor.numel() // group) * group)
+        self.mean_residual = [torch.zeros(-(-a.numel() // group) * group) for a in self.anchor]
         self.outer = None
         if outer_lr is not None or outer_momentum is not None:
-            self.outer = copy.deepcopy(self.models[0])  # the global model the outer optimizer steps
+            self.outer = [copy.deepcopy(self.models[0]) for _ in range(self.fragments)]  # what outer steps move
             outer_momentum = 0.0 if outer_momentum is None else outer_momentum
-            self.outer_opt = torch.optim.SGD(
-                self.outer.parameters(),
-                lr=1.0 if outer_lr is None else outer_lr,
-                momentum=outer_momentum,
-                nesterov=outer_momentum > 0,
-            )
+            self.outer_opt = [
+                torch.optim.SGD(
+                    outer.parameters(),
+                    lr=1.0 if outer_lr is None else outer_lr,
+                    momentum=outer_momentum,
+                    nesterov=outer_momentum > 0,
+                )
+                for outer in self.outer
+            ]
 
-    def _tensors(self, i):
-        return round_tensors(self.models[i], self.opts[i], self.sync, self.sent_state())
+    def _groups(self, i):
+        """Worker i's parameters, float buffers and each sent state tensor name, as lists of tensors."""
+        model = self.models[i]
+        params = list(model.parameters())
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        state = round_tensors(model, self.opts[i], self.sync, self.sent_state())[len(params) + len(buffers) :]
+        return [params, buffers, *(state[k : k + len(params)] for k in range(0, len(state), len(params)))]
 
-    def _vector(self, i):
-        return torch.cat([t.detach().reshape(-1) for t in self._tensors(i)])
+    def _range(self, length, f):
+        return length * f // self.fragments, length * (f + 1) // self.fragments
 
-    def _set(self, i, vector):
-        tensors = self._tensors(i)
-        for t, piece in zip(tensors, vector.split([t.numel() for t in tensors]), strict=True):
-            t.copy_(piece.view_as(t))
+    def _cut(self, groups, f):
+        parts = []
+        for group in groups:
+            flat = torch.cat([t.detach().reshape(-1) for t in group]) if group else torch.zeros(0)
+            a, b = self._range(flat.numel(), f)
+            parts.append(flat[a:b])
+        return torch.cat(parts)
 
-    def _clear_momentum(self, workers):
-        if self.sync == "params_clear_momentum":
-            for i in workers:
+    def _vector(self, i, f=0):
+        return self._cut(self._groups(i), f)
+
+    def _set(self, i, vector, f=0):
+        offset = 0
+        for group in self._groups(i):
+            if not group:
+                continue
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            a, b = self._range(flat.numel(), f)
+            flat[a:b] = vector[offset : offset + b - a]
+            offset += b - a
+            for t, piece in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(piece.view_as(t))
+
+    def _clear_momentum(self, workers, f=None):
+        if self.sync != "params_clear_momentum":
+            return
+        for i in workers:
+            if f is None or self.fragments == 1:
                 clear_state(self.opts[i])
+            elif state_names(self.opts[i]):  # momentum SGD (AdamW's counters refuse fragments here): the range
+                buffers = [self.opts[i].state[p]["momentum_buffer"] for p in self.models[i].parameters()]
+                flat = torch.cat([b.reshape(-1) for b in buffers])
+                a, b = self._range(flat.numel(), f)
+                flat[a:b] = 0
+                for t, piece in zip(buffers, flat.split([t.numel() for t in buffers]), strict=True):
+                    t.copy_(piece.view_as(t))
 
-    def _compressed_average(self, vectors):
-        """The new anchor: every worker's compressed change averaged, both roundings fed back."""
-        n = self.anchor.numel()
-        exact = torch.zeros_like(self.mean_residual)
+    def _compressed_average(self, vectors, f):
+        """Fragment f's new anchor: every worker's compressed change averaged, both roundings fed back."""
+        n = self.anchor[f].numel()
+        exact = torch.zeros_like(self.mean_residual[f])
         for i, v in enumerate(vectors):  # summed in worker order, in fp32
-            delta = v - self.anchor + self.residual[i]
+            delta = v - self.anchor[f] + self.residual[f][i]
             sent = low(self.compression, delta)
-            self.residual[i] = delta - sent
+            self.residual[f][i] = delta - sent
             exact[:n] += sent
         if self.compression.startswith("topk:"):  # every worker's selection gathered: the mean is exact
-            self.anchor = self.anchor + exact[:n] / self.n
-            return self.anchor
-        exact = exact / self.n + self.mean_residual
+            self.anchor[f] = self.anchor[f] + exact[:n] / self.n
+            return self.anchor[f]
+        exact = exact / self.n + self.mean_residual[f]
         mean = low(self.compression, exact)
-        self.mean_residual = exact - mean
-        self.anchor = self.anchor + mean[:n]
-        return self.anchor
+        self.mean_residual[f] = exact - mean
+        self.anchor[f] = self.anchor[f] + mean[:n]
+        return self.anchor[f]
 
-    def _average(self, vectors):
+    def _average(self, vectors, f=0):
         if self.compression is not None:
-            return self._compressed_average(vectors)
+            return self._compressed_average(vectors, f)
         return sum(v.clone() for v in vectors) / self.n
 
-    def _outer_step(self):
-        """The parameters after the round take the outer step from the global model (the last round's result)."""
+    def _outer_step(self, f):
+        """Fragment f's parameters after the round take the outer step from its global model (its last round's)."""
+        outer, opt = self.outer[f], self.outer_opt[f]
         averaged = list(self.models[0].parameters())
-        self.outer_opt.zero_grad()
-        for g, p in zip(self.outer.parameters(), averaged, strict=True):
+        opt.zero_grad()
+        for g, p in zip(outer.parameters(), averaged, strict=True):
             g.grad = (g.detach() - p.detach()).clone()
-        self.outer_opt.step()
-        for m in self.models:
-            for p, g in zip(m.parameters(), self.outer.parameters(), strict=True):
-                p.copy_(g)
-        if self.compression is not None:  # the values every worker holds now
-            self.anchor = self._vector(0)
-
-    def _global_round(self):
-        if self.delay:
-            snapshots = [self._vector(i) for i in range(self.n)]
-            self.pending = (self.t + self.delay, snapshots, self._average(snapshots))
-            return
-        average = self._average([self._vector(i) for i in range(self.n)])
+        opt.step()
+        stepped = self._cut([list(outer.parameters())], f)
         for i in range(self.n):
-            self._set(i, average)
+            self._set_params(i, stepped, f)
+        if self.compression is not None:  # the values every worker holds now
+            self.anchor[f] = self._vector(0, f)
+
+    def _set_params(self, i, vector, f):
+        params = list(self.models[i].parameters())
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        a, b = self._range(flat.numel(), f)
+        flat[a:b] = vector
+        for t, piece in zip(params, flat.split([t.numel() for t in params]), strict=True):
+            t.copy_(piece.view_as(t))
+
+    def _global_round(self, f):
+        if self.delay:
+            snapshots = [self._vector(i, f) for i in range(self.n)]
+            self.pending = (self.t + self.delay, f, snapshots, self._average(snapshots, f))
+            return
+        average = self._average([self._vector(i, f) for i in range(self.n)], f)
+        for i in range(self.n):
+            self._set(i, average, f)
         if self.outer is not None:
-            self._outer_step()
-        self._clear_momentum(range(self.n))
+            self._outer_step(f)
+        self._clear_momentum(range(self.n), f)
 
     def _apply_pending(self):
-        _, snapshots, average = self.pending
+        _, f, snapshots, average = self.pending
         for i in range(self.n):
-            self._set(i, average + (self._vector(i) - snapshots[i]))
-        self._clear_momentum(range(self.n))
+            self._set(i, average + (self._vector(i, f) - snapshots[i]), f)
+        self._clear_momentum(range(self.n), f)
         self.pending = None
 
     def _node_round(self):
@@ -348,11 +400,12 @@ class RoundReference(ReferenceWorkers):
         saved, self.sync = self.sync, "none"
         losses = super().step(inputs, targets, loss_fn)  # local steps only
         self.sync = saved
+        every = self.period // self.fragments
         with torch.no_grad():
             if self.pending is not None and self.pending[0] == self.t:
                 self._apply_pending()
-            if self.t % self.period == 0:
-                self._global_round()
+            if self.t % every == 0:
+                self._global_round((self.t % self.period) // every)
                 if self.pending is not None and self.pending[0] == self.t:
                     self._apply_pending()
             elif self.inner_period is not None and self.t % self.inner_period == 0:

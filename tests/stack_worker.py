@@ -337,6 +337,9 @@ ADAMW_RESUME_CASES = [
     dict(sync="params_and_momentum", period=4),
     dict(sync="params_only", period=4, outer_lr=0.7, outer_momentum=0.9),
     dict(sync="params_only", period=4, compression="int8", overlap=1),
+    dict(sync="params_and_momentum", period=4, fragments=2),
+    dict(sync="params_only", period=4, fragments=4, compression="int4", overlap=1),
+    dict(sync="params_only", period=4, fragments=2, compression="topk:0.1", outer_lr=0.7, outer_momentum=0.9),
 ]
 KILL_AT = (2, 5, 7)
 """Steps after which the run is saved and continued by a fresh model and optimizer: inside the first period, one

@@ -5,15 +5,18 @@
   :mod:`~prsgd.algorithm.functional`: its stateless update;
 - :mod:`~prsgd.algorithm.round`: :class:`RoundSpec`, one description of a round, with every option and exclusion;
 - the round's stages: :mod:`~prsgd.algorithm.schedule`, :mod:`~prsgd.algorithm.exchange` (exact, mixing,
-  :mod:`~prsgd.algorithm.compression`), :mod:`~prsgd.algorithm.overlap`, :mod:`~prsgd.algorithm.outer`;
+  :mod:`~prsgd.algorithm.compression`: 16-bit, int8, int4, top-k), :mod:`~prsgd.algorithm.overlap`,
+  :mod:`~prsgd.algorithm.outer`, and :mod:`~prsgd.algorithm.fragments` (streaming: each stage per fragment);
 - :mod:`~prsgd.algorithm.periodic`: :class:`PeriodicSync`, which composes them and counts steps;
+  :mod:`~prsgd.algorithm.engine_view`: the engines' read-only view of it;
 - :mod:`~prsgd.algorithm.contract`: what an engine must provide (:class:`Communicator`);
 - :mod:`~prsgd.algorithm.topology` (mixing matrices) and :mod:`~prsgd.algorithm.theory` (the corollaries).
 """
 
 from prsgd.algorithm.contract import CommStats, Communicator
+from prsgd.algorithm.engine_view import FollowsAlgorithm
 from prsgd.algorithm.local import Hyperparameters, UpdateGroup
-from prsgd.algorithm.periodic import FollowsAlgorithm, PeriodicSync, rescaled_steps
+from prsgd.algorithm.periodic import PeriodicSync, rescaled_steps
 from prsgd.algorithm.round import EXCLUSIONS, ROUND_OPTIONS, RoundSpec
 from prsgd.algorithm.rules import SYNC_RULES, Field, Scope, SyncRule, sync_rule
 

@@ -197,12 +197,12 @@ def codec_for(compression: str) -> Codec:
     return TopKCodec(float(compression.split(":", 1)[1]))
 
 
-def check_compression(compression: str | None) -> str | None:
+def check_compression(compression: str | None, off: str = "None") -> str | None:
     """``compression`` if it is None, a known codec or ``"topk:<fraction>"`` with a fraction in (0, 1], else
-    :class:`InvalidArgument` naming the allowed forms."""
+    :class:`InvalidArgument` naming the allowed forms (``off``: how exact rounds are asked for, for the message)."""
     if compression is None or compression in CODECS:
         return compression
-    allowed = ", ".join(["None", *COMPRESSION_FORMS])
+    allowed = ", ".join([off, *COMPRESSION_FORMS])
     if not isinstance(compression, str) or not compression.startswith("topk:"):
         raise InvalidArgument(f"compression={compression!r} is not known; allowed: {allowed}")
     try:
@@ -271,6 +271,9 @@ class CompressedRounds:
 
     def exchange_round(self, engine: Communicator, fields: Sequence[Field], step: int) -> None:
         self.round(engine.elementwise(fields), engine)
+
+    def round_of(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
+        self.round(tensors, engine)
 
     def snapshot_payload(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         return [self.encode(tensors)]

@@ -139,7 +139,14 @@ class LocalRule:
         return self.STATE if has_state else ()
 
     def check_round(self, spec: RoundSpec) -> None:
-        """Refuse, with :class:`InvalidArgument`, round options this rule's state cannot go through."""
+        """Refuse, with :class:`InvalidArgument`, round options this rule's state cannot go through: fragments of a
+        state that a round clears, where the rule keeps counters (one per parameter, shared by all its values)."""
+        if spec.fragments and spec.rule.state == "clear" and self.COUNTERS:
+            raise InvalidArgument(
+                f"fragments={spec.fragments} with optimizer={self.name!r} and sync={spec.sync!r} is not supported: "
+                f"clearing one fragment's state would restart the {', '.join(self.COUNTERS)} counter that every value "
+                "of a parameter shares; use sync='params_and_momentum' or 'params_only'"
+            )
 
     def step_(self, groups: Sequence[UpdateGroup]) -> None:
         """One local step of every group."""
@@ -187,6 +194,7 @@ class AdamW(LocalRule):
     COUNTERS = ("step",)
 
     def check_round(self, spec: RoundSpec) -> None:
+        super().check_round(spec)
         refuse_state_through_lossy_rounds(spec, "optimizer='adamw'", "exp_avg_sq")
 
     def watched(self, group: Mapping[str, Any]) -> tuple:

@@ -26,11 +26,12 @@ from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Communicator
 from prsgd.algorithm.exchange import make_exchange
+from prsgd.algorithm.fragments import fragment_tensors
 from prsgd.algorithm.local import LOCAL_RULE, LocalRule, UpdateGroup
 from prsgd.algorithm.outer import OuterOptimizer
 from prsgd.algorithm.overlap import OverlappedRounds
 from prsgd.algorithm.round import RoundSpec
-from prsgd.algorithm.rules import SyncRule
+from prsgd.algorithm.rules import Field
 from prsgd.algorithm.schedule import make_schedule
 from prsgd.errors import CheckpointError, InvalidArgument
 
@@ -47,8 +48,10 @@ class PeriodicSync:
         local_rule: the update between rounds and the state it keeps by name (:mod:`prsgd.algorithm.local`).
 
     The stages are attributes: ``schedule``, ``exchange`` (exact, mixing or compressed), ``overlap`` and ``outer``
-    (None when off). Both engines and :func:`prsgd.experiments.problems.run` hold one; their ``steps_done``,
-    ``comm``, ``in_consensus`` and the ``"prsgd"`` part of their state dicts are this object's.
+    (None when off); with ``fragments`` F > 1, ``exchanges`` and ``outers`` hold one exchange and one outer step per
+    fragment (``exchange`` and ``outer`` are the first's), each over its fragment's views
+    (:mod:`prsgd.algorithm.fragments`). Both engines and :func:`prsgd.experiments.problems.run` hold one; their
+    ``steps_done``, ``comm``, ``in_consensus`` and the ``"prsgd"`` part of their state dicts are this object's.
     """
 
     def __init__(
@@ -65,9 +68,11 @@ class PeriodicSync:
         local_rule.check_round(spec)
         self.local_rule = local_rule
         self.schedule = make_schedule(spec)
-        self.exchange = make_exchange(spec)
+        self.fragments = spec.fragments or 1
+        self.exchanges = [make_exchange(spec) for _ in range(self.fragments)]
+        self.outers = [OuterOptimizer.from_spec(spec) for _ in range(self.fragments)]
+        self.exchange, self.outer = self.exchanges[0], self.outers[0]
         self.overlap = OverlappedRounds.from_spec(spec)
-        self.outer = OuterOptimizer.from_spec(spec)
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
         self.steps_done = 0
@@ -97,21 +102,30 @@ class PeriodicSync:
     def attach(self, engine: Communicator) -> None:
         """Take ``engine``'s tensors, which hold x^0 (the same on every worker), as the stages' starting point: the
         compressed exchange's anchor and the outer step's. Engines call it once they hold x^0, before the first
-        forward pass (which changes BatchNorm statistics per worker)."""
+        forward pass (which changes BatchNorm statistics per worker). With fragments, the parameters must have at
+        least one value per fragment (:class:`InvalidArgument` otherwise)."""
         self.engine = engine
+        values = sum(t[0].numel() for t in engine.elementwise(("params",)))
+        if values < self.fragments:
+            raise InvalidArgument(
+                f"fragments={self.fragments} is more than the {values} values of the model's parameters; each "
+                "fragment must hold some: use at most that many"
+            )
         self.take_x0()
 
     def take_x0(self) -> None:
         """The stages whose starting point is still to be taken (after :meth:`attach`, or after loading a state
         that restarts them) take it from the engine's tensors as they are now, which must be in consensus."""
-        if self.exchange.needs_start:
-            self.exchange.restart(self._round_tensors())
-        if self._outer_needs_start:
-            self.outer.rebase(self.engine.elementwise(("params",)))
+        for f, exchange in enumerate(self.exchanges):
+            if exchange.needs_start:
+                exchange.restart(self._round_tensors(f))
+        for f, outer in enumerate(self.outers):
+            if outer is not None and not outer.anchor:
+                outer.rebase(self._tensors(f, ("params",)))
 
     @property
-    def _outer_needs_start(self) -> bool:
-        return self.outer is not None and not self.outer.anchor
+    def _needs_start(self) -> bool:
+        return any(e.needs_start for e in self.exchanges) or any(o is not None and not o.anchor for o in self.outers)
 
     @property
     def inner_period(self) -> int | None:
@@ -142,7 +156,7 @@ class PeriodicSync:
         are averaged in one collective, and the skip is decided on the averaged gradients, identical everywhere.
         """
         apply_update = not found_inf
-        if self.exchange.needs_start or self._outer_needs_start:
+        if self._needs_start:
             raise RuntimeError("PeriodicSync.step before take_x0(): the round's stages have no starting point")
         if self.rule.averages_gradients:
             self.engine.average(("buffers", "grads"))
@@ -173,53 +187,64 @@ class PeriodicSync:
         self.comm.end_step()
         self.synchronized_at = self.steps_done
 
-    def _round_tensors(self) -> list[Tensor]:
-        return self.engine.elementwise(self.rule.round_fields())
+    def _tensors(self, f: int, fields: Sequence[Field]) -> list[Tensor]:
+        """The fields' tensors of fragment ``f`` for elementwise work (all of them without fragments)."""
+        return fragment_tensors(self.engine, fields, f, self.fragments)
+
+    def _round_tensors(self, f: int = 0) -> list[Tensor]:
+        return self._tensors(f, self.rule.round_fields())
 
     def _round(self, exact: bool) -> None:
         fields = self.rule.round_fields()
         if exact:
             self.engine.average(fields)
-            if self.exchange.anchored:  # everything is sent now: the next change starts here
-                self.exchange.restart(self._round_tensors())
-        elif self.overlap is not None:
-            self.overlap.start_round(self._round_tensors(), self.exchange, self.engine, self.steps_done)
+            for f, exchange in enumerate(self.exchanges):
+                if exchange.anchored:  # everything is sent now: the next change starts here
+                    exchange.restart(self._round_tensors(f))
+            for f, outer in enumerate(self.outers):
+                if outer is not None:  # its anchor moves to the plain average
+                    outer.rebase(self._tensors(f, ("params",)))
+            self._apply_state_rule()
+            return
+        f = self.schedule.fragment_after(self.steps_done)
+        if self.overlap is not None:
+            self.overlap.start_round(self._round_tensors(f), self.exchanges[f], self.engine, self.steps_done)
             return  # the state rule applies when the round is applied
+        if self.fragments > 1:
+            self.exchanges[f].round_of(self._round_tensors(f), self.engine)
         else:
             if not self.spec.sends_state_after(self.steps_done):  # state_period: the state waits for a later round
                 fields = ("params", "buffers")
             self.exchange.exchange_round(self.engine, fields, self.steps_done - 1)
-        if self.outer is not None:
-            self._outer_step(exact)
-        self._apply_state_rule()
+        if self.outers[f] is not None:  # the outer optimizer's step (:mod:`prsgd.algorithm.outer`)
+            self.outers[f].step(self._tensors(f, ("params",)))
+            if self.exchanges[f].anchored:
+                self.exchanges[f].rebase(self._round_tensors(f))  # the values every worker holds now
+        self._apply_state_rule(f)
 
-    def _outer_step(self, exact: bool) -> None:
-        """After a scheduled round the outer optimizer's step (:mod:`prsgd.algorithm.outer`); after
-        :meth:`synchronize` its anchor moves to the plain average."""
-        params = self.engine.elementwise(("params",))
-        if exact:
-            self.outer.rebase(params)
+    def _apply_state_rule(self, f: int | None = None) -> None:
+        """Clear the optimizer state after a round (of fragment ``f``'s state only, with fragments), for the rules
+        that do, and restart the local rule's counters (a fresh optimizer: AdamW's bias correction starts again);
+        averaging the state is the round's own work."""
+        if self.rule.state != "clear":
             return
-        self.outer.step(params)
-        if self.exchange.anchored:
-            self.exchange.rebase(self._round_tensors())  # the values every worker holds now
-
-    def _apply_state_rule(self) -> None:
-        """Clear the optimizer state after a round, for the rules that do, and restart the local rule's counters (a
-        fresh optimizer: AdamW's bias correction starts again); averaging the state is the round's own work."""
-        if self.rule.state == "clear":
+        if f is None or self.fragments == 1:
             state = [*self.engine.tensors("state"), *self.engine.tensors("local_state")]
             self.local_rule.clear_(state, self.engine.counters)
+        else:  # rules with counters refuse fragments with this rule (a counter is per parameter, not per value)
+            self.local_rule.clear_(self._tensors(f, ("state",)), [])
 
     def _complete_due(self) -> None:
         if self.overlap is not None and self.overlap.due == self.steps_done:
             self._complete()
 
     def _complete(self) -> None:
-        """Apply the overlapped round in flight, if any: x <- avg(snapshot) + (x - snapshot)."""
+        """Apply the overlapped round in flight, if any: x <- avg(snapshot) + (x - snapshot), over the fragment it
+        started on (the one scheduled ``delay`` steps before it is due)."""
         if self.overlap is not None and self.overlap.in_flight:
-            self.overlap.complete(self._round_tensors())
-            self._apply_state_rule()
+            f = self.schedule.fragment_after(self.overlap.due - self.overlap.delay)
+            self.overlap.complete(self._round_tensors(f))
+            self._apply_state_rule(f)
 
     @property
     def in_consensus(self) -> bool:
@@ -234,15 +259,29 @@ class PeriodicSync:
         state_equal = state_equal or (self.rule.state == "average" and not self.local_state_names)
         if self.synchronized_at == self.steps_done:
             return state_equal
+        if self.fragments > 1:
+            return False  # a fragment's round leaves the others as each worker holds them
         if self.overlap is not None and (self.overlap.delay or self.overlap.in_flight):
             return False  # every worker keeps its own progress made while the round was in flight
         if self.has_state and self.rule.state == "average" and not self.spec.sends_state_after(self.steps_done):
             return False  # state_period: this round left the state out
         return self.rule.averages_params and self.schedule.ends_a_period(self.steps_done) and state_equal
 
-    def _stages(self) -> list[Any]:
-        """The stages that keep state, in the order they are restored."""
-        return [s for s in (self.outer, self.overlap, self.exchange) if s is not None and s.key is not None]
+    def _stage_states(self) -> dict[str, Any]:
+        """Each stage's state under its key; with fragments, a list of one per fragment for the outer step and the
+        exchange."""
+
+        def per_fragment(stages: list[Any]) -> Any:
+            return stages[0].state_dict() if self.fragments == 1 else [s.state_dict() for s in stages]
+
+        states: dict[str, Any] = {}
+        if self.exchange.key is not None:
+            states[self.exchange.key] = per_fragment(self.exchanges)
+        if self.overlap is not None:
+            states[self.overlap.key] = self.overlap.state_dict()
+        if self.outer is not None:
+            states[self.outer.key] = per_fragment(self.outers)
+        return states
 
     def state_dict(self) -> dict[str, Any]:
         """The one format both engines save: the rule and period, the number of workers, steps and communication,
@@ -258,7 +297,8 @@ class PeriodicSync:
             "rounds": self.comm.rounds,
             "bytes": self.comm.bytes,
             "peak_step_bytes": self.comm.peak_step_bytes,
-            **{stage.key: stage.state_dict() for stage in reversed(self._stages())},
+            **({"fragments": self.fragments} if self.fragments > 1 else {}),
+            **self._stage_states(),
             **({"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes} if nodes else {}),
             **({"synchronized_at": self.synchronized_at} if self.synchronized_at is not None else {}),
         }
@@ -281,6 +321,12 @@ class PeriodicSync:
                 f"the state was saved by {saved} workers; this run has {workers} (a state taken in consensus can "
                 "be loaded with from_consensus=True)"
             )
+        fragments = int(state.get("fragments", 1))
+        if fragments != self.fragments and not from_consensus:
+            raise CheckpointError(
+                f"the state was saved with fragments={fragments}; this run uses fragments={self.fragments} (a state "
+                "taken in consensus, after synchronize(), can be loaded with from_consensus=True)"
+            )
         self.steps_done = rescaled_steps(int(state["steps_done"]), saved, workers)
         in_flight = state.get("overlap", {}).get("due") is not None
         if in_flight and (self.overlap is None or from_consensus):
@@ -294,80 +340,31 @@ class PeriodicSync:
         synchronized = state.get("synchronized_at")  # a consensus state continued by other workers: at its step
         self.synchronized_at = None if synchronized is None else rescaled_steps(int(synchronized), saved, workers)
         # a consensus state continued by another number of workers starts afresh from its (common) values
+        restored = not from_consensus
         if self.outer is not None:
-            if "outer" in state and not from_consensus:
-                self.outer.load_state_dict(state["outer"], self.engine.elementwise(("params",)))
-            else:
-                self.outer.forget()
+            saved_outer = self._per_fragment(state.get("outer") if restored else None)
+            for f, outer in enumerate(self.outers):
+                if saved_outer:
+                    outer.load_state_dict(saved_outer[f], self._tensors(f, ("params",)))
+                else:
+                    outer.forget()
         if self.overlap is not None:
-            self.overlap.load_state_dict(state.get("overlap", {}), self._round_tensors(), self.exchange.averaged)
+            overlap = state.get("overlap", {})
+            f = 0 if overlap.get("due") is None else self.schedule.fragment_after(overlap["due"] - self.overlap.delay)
+            self.overlap.load_state_dict(overlap, self._round_tensors(f), self.exchanges[f].averaged)
         if self.exchange.anchored:
-            if self.exchange.key in state and not from_consensus:
-                self.exchange.load_state_dict(state[self.exchange.key], self._round_tensors())
-            else:
-                self.exchange.forget()
+            saved_exchange = self._per_fragment(state.get(self.exchange.key) if restored else None)
+            for f, exchange in enumerate(self.exchanges):
+                if saved_exchange:
+                    exchange.load_state_dict(saved_exchange[f], self._round_tensors(f))
+                else:
+                    exchange.forget()
 
-
-class FollowsAlgorithm:
-    """An engine's view of the :class:`PeriodicSync` it holds as ``self.algorithm``: its rule, period, counters
-    and consensus, read-only (both engines expose them under these names)."""
-
-    algorithm: PeriodicSync
-
-    @property
-    def round(self) -> RoundSpec:
-        """The round's description (rule, period and every option)."""
-        return self.algorithm.spec
-
-    @property
-    def rule(self) -> SyncRule:
-        return self.algorithm.rule
-
-    @property
-    def period(self) -> int:
-        return self.algorithm.period
-
-    @property
-    def steps_done(self) -> int:
-        """Local steps taken so far (each worker's count; rounds follow every ``period``-th)."""
-        return self.algorithm.steps_done
-
-    @property
-    def synchronized_at(self) -> int | None:
-        """The step after which ``synchronize()`` last ran (None if not since the last load)."""
-        return self.algorithm.synchronized_at
-
-    @property
-    def comm(self) -> CommStats:
-        """Communication so far, per worker: rounds and payload bytes."""
-        return self.algorithm.comm
-
-    @property
-    def in_consensus(self) -> bool:
-        """Whether every worker holds the same parameters, float buffers and momentum now: at the start, right
-        after a round that averages all three (or ``synchronize()``), and always with ``sync="gradients"`` (see
-        :attr:`PeriodicSync.in_consensus`)."""
-        return self.algorithm.in_consensus
-
-    def _group_hyperparameters(self, index: int, group: dict[str, Any]) -> Any:
-        """A param group's hyperparameters for the local rule, validated when they change (a
-        ``torch.optim.lr_scheduler`` sets ``lr``, some also ``momentum`` or ``betas``, between steps). Momentum
-        buffers exist only if the engine was built with momentum: turning momentum on later is refused (until the
-        engine sets ``_built``, any value is allowed)."""
-        rule = self.algorithm.local_rule
-        key = rule.watched(group)
-        cache: dict[int, tuple[tuple, Any]] = self.__dict__.setdefault("_hyper", {})
-        cached = cache.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        hyper = rule.hyperparameters(group)
-        if getattr(hyper, "momentum", 0) > 0 and getattr(self, "_built", True) and not self.algorithm.has_state:
-            raise InvalidArgument(
-                f"momentum={hyper.momentum!r} was set after {type(self).__name__} was built with momentum 0; "
-                "momentum buffers are allocated at construction: construct it with momentum > 0"
-            )
-        cache[index] = (key, hyper)
-        return hyper
+    def _per_fragment(self, saved: Any) -> list[dict[str, Any]] | None:
+        """A stage's saved state as one per fragment (None if not saved)."""
+        if saved is None:
+            return None
+        return [saved] if self.fragments == 1 else list(saved)
 
 
 def rescaled_steps(steps_done: int, saved_workers: int, workers: int) -> int:

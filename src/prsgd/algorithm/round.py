@@ -27,8 +27,9 @@ from prsgd.errors import InvalidArgument, check_int
 class RoundOption:
     """A round option as data: its name (a :class:`RoundSpec` field, a config key and a flag), the one-line
     description ``--help`` shows, the config file's type and the value there that means off (None in the spec),
-    the names it may take (if a closed set), and the values the options test walks besides off (in the spec, an
-    option that is off holds the field's default: None, or False for overlap)."""
+    the names it may take (if a closed set) or a check of its value (``check(value, off="none")``, raising
+    :class:`InvalidArgument`), and the values the options test walks besides off (in the spec, an option that is off
+    holds the field's default: None, or False for overlap)."""
 
     name: str
     doc: str
@@ -36,6 +37,7 @@ class RoundOption:
     off: Any
     examples: tuple[Any, ...]
     choices: tuple[str, ...] | None = None
+    check: Callable[..., Any] | None = None
 
     def from_config(self, value: Any) -> Any:
         """The spec's value for a config file's ``value``: the spec's default (off) for the config's off value, and for
@@ -60,6 +62,7 @@ ROUND_OPTIONS: tuple[RoundOption, ...] = (
         kind=str,
         off="",
         examples=("fp16", "int8", "int4", "topk:0.1"),
+        check=check_compression,
     ),
     RoundOption(
         "overlap",
@@ -97,6 +100,14 @@ ROUND_OPTIONS: tuple[RoundOption, ...] = (
         examples=(0.9,),
     ),
     RoundOption(
+        "fragments",
+        "streaming rounds: sync the round in this many fragments, fragment f f*period/fragments steps into each "
+        "period (divides period); 0: off",
+        kind=int,
+        off=0,
+        examples=(2,),
+    ),
+    RoundOption(
         "state_period",
         "rules that average the optimizer state: average it only every this many rounds; 0: every round",
         kind=int,
@@ -131,6 +142,10 @@ class RoundSpec:
         nodes: with ``inner_period``, how many nodes of consecutive workers (LocalSGD: default from torchrun).
         outer_lr, outer_momentum: DiLoCo's outer step at every scheduled averaging round
             (:mod:`prsgd.algorithm.outer`); on when either is given (the other then 1 or 0).
+        fragments: F, dividing ``period``: streaming rounds. Each round's parameters (with their optimizer state and
+            the float buffers) are cut into F near-equal fragments, fragment f synced ``f * period / F`` steps into
+            each period, so that a step sends at most about 1/F of a round (:mod:`prsgd.algorithm.fragments`). 1 is
+            the same as off.
         state_period: for rules that average the optimizer state (Algorithm 1, gossip): average (or mix) it only at
             every ``state_period``-th round, the parameters at every round.
         sync_state: for those rules: the names of the state tensors a round averages (``("exp_avg",)``: AdamW's
@@ -150,6 +165,7 @@ class RoundSpec:
     nodes: int | None = None
     outer_lr: float | None = None
     outer_momentum: float | None = None
+    fragments: int | None = None
     state_period: int | None = None
     sync_state: tuple[str, ...] | None = None
 
@@ -159,9 +175,11 @@ class RoundSpec:
         check_compression(self.compression)
         check_overlap(self.overlap, self.period)
         object.__setattr__(self, "sync_state", check_names("sync_state", self.sync_state))
-        for name in ("inner_period", "nodes", "state_period"):
+        for name in ("inner_period", "nodes", "fragments", "state_period"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        if self.fragments == 1:  # one fragment is the whole round
+            object.__setattr__(self, "fragments", None)
         outer = check_outer(self.outer_lr, self.outer_momentum)
         if outer is not None:
             object.__setattr__(self, "outer_lr", outer[0])
@@ -312,13 +330,34 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         lambda s: s.outer is not None and s.delay > 0,
         lambda s: f"outer_lr/outer_momentum with overlap={s.overlap!r} is not supported",
     ),
+    _averaging_only("fragments"),
+    Exclusion(
+        lambda s: s.fragments is not None and s.period % s.fragments != 0,
+        lambda s: (
+            f"fragments={s.fragments} is not allowed with period={s.period}; fragment f is synced f*period/fragments "
+            "steps into each period: fragments must divide period"
+        ),
+    ),
+    Exclusion(
+        lambda s: s.fragments is not None and s.inner_period is not None,
+        lambda s: f"fragments={s.fragments} with inner_period={s.inner_period} is not supported; use one of them",
+    ),
+    Exclusion(
+        lambda s: s.fragments is not None and s.delay > s.period // s.fragments,
+        lambda s: (
+            f"overlap={s.overlap!r} is not allowed with fragments={s.fragments} and period={s.period}; a fragment's "
+            f"round completes before the next fragment's starts: the delay must be in [0, {s.period // s.fragments}]"
+        ),
+    ),
     _state_averaging_only("state_period"),
     _state_averaging_only("sync_state"),
     Exclusion(
-        lambda s: s.state_period is not None and (s.compression is not None or s.delay > 0 or s.inner_period),
         lambda s: (
-            f"state_period={s.state_period} with compression, overlap or inner_period is not supported (their "
-            "rounds keep one layout of what is sent); use sync_state= to send part of the state at every round"
+            s.state_period is not None and (s.compression is not None or s.delay > 0 or s.inner_period or s.fragments)
+        ),
+        lambda s: (
+            f"state_period={s.state_period} with compression, overlap, inner_period or fragments is not supported "
+            "(their rounds keep one layout of what is sent); use sync_state= to send part of the state at every round"
         ),
     ),
 )

@@ -16,16 +16,22 @@ if TYPE_CHECKING:
 
 
 class FlatSchedule:
-    """A round over all workers after every ``period``-th step, for the rules that have periodic rounds."""
+    """A round over all workers after every ``period``-th step, for the rules that have periodic rounds; with
+    ``fragments`` F, a round of one fragment after every ``period / F``-th step (:mod:`prsgd.algorithm.fragments`)."""
 
     inner_period: int | None = None
 
-    def __init__(self, rule: SyncRule, period: int) -> None:
-        self.rule, self.period = rule, period
+    def __init__(self, rule: SyncRule, period: int, fragments: int = 1) -> None:
+        self.rule, self.period, self.fragments = rule, period, fragments
+        self.every = period // fragments
 
     def round_after(self, step_number: int) -> Scope | None:
         """Which round follows local step number ``step_number`` (counted from 1): ``"all"``, ``"node"`` or None."""
-        return "all" if self.rule.periodic and step_number % self.period == 0 else None
+        return "all" if self.rule.periodic and step_number % self.every == 0 else None
+
+    def fragment_after(self, step_number: int) -> int:
+        """The fragment whose round follows local step number ``step_number`` (0 without fragments)."""
+        return step_number % self.period // self.every
 
     def ends_a_period(self, step_number: int) -> bool:
         return step_number % self.period == 0
@@ -46,5 +52,5 @@ class HierarchicalSchedule(FlatSchedule):
 def make_schedule(spec: RoundSpec) -> FlatSchedule:
     """The schedule ``spec`` describes."""
     if spec.inner_period is None:
-        return FlatSchedule(spec.rule, spec.period)
+        return FlatSchedule(spec.rule, spec.period, spec.fragments or 1)
     return HierarchicalSchedule(spec.rule, spec.period, spec.inner_period)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from prsgd.algorithm.engine_view import FollowsAlgorithm
 from prsgd.algorithm.local import LocalRule, UpdateGroup, refuse_state_through_lossy_rounds
-from prsgd.algorithm.periodic import FollowsAlgorithm
 from prsgd.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -44,7 +44,13 @@ class WrappedOptimizer(LocalRule):
         return None  # the instance reads its own param groups
 
     def check_round(self, spec: RoundSpec) -> None:
-        refuse_state_through_lossy_rounds(spec, f"optimizer={type(self.optimizer).__name__}(...)")
+        who = f"optimizer={type(self.optimizer).__name__}(...)"
+        refuse_state_through_lossy_rounds(spec, who)
+        if spec.fragments and spec.rule.state != "keep":
+            raise InvalidArgument(
+                f"fragments={spec.fragments} with {who} and sync={spec.sync!r} is not supported: its state, kept "
+                "by the instance, is sent or cleared whole; use sync='params_only' (the state stays local)"
+            )
 
     def step_(self, groups: Sequence[UpdateGroup]) -> None:
         """The instance's own step, on the gradients the engine hands over (averaged ones with

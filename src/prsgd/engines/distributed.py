@@ -96,8 +96,16 @@ class ProcessGroupCommunicator:
         self._unpack(payload, parts)
 
     def average_tensors(self, tensors: list[Tensor]) -> None:
-        for t in tensors:  # one: an overlapped round's snapshot of a span
-            self._average(t, self.process_group, "all")
+        """One all-reduce: of the tensor itself (an overlapped round's snapshot of a span), or of several packed
+        into one (a fragment's pieces of the span), copied back."""
+        if len(tensors) == 1 and tensors[0].is_contiguous():
+            self._average(tensors[0], self.process_group, "all")
+            return
+        packed = torch.cat([t.reshape(-1) for t in tensors])
+        self._average(packed, self.process_group, "all")
+        with torch.no_grad():
+            for t, piece in zip(tensors, packed.split([t.numel() for t in tensors]), strict=True):
+                t.copy_(piece.view_as(t))
 
     def _average(self, span: Tensor, group: dist.ProcessGroup | None, scope: Scope) -> None:
         size = group_size(group)
@@ -162,7 +170,7 @@ class ProcessGroupCommunicator:
             return payload
         row = payload[0].contiguous().view(torch.uint8)  # as bytes: gloo has no int16
         gathered = row.new_empty(self.world_size * row.numel())
-        dist.all_gather_into_tensor(gathered, row, group=self.process_group)
+        dist.all_gather_single(gathered, row, group=self.process_group)
         self.comm.record(row.numel())
         return gathered.view(payload.dtype).view(self.world_size, -1)
 

@@ -92,6 +92,11 @@ class _LocalAndRule:
             if o.choices is not None and value not in (o.off, "none", *o.choices):
                 allowed = ", ".join(("none", *o.choices))
                 raise ConfigError(f"algorithm.{o.name}={value!r} is not known; allowed: {allowed}")
+            if o.check is not None and value not in (o.off, "none"):
+                try:
+                    o.check(value, off="none")
+                except ValueError as error:
+                    raise ConfigError(f"algorithm.{error}") from None
         if self.optimizer not in LOCAL_RULES:
             raise ConfigError(f"algorithm.optimizer={self.optimizer!r} is not known; allowed: {', '.join(LOCAL_RULES)}")
         try:
