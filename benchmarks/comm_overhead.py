@@ -24,8 +24,8 @@ from pathlib import Path
 from time_to_target import make_network, remove_network, spread, train
 
 FLAGS = [
-    *("--dataset", "digits", "--model", "mlp", "--hidden", "512", "--epochs", "20", "--batch-size", "16"),
-    *("--lr", "0.05", "--momentum", "0.9", "--workers", "2", "--evals", "2"),
+    *("--dataset", "digits", "--model", "mlp", "--hidden", "512", "--batch-size", "16"),
+    *("--lr", "0.05", "--momentum", "0.9", "--workers", "2", "--evals", "2", "--overwrite"),
 ]
 RUNS = {
     "gradients": ["--sync", "gradients"],
@@ -33,12 +33,11 @@ RUNS = {
     "I=8": ["--period", "8"],
     "I=8 bf16 overlap=1": ["--period", "8", "--compression", "bf16", "--overlap", "1"],
     "I=8 int4 overlap=1": ["--period", "8", "--compression", "int4", "--overlap", "1"],
-    "I=8 topk:0.01 overlap=1": ["--period", "8", "--compression", "topk:0.01", "--overlap", "1"],
-    "I=8 int4 fragments=4 overlap=1": ["--period", "8", "--compression", "int4", "--fragments", "4", "--overlap", "1"],
-    "I=16 int4 overlap=1": ["--period", "16", "--compression", "int4", "--overlap", "1"],
-    "I=16 int4 fragments=4 overlap=2": [
-        *("--period", "16", "--compression", "int4", "--fragments", "4", "--overlap", "2"),
-    ],
+    "I=8 int4 overlap=8": ["--period", "8", "--compression", "int4", "--overlap", "8"],
+    "I=8 topk:0.01 overlap=8": ["--period", "8", "--compression", "topk:0.01", "--overlap", "8"],
+    "I=8 int4 fragments=4 overlap=2": ["--period", "8", "--compression", "int4", "--fragments", "4", "--overlap", "2"],
+    "I=16 int4 overlap=16": ["--period", "16", "--compression", "int4", "--overlap", "16"],
+    "I=16 topk:0.01 overlap=16": ["--period", "16", "--compression", "topk:0.01", "--overlap", "16"],
 }
 
 
@@ -47,30 +46,36 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit", help="tbf rate per host link, e.g. 100mbit or 1gbit")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated names of RUNS (gradients, none kept)")
+    parser.add_argument("--epochs", default="20")
+    parser.add_argument("--loopback", action="store_true", help="no namespaces (a smoke run: no slow link at all)")
     parser.add_argument("--out", default="runs/comm_overhead")
     args = parser.parse_args()
     wanted = ["gradients", "none", *(n for n in args.runs.split(",") if n not in ("gradients", "none"))]
     unknown = [n for n in wanted if n not in RUNS]
     if unknown:
         parser.error(f"--runs: {unknown[0]!r} is not one of: {', '.join(RUNS)}")
+    namespaces = not args.loopback
     try:
-        remove_network(2)
-        make_network(2, args.rate)
+        if namespaces:
+            remove_network(2)
+            make_network(2, args.rate)
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
         remove_network(2)
-        parser.error(f"network namespaces could not be made ({error}); run as root with iproute2")
+        parser.error(f"network namespaces could not be made ({error}); run as root with iproute2, or --loopback")
     logs: dict[str, list[dict]] = {name: [] for name in wanted}
     try:
         for seed in range(args.seeds):
             for i, name in enumerate(wanted):
                 folder = Path(args.out) / args.rate / name.replace(" ", "_").replace("=", "") / f"seed{seed}"
-                flags = [*FLAGS, *RUNS[name], "--seed", str(seed)]
-                logs[name].append(train(flags, folder, 2, True, 29700 + i + 40 * seed)[-1])
+                flags = [*FLAGS, *RUNS[name], "--epochs", args.epochs, "--seed", str(seed)]
+                logs[name].append(train(flags, folder, 2, namespaces, 29700 + i + 40 * seed)[-1])
                 print(f"ran {name} seed {seed}: {logs[name][-1]['wall_clock']:.2f} s", flush=True)
     finally:
-        remove_network(2)
+        if namespaces:
+            remove_network(2)
     base, floor = logs["gradients"], logs["none"]
-    print(f"\n2 hosts x 1 rank, links {args.rate} (tbf, network namespaces); MLP 512 on digits, {args.seeds} seeds")
+    link = "loopback (no slow link)" if args.loopback else f"links {args.rate} (tbf, network namespaces)"
+    print(f"\n2 hosts x 1 rank, {link}; MLP 512 on digits, {args.epochs} epochs, {args.seeds} seeds")
     print(
         "| run | overhead left | training time (s) | test accuracy | vs gradients (points) | MB / worker "
         "| peak KB / step |"

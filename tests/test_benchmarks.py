@@ -75,3 +75,14 @@ def test_rate_parsing(rate, bits):
 def test_adamw_benchmark():
     out = run_script("adamw.py", "--workers", "2", "--repeats", "1", "--width", "16", "--step-width", "16")
     assert "| torch AdamW(foreach) |" in out and "| 2 |" in out
+
+
+def test_low_bit_benchmark(tmp_path):
+    out = run_script("low_bit.py", "--seeds", "2", "--workloads", "mlp", "--epochs", "0.5", "--out", str(tmp_path))
+    assert "| int4 | 0.13" in out and "| topk:0.01 | 0.01" in out and "4 fragments: peak 0.2" in out
+
+
+def test_comm_overhead_benchmark(tmp_path):
+    args = ["--loopback", "--seeds", "1", "--epochs", "1", "--runs", "I=8 topk:0.01 overlap=8"]
+    out = run_script("comm_overhead.py", *args, "--out", str(tmp_path))
+    assert "| I=8 topk:0.01 overlap=8 |" in out and "| gradients | 100.0% |" in out

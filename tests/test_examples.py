@@ -104,10 +104,17 @@ ROUND_CASES = {
     "bf16-overlap": ["--round", "compression=bf16", "--round", "overlap=3"],
     "hierarchical": ["--round", "inner_period=2", "--round", "nodes=1"],
     "adamw-first-moment-int8": ["--optimizer", "adamw", "--round", "sync_state=exp_avg", "--round", "compression=int8"],
+    "fragments-int4-overlap": ["--round", "fragments=2", "--round", "compression=int4", "--round", "overlap=1"],
+    "fragments-topk-outer": [
+        *("--round", "fragments=4", "--round", "compression=topk:0.1"),
+        *("--round", "outer_lr=0.7", "--round", "outer_momentum=0.9"),
+    ],
 }
-"""Every round stage, in three cases: compressed rounds with the outer step; an overlapped compressed round (the one
-started at step 4 is due at step 7, so it is in flight at the checkpoint of step 6); inner rounds; and AdamW (its
-moments and step counters) with its first moment averaged through int8 rounds."""
+"""Every round stage: compressed rounds with the outer step; an overlapped compressed round (the one started at step
+4 is due at step 7, so it is in flight at the checkpoint of step 6); inner rounds; AdamW (its moments and step
+counters) with its first moment averaged through int8 rounds; streaming int4 rounds in 2 fragments, overlapped (the
+fragment started at step 6 is in flight at the checkpoint); and top-k rounds in 4 fragments (one a step), each with
+its own outer step."""
 
 
 @pytest.mark.parametrize("case", list(ROUND_CASES))
@@ -128,7 +135,9 @@ def test_lightning_checkpoint_saved_on_rank_0_alone_fails_in_seconds_saying_why(
     assert not (tmp_path / "x.ckpt").exists()
 
 
-@pytest.mark.parametrize("case", ["exact", "int8-outer", "bf16-overlap", "adamw-first-moment-int8"])
+@pytest.mark.parametrize(
+    "case", ["exact", "int8-outer", "bf16-overlap", "adamw-first-moment-int8", "fragments-int4-overlap"]
+)
 def test_accelerate_save_state_and_load_state_resume_every_rank_bit_identically(tmp_path, case):
     a = ACCELERATE_RUN
     args = ["--train-size", str(a["train_size"]), "--batch-size", str(a["batch_size"]), "--period", str(a["period"])]
