@@ -213,8 +213,8 @@ class RoundReference(ReferenceWorkers):
     - ``fragments`` F: what a global round communicates is, for each worker, its parameters, float buffers and each
       sent state tensor name, each of these groups flattened into one vector; fragment f is the f-th of F
       contiguous near-equal ranges of each group's vector, joined. After every step t with t % (period / F) == 0,
-      fragment f = (t % period) // (period / F) takes the round below (its own anchor, residuals, outer step);
-      without fragments (F = 1) a round takes everything;
+      fragment f = (t % period) // (period / F) takes the round below (its own anchor, residuals, outer step), or
+      with the gossip rules is mixed through W of step t - 1; without fragments (F = 1) a round takes everything;
     - ``compression``: a round lays each worker's fragment out as one vector, sends low(x_i - anchor + r_i), keeps
       what rounding left out in r_i, and all set x = anchor = anchor + low(mean + e), e keeping what rounding the
       mean left out (topk: every worker's selection summed exactly, no e);
@@ -278,7 +278,8 @@ class RoundReference(ReferenceWorkers):
         model = self.models[i]
         params = list(model.parameters())
         buffers = [b for b in model.buffers() if b.is_floating_point()]
-        state = round_tensors(model, self.opts[i], self.sync, self.sent_state())[len(params) + len(buffers) :]
+        sync = "params_and_momentum" if self.sync == "gossip" else self.sync  # gossip mixes the state too
+        state = round_tensors(model, self.opts[i], sync, self.sent_state())[len(params) + len(buffers) :]
         return [params, buffers, *(state[k : k + len(params)] for k in range(0, len(state), len(params)))]
 
     def _range(self, length, f):
@@ -394,8 +395,16 @@ class RoundReference(ReferenceWorkers):
                 self._set(i, mean)
             self._clear_momentum(workers)
 
+    def _mixing_round(self, f):
+        """Fragment f of every worker replaced by sum_j W_ij (fragment f of worker j), W of step t - 1."""
+        w = self.mixing_matrix(self.t - 1)
+        vectors = [self._vector(i, f) for i in range(self.n)]
+        for i in range(self.n):
+            self._set(i, sum(float(w[i][j]) * vectors[j] for j in range(self.n)), f)
+
     def step(self, inputs, targets, loss_fn):
-        if self.sync not in PERIODIC:  # gradients, gossip and none: the plain loop's rounds
+        gossip_fragments = self.sync in ("gossip", "gossip_params_only") and self.fragments > 1
+        if self.sync not in PERIODIC and not gossip_fragments:  # gradients, gossip, none: the plain loop's rounds
             return super().step(inputs, targets, loss_fn)
         saved, self.sync = self.sync, "none"
         losses = super().step(inputs, targets, loss_fn)  # local steps only
@@ -404,7 +413,9 @@ class RoundReference(ReferenceWorkers):
         with torch.no_grad():
             if self.pending is not None and self.pending[0] == self.t:
                 self._apply_pending()
-            if self.t % every == 0:
+            if self.t % every == 0 and gossip_fragments:
+                self._mixing_round((self.t % self.period) // every)
+            elif self.t % every == 0:
                 self._global_round((self.t % self.period) // every)
                 if self.pending is not None and self.pending[0] == self.t:
                     self._apply_pending()

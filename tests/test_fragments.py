@@ -119,7 +119,7 @@ def test_one_fragment_is_the_round_itself():
             dict(period=4, fragments=2, overlap=3),
             r"overlap=3 is not allowed with fragments=2 and period=4; .* \[0, 2\]",
         ),
-        (dict(sync="gossip", topology="ring", fragments=2), r"fragments=2 changes averaging rounds; sync='gossip'"),
+        (dict(sync="gradients", fragments=2), r"fragments=2 changes periodic rounds; sync='gradients' has none"),
         (dict(period=4, fragments=2, inner_period=2, nodes=2), r"fragments=2 with inner_period=2 is not supported"),
         (dict(period=4000, fragments=4000), rf"fragments=4000 is more than the {PARAMS} values of the model's"),
     ],

@@ -272,7 +272,7 @@ class CompressedRounds:
     def exchange_round(self, engine: Communicator, fields: Sequence[Field], step: int) -> None:
         self.round(engine.elementwise(fields), engine)
 
-    def round_of(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
+    def round_of(self, tensors: Sequence[Tensor], engine: Communicator, step: int) -> None:
         self.round(tensors, engine)
 
     def snapshot_payload(self, tensors: Sequence[Tensor]) -> list[Tensor]:

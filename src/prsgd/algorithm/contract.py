@@ -87,6 +87,10 @@ class Communicator(Protocol):
 
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
 
+    def mix_tensors(self, tensors: list[Tensor], step: int) -> None:
+        """As :meth:`mix`, of tensors that are not whole fields (a fragment's views), written back in place."""
+        ...
+
     def elementwise(self, fields: Sequence[Field]) -> list[Tensor]:
         """The fields' tensors for elementwise work over all of them (compressed and overlapped rounds), with the
         workers as leading dimension: the stacked tensors, or one row (1, n) of a flat span where the engine keeps

@@ -6,7 +6,7 @@ error feedback. All three answer the same calls, so :class:`prsgd.algorithm.peri
 stage only ask whether it is anchored:
 
 - ``exchange_round(engine, fields, step)``: a scheduled round of ``fields``, in place;
-- ``round_of(tensors, engine)``: a scheduled round of some tensors, in place (a fragment's views);
+- ``round_of(tensors, engine, step)``: a scheduled round of some tensors, in place (a fragment's views);
 - ``snapshot_payload(tensors)``, ``exchange_payload(payload, engine)``, ``averaged(payload)``: the same round cut in
   three for an overlapped round (what is exchanged, exchanging it in the background, and avg(s) from the result);
 - ``anchored``: whether it keeps the values after the last round; an anchored exchange also answers
@@ -39,7 +39,7 @@ class ExactExchange:
     def exchange_round(self, engine: Communicator, fields: Sequence[Field], step: int) -> None:
         engine.average(fields)
 
-    def round_of(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
+    def round_of(self, tensors: Sequence[Tensor], engine: Communicator, step: int) -> None:
         engine.average_tensors(list(tensors))
 
     def snapshot_payload(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -58,8 +58,8 @@ class MixingExchange(ExactExchange):
     def exchange_round(self, engine: Communicator, fields: Sequence[Field], step: int) -> None:
         engine.mix(fields, step)
 
-    def round_of(self, tensors: Sequence[Tensor], engine: Communicator) -> None:
-        raise RuntimeError("a mixing round of a fragment")  # refused by the RoundSpec (fragments need averaging)
+    def round_of(self, tensors: Sequence[Tensor], engine: Communicator, step: int) -> None:
+        engine.mix_tensors(list(tensors), step)
 
 
 Exchange = ExactExchange | CompressedRounds

@@ -12,7 +12,8 @@ A fragment is aligned over the round's fields: the f-th of F contiguous, near-eq
 (AdamW's ``exp_avg`` and ``exp_avg_sq`` of those very parameter values), and the f-th range of the float buffers.
 Each fragment thus carries its own parameters and state. The cut is made on the engines' rows (views into their
 tensors), so both engines cut the same values in the same order, and every stage of a fragment (its compression
-anchor and residuals, its outer step, its overlapped round) works on that fragment's views alone.
+anchor and residuals, its outer step, its overlapped round; with the gossip rules, its mixing through W) works on
+that fragment's views alone.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class PeriodicSync:
             self.overlap.start_round(self._round_tensors(f), self.exchanges[f], self.engine, self.steps_done)
             return  # the state rule applies when the round is applied
         if self.fragments > 1:
-            self.exchanges[f].round_of(self._round_tensors(f), self.engine)
+            self.exchanges[f].round_of(self._round_tensors(f), self.engine, self.steps_done - 1)
         else:
             if not self.spec.sends_state_after(self.steps_done):  # state_period: the state waits for a later round
                 fields = ("params", "buffers")

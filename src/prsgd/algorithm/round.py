@@ -144,8 +144,8 @@ class RoundSpec:
             (:mod:`prsgd.algorithm.outer`); on when either is given (the other then 1 or 0).
         fragments: F, dividing ``period``: streaming rounds. Each round's parameters (with their optimizer state and
             the float buffers) are cut into F near-equal fragments, fragment f synced ``f * period / F`` steps into
-            each period, so that a step sends at most about 1/F of a round (:mod:`prsgd.algorithm.fragments`). 1 is
-            the same as off.
+            each period, so that a step sends at most about 1/F of a round (:mod:`prsgd.algorithm.fragments`); rules
+            with periodic rounds (averaging or gossip). 1 is the same as off.
         state_period: for rules that average the optimizer state (Algorithm 1, gossip): average (or mix) it only at
             every ``state_period``-th round, the parameters at every round.
         sync_state: for those rules: the names of the state tensors a round averages (``("exp_avg",)``: AdamW's
@@ -330,7 +330,7 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
         lambda s: s.outer is not None and s.delay > 0,
         lambda s: f"outer_lr/outer_momentum with overlap={s.overlap!r} is not supported",
     ),
-    _averaging_only("fragments"),
+    _only_where("fragments", lambda rule: rule.periodic, "periodic rounds", "has none"),
     Exclusion(
         lambda s: s.fragments is not None and s.period % s.fragments != 0,
         lambda s: (

@@ -180,9 +180,23 @@ class ProcessGroupCommunicator:
         return dist.get_global_rank(self.process_group, worker)
 
     def mix(self, fields: Sequence[Field], step: int) -> None:
+        flat, parts = self._payload(fields)
+        self._mix(flat, step)
+        self._unpack(flat, parts)
+
+    def mix_tensors(self, tensors: list[Tensor], step: int) -> None:
+        """As :meth:`mix`, of tensors that are not whole fields (a fragment's views), packed into one payload."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._mix(flat, step)
+        with torch.no_grad():
+            for t, piece in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                t.copy_(piece.view_as(t))
+
+    def _mix(self, flat: Tensor, step: int) -> None:
+        """``flat`` replaced by this worker's row of W x, in place: sent to the out-neighbours, the in-neighbours'
+        received, point to point; counted."""
         if self.topology is None:
             raise RuntimeError("mix() needs a topology")
-        flat, parts = self._payload(fields)
         nbrs = self.topology.neighbours(self.rank, step)
         if len(self._receive) < len(nbrs.sources) or (self._receive and self._receive[0].numel() != flat.numel()):
             self._receive = [torch.empty_like(flat) for _ in nbrs.sources]
@@ -197,7 +211,6 @@ class ProcessGroupCommunicator:
                 work.wait()
         with torch.no_grad():
             mix_row_(flat, flat, nbrs, received)
-        self._unpack(flat, parts)
         self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size())
 
 

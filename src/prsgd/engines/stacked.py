@@ -85,11 +85,13 @@ class StackedMixer:
             return self._sparse_graph and per_worker_numel >= self.SPARSE_MIN_NUMEL
         return self.mode == "sparse"
 
-    def __call__(self, tensors: Sequence[Tensor], step: int) -> None:
+    def __call__(self, tensors: Sequence[Tensor], step: int, adopt: bool = True) -> None:
+        """Mix each tensor; ``adopt=False`` copies the result into it instead (views of other tensors: a
+        fragment's)."""
         _, dense, rows = self._plan(step)
         for t in tensors:
             flat = t.reshape(t.shape[0], -1)
-            mixed = self._spares.pop(id(t), None)
+            mixed = self._spares.pop(id(t), None) if adopt else None
             if mixed is None or mixed.shape != flat.shape or mixed.dtype != flat.dtype:
                 mixed = torch.empty_like(flat)
             if self._sparse(flat.shape[1]):
@@ -97,6 +99,9 @@ class StackedMixer:
                     mix_row_(mixed[i], flat[i], nbrs, [flat[j] for j in nbrs.sources])
             else:
                 torch.mm(dense.to(dtype=t.dtype), flat, out=mixed)
+            if not adopt:
+                t.copy_(mixed.view(t.shape))
+                continue
             t.set_(mixed.view(t.shape))  # the simulator owns these tensors: adopt the result, no copy back
             self._spares[id(t)] = flat  # the old storage becomes the next step's output buffer
 
@@ -179,8 +184,10 @@ class StackedCommunicator:
         return payload  # every worker's row already
 
     def mix(self, fields: Sequence[Field], step: int) -> None:
+        self.mix_tensors(self._gather(fields), step, adopt=True)
+
+    def mix_tensors(self, tensors: list[Tensor], step: int, adopt: bool = False) -> None:
         if self.mixer is None:
             raise RuntimeError("mix() needs a topology")
-        tensors = self._gather(fields)
-        self.mixer(tensors, step)
+        self.mixer(tensors, step, adopt)
         self.comm.record(round(self.mixer.out_degree(step) * worker_bytes(tensors)))
