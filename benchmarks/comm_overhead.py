@@ -34,6 +34,7 @@ RUNS = {
     "I=8 bf16 overlap=1": ["--period", "8", "--compression", "bf16", "--overlap", "1"],
     "I=8 int4 overlap=1": ["--period", "8", "--compression", "int4", "--overlap", "1"],
     "I=8 int4 overlap=8": ["--period", "8", "--compression", "int4", "--overlap", "8"],
+    "I=8 topk:0.01": ["--period", "8", "--compression", "topk:0.01"],
     "I=8 topk:0.01 overlap=8": ["--period", "8", "--compression", "topk:0.01", "--overlap", "8"],
     "I=8 int4 fragments=4 overlap=2": ["--period", "8", "--compression", "int4", "--fragments", "4", "--overlap", "2"],
     "I=16 int4 overlap=16": ["--period", "16", "--compression", "int4", "--overlap", "16"],
