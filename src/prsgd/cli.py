@@ -1,10 +1,11 @@
 """The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``results`` (docs/results.md's tables),
-``train`` (flags), ``demo``, ``theory``."""
+``train`` (flags), ``demo``, ``theory``, ``lighthouse`` (torchft's coordinator for fault-tolerant runs)."""
 
 from __future__ import annotations
 
 import sys
 
+from prsgd.engines import lighthouse
 from prsgd.errors import exit_on_user_error
 from prsgd.experiments import demo, plot, results, runner
 from prsgd.experiments import theory_command as theory
@@ -17,6 +18,7 @@ COMMANDS = {
     "train": train.main,
     "demo": demo.main,
     "theory": theory.main,
+    "lighthouse": lighthouse.main,
 }
 
 
@@ -27,6 +29,7 @@ SUMMARIES = {
     "train": "one training run from flags, on the simulator or under torchrun",
     "demo": "a real experiment on offline data, ending in a plot and a table",
     "theory": "the corollaries' learning rate, period and rounds for N workers and T steps",
+    "lighthouse": "torchft's Lighthouse for fault-tolerant runs (the ft extra), until stopped",
 }
 
 
