@@ -160,6 +160,35 @@ def test_an_adamw_state_does_not_load_into_an_sgd_simulator():
 
 
 @pytest.mark.parametrize(
+    ("saved", "loaded", "message"),
+    [
+        (
+            dict(momentum=0.9),
+            dict(optimizer="adamw"),
+            r"\['momentum_buffer'\]; this LocalSGD \(optimizer='adamw'\) keeps",
+        ),
+        (dict(optimizer="adamw"), dict(momentum=0.9), r"\['exp_avg', 'exp_avg_sq', 'step'\]; this LocalSGD"),
+        (
+            dict(momentum=0.9),
+            dict(momentum=0.0),
+            r"\['momentum_buffer'\]; this LocalSGD \(optimizer='sgd'\) keeps \[\]",
+        ),
+    ],
+)
+def test_a_local_sgd_state_of_another_rule_is_refused_at_load_not_at_the_next_step(saved, loaded, message):
+    """Before, an SGD state loaded into an AdamW LocalSGD failed with a KeyError at the next step, and momentum
+    loaded into momentum 0 was silently dropped."""
+    model = mlp()
+    opt = prsgd.LocalSGD(model, lr=0.01, period=2, **saved)
+    x, y = batches(1, 1)[0]
+    F.cross_entropy(model(x[0]), y[0]).backward()
+    opt.step()
+    other = prsgd.LocalSGD(mlp(), lr=0.01, period=2, **loaded)
+    with pytest.raises(prsgd.CheckpointError, match=message):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(optimizer="adam"), r"optimizer='adam' is not known; allowed: sgd, adamw"),

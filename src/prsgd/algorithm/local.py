@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from prsgd.algorithm.functional import adamw_, momentum_sgd_
-from prsgd.errors import InvalidArgument, check_bool, check_number
+from prsgd.errors import CheckpointError, InvalidArgument, check_bool, check_number
 
 if TYPE_CHECKING:
     from prsgd.algorithm.round import RoundSpec
@@ -147,6 +147,25 @@ class LocalRule:
                 f"clearing one fragment's state would restart the {', '.join(self.COUNTERS)} counter that every value "
                 "of a parameter shares; use sync='params_and_momentum' or 'params_only'"
             )
+
+    def check_saved(self, state_dict: Mapping[str, Any], kept: set[str], who: str) -> None:
+        """A ``torch.optim`` state dict saved by another rule (SGD's momentum into AdamW, momentum into momentum 0)
+        is refused with :class:`CheckpointError`: its tensors would be dropped, or its param groups lack this rule's
+        settings. ``kept``: the state names ``who`` keeps per parameter."""
+        for saved in state_dict.get("state", {}).values():
+            names = {n for n, v in saved.items() if v is not None}
+            if names != kept:
+                raise CheckpointError(
+                    f"the state keeps optimizer state {sorted(names)}; {who} (optimizer={self.name!r}) keeps "
+                    f"{sorted(kept)}: load it into the optimizer (and momentum) it was saved with"
+                )
+        for group in state_dict.get("param_groups", []):
+            missing = [k for k in self.keys if k not in group]
+            if missing:
+                raise CheckpointError(
+                    f"the state's param groups have no {', '.join(missing)}: it was saved with another optimizer "
+                    f"than optimizer={self.name!r}"
+                )
 
     def step_(self, groups: Sequence[UpdateGroup]) -> None:
         """One local step of every group."""

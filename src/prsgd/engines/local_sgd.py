@@ -376,6 +376,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         else:
             names = (*self.algorithm.local_rule.STATE, *self.algorithm.local_rule.COUNTERS)
             views = {p: {n: self.state[p][n] for n in names} for group in self.param_groups for p in group["params"]}
+            kept = {n for by_name in views.values() for n, v in by_name.items() if v is not None}
+            self.algorithm.local_rule.check_saved(state_dict, kept, "this LocalSGD")
             super().load_state_dict(state_dict)
             for p, by_name in views.items():
                 for name, view in by_name.items():
