@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -37,7 +37,12 @@ class _Settings:
         return cls(**kwargs)
 
     def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        """The settings as keyword arguments of the update (every step: made once per settings, not per call)."""
+        return self._kwargs
+
+    @functools.cached_property
+    def _kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
