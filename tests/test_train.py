@@ -70,6 +70,41 @@ def test_compiled_simulator_run_logs_the_same_losses(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+def test_the_simulator_computes_as_the_config_says_and_loop_logs_the_losses_of_vmap(tmp_path):
+    from prsgd.training.workers import SimulatedWorkers
+
+    seen = []
+    original = SimulatedWorkers.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.sim.compute)
+
+    SimulatedWorkers.__init__ = spy
+    try:
+        main([*FLAGS, "--workers", "4", "--compute", "vmap", "--out", str(tmp_path / "vmap")])
+        vmap_runs, seen[:] = list(seen), []
+        main([*FLAGS, "--workers", "4", "--compute", "loop", "--out", str(tmp_path / "loop")])
+    finally:
+        SimulatedWorkers.__init__ = original
+    assert set(vmap_runs) == {"vmap"} and set(seen) == {"loop"}  # the warm-up's workers and the run's
+    vmap, loop = read_log(tmp_path / "vmap"), read_log(tmp_path / "loop")
+    for a, b in zip(vmap, loop, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"compute": "fast"}, r"training\.compute='fast' is not known; allowed: auto, vmap, loop"),
+        ({"compute": "loop", "compile": True}, r"training\.compile=True .* needs training\.compute='vmap' or 'auto'"),
+    ],
+)
+def test_bad_compute_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(progress=False).with_overrides(overrides)
+
+
 def test_compile_with_the_distributed_engine_is_refused():
     with pytest.raises(ConfigError, match=r"training\.compile=True .*engine='distributed'"):
         run(RunConfig(engine="distributed", progress=False).with_overrides({"epochs": 1.0, "compile": True}))

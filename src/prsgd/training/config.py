@@ -26,6 +26,7 @@ from prsgd.training.trackers import LOGGERS, check_loggers
 ENGINES = ("simulator", "distributed")
 SPLITS = ("identical", "disjoint", "dirichlet", "classes")
 SCHEDULES = ("constant", "step")
+COMPUTE = ("auto", "vmap", "loop")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,12 @@ class TrainingConfig:
     compile: bool = option(
         False, "simulator engine: torch.compile the vmapped gradient step (prsgd.Simulator(compile=True))"
     )
+    compute: str = option(
+        "auto",
+        "simulator engine: the N gradients by one vmapped call (vmap) or per-worker autograd (loop); auto: loop for "
+        "conv and recurrent nets on CPU, vmap otherwise",
+        choices=COMPUTE,
+    )
 
     def __post_init__(self) -> None:
         check_at_least("training.workers", self.workers, 1)
@@ -184,6 +191,8 @@ class TrainingConfig:
             if self.lr > 1e6:
                 raise ConfigError(f"training.lr={self.lr!r} is not allowed; above 1e6 every update overflows float32")
         check_positive("training.lr_scale", self.lr_scale)
+        if self.compute not in COMPUTE:
+            raise ConfigError(f"training.compute={self.compute!r} is not known; allowed: {', '.join(COMPUTE)}")
         if self.lr_schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
             raise ConfigError(f"training.lr_schedule={self.lr_schedule!r} is not known; allowed: {allowed}")
@@ -262,6 +271,15 @@ class RunConfig:
         if self.engine == "distributed" and self.training.compile:
             raise ConfigError(
                 "training.compile=True compiles the simulator's vmapped step; engine='distributed' has none"
+            )
+        if self.engine == "distributed" and self.training.compute != "auto":
+            raise ConfigError(
+                f"training.compute={self.training.compute!r} chooses how the simulator computes its workers' "
+                "gradients; engine='distributed' computes one worker's per process"
+            )
+        if self.training.compile and self.training.compute == "loop":
+            raise ConfigError(
+                "training.compile=True compiles the vmapped step; it needs training.compute='vmap' or 'auto'"
             )
 
     @property

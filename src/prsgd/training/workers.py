@@ -172,6 +172,7 @@ class SimulatedWorkers(_EngineWorkers):
             device=config.device,
             check_finite=config.training.check_finite,
             compile=config.training.compile,
+            compute=config.training.compute,
             **algorithm_kwargs(config),
         )
         self.data, self.config = data, config
