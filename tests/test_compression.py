@@ -142,15 +142,20 @@ def test_error_feedback_keeps_the_drift_from_exact_rounds_bounded_over_1000_roun
     assert drift <= bound * largest < drift_without
 
 
-def test_int8_sends_a_quarter_of_fp32_plus_a_scale_per_256_values():
+@pytest.mark.parametrize(
+    ("codec", "group", "group_bytes", "low", "high"),
+    [("int8", 256, 256 + 4, 0.25, 0.255), ("int4", 128, 64 + 4, 0.0, 1 / 7)],
+    ids=["int8: a quarter of fp32 and a scale per 256", "int4: an eighth of fp32 and a scale per 128"],
+)
+def test_integer_codecs_send_their_bits_plus_a_scale_per_group(codec, group, group_bytes, low, high):
     kw = dict(lr=0.1, momentum=0.9, period=1)
-    exact, int8 = (prsgd.Simulator(mlp(hidden=1000), num_workers=N, compression=c, **kw) for c in (None, "int8"))
+    exact, coded = (prsgd.Simulator(mlp(hidden=1000), num_workers=N, compression=c, **kw) for c in (None, codec))
     for x, y in batches(N, 2):
         exact.step(x, y, F.cross_entropy)
-        int8.step(x, y, F.cross_entropy)
+        coded.step(x, y, F.cross_entropy)
     values = exact.comm.bytes // exact.comm.rounds // 4
-    assert int8.comm.bytes // int8.comm.rounds == -(-values // 256) * 260
-    assert 0.25 < int8.comm.bytes / exact.comm.bytes < 0.255
+    assert coded.comm.bytes // coded.comm.rounds == -(-values // group) * group_bytes
+    assert low < coded.comm.bytes / exact.comm.bytes < high
 
 
 def test_compression_is_refused_where_there_is_no_averaging_round():

@@ -170,11 +170,7 @@ class TopKCodec:
     def mean(self, gathered: Tensor, numel: int) -> Tensor:
         """Every worker's payload (N, P), in worker order -> the mean of what they sent, (1, chunks x chunk): decoded
         and summed exactly in fp32 in worker order, so every worker (and both engines) holds the same mean."""
-        values = self.decode(gathered, numel)
-        total = values[0].clone()
-        for i in range(1, values.shape[0]):
-            total += values[i]
-        return (total / gathered.shape[0]).unsqueeze(0)
+        return (sum_in_worker_order(self.decode(gathered, numel)) / gathered.shape[0]).unsqueeze(0)
 
 
 Codec = FloatCodec | IntCodec | TopKCodec
@@ -217,15 +213,20 @@ def check_compression(compression: str | None, off: str = "None") -> str | None:
     return compression
 
 
+def sum_in_worker_order(values: Tensor) -> Tensor:
+    """The sum over the rows of ``values`` (N, L), in fp32, added one worker after another: the same order, hence
+    the same bits, on both engines whatever N."""
+    total = values[0].clone()
+    for i in range(1, values.shape[0]):
+        total += values[i]
+    return total
+
+
 def rounded_mean(payloads: Tensor, residual: Tensor, codec: Codec) -> Tensor:
     """The mean of every worker's payload (``payloads``: shape (N, P), in worker order), decoded and summed exactly
     in fp32 in that order, plus ``residual`` (one per value), encoded again; ``residual`` keeps what that encoding
     left out. Both engines call this, so their arithmetic is the same."""
-    values = codec.decode(payloads)
-    total = values[0].clone()
-    for i in range(1, values.shape[0]):
-        total += values[i]
-    mean = (total / payloads.shape[0] + residual).unsqueeze(0)
+    mean = (sum_in_worker_order(codec.decode(payloads)) / payloads.shape[0] + residual).unsqueeze(0)
     low = codec.encode(mean)
     residual.copy_(mean[0] - codec.decode(low)[0, : mean.shape[1]])
     return low[0]

@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Communicator
-from prsgd.algorithm.exchange import make_exchange
+from prsgd.algorithm.exchange import Exchange, make_exchange
 from prsgd.algorithm.fragments import fragment_tensors
 from prsgd.algorithm.local import LOCAL_RULE, LocalRule, UpdateGroup
 from prsgd.algorithm.outer import OuterOptimizer
@@ -71,12 +71,21 @@ class PeriodicSync:
         self.fragments = spec.fragments or 1
         self.exchanges = [make_exchange(spec) for _ in range(self.fragments)]
         self.outers = [OuterOptimizer.from_spec(spec) for _ in range(self.fragments)]
-        self.exchange, self.outer = self.exchanges[0], self.outers[0]
         self.overlap = OverlappedRounds.from_spec(spec)
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
         self.steps_done = 0
         self.synchronized_at: int | None = None
+
+    @property
+    def exchange(self) -> Exchange:
+        """The (first fragment's) exchange stage."""
+        return self.exchanges[0]
+
+    @property
+    def outer(self) -> OuterOptimizer | None:
+        """The (first fragment's) outer step, or None without one."""
+        return self.outers[0]
 
     def state_layout(self, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The local rule's state tensors ``names`` split into those rounds send (field ``"state"``) and those that
@@ -116,11 +125,16 @@ class PeriodicSync:
     def take_x0(self) -> None:
         """The stages whose starting point is still to be taken (after :meth:`attach`, or after loading a state
         that restarts them) take it from the engine's tensors as they are now, which must be in consensus."""
+        self._start_stages(every=False)
+
+    def _start_stages(self, every: bool) -> None:
+        """Each fragment's anchored exchange restarts, and its outer step rebases, from the engine's tensors as they
+        are now (in consensus): ``every`` one (after an exact round, everything is sent), or those not started."""
         for f, exchange in enumerate(self.exchanges):
-            if exchange.needs_start:
+            if exchange.anchored and (every or exchange.needs_start):
                 exchange.restart(self._round_tensors(f))
         for f, outer in enumerate(self.outers):
-            if outer is not None and not outer.anchor:
+            if outer is not None and (every or not outer.anchor):
                 outer.rebase(self._tensors(f, ("params",)))
 
     @property
@@ -198,12 +212,7 @@ class PeriodicSync:
         fields = self.rule.round_fields()
         if exact:
             self.engine.average(fields)
-            for f, exchange in enumerate(self.exchanges):
-                if exchange.anchored:  # everything is sent now: the next change starts here
-                    exchange.restart(self._round_tensors(f))
-            for f, outer in enumerate(self.outers):
-                if outer is not None:  # its anchor moves to the plain average
-                    outer.rebase(self._tensors(f, ("params",)))
+            self._start_stages(every=True)  # the next change, and the outer step, start from the plain average
             self._apply_state_rule()
             return
         f = self.schedule.fragment_after(self.steps_done)
@@ -242,9 +251,13 @@ class PeriodicSync:
         """Apply the overlapped round in flight, if any: x <- avg(snapshot) + (x - snapshot), over the fragment it
         started on (the one scheduled ``delay`` steps before it is due)."""
         if self.overlap is not None and self.overlap.in_flight:
-            f = self.schedule.fragment_after(self.overlap.due - self.overlap.delay)
+            f = self._fragment_due(self.overlap.due)
             self.overlap.complete(self._round_tensors(f))
             self._apply_state_rule(f)
+
+    def _fragment_due(self, due: int) -> int:
+        """The fragment of an overlapped round due after step ``due``: the one scheduled ``delay`` steps before."""
+        return self.schedule.fragment_after(due - self.overlap.delay)
 
     @property
     def in_consensus(self) -> bool:
@@ -350,7 +363,7 @@ class PeriodicSync:
                     outer.forget()
         if self.overlap is not None:
             overlap = state.get("overlap", {})
-            f = 0 if overlap.get("due") is None else self.schedule.fragment_after(overlap["due"] - self.overlap.delay)
+            f = 0 if overlap.get("due") is None else self._fragment_due(int(overlap["due"]))
             self.overlap.load_state_dict(overlap, self._round_tensors(f), self.exchanges[f].averaged)
         if self.exchange.anchored:
             saved_exchange = self._per_fragment(state.get(self.exchange.key) if restored else None)

@@ -70,18 +70,24 @@ class ProcessGroupCommunicator:
         return self.storage.tensors(field)
 
     def _payload(self, fields: Sequence[Field]) -> tuple[Tensor, list[Tensor]]:
-        """What a round of ``fields`` reduces, and where its parts live: the storage's span itself (no copy), or,
-        when the state is kept outside the storage, the span and that state packed into one new tensor, to be
-        copied back with :meth:`_unpack`."""
+        """What a round of ``fields`` reduces: the storage's span, with the state kept outside the storage (if the
+        round sends it) packed after it (:meth:`_pack`)."""
         if self.outside_state is None or "state" not in fields:
-            span = self.storage.span(fields)
-            return span, [span]
-        parts = [self.storage.span([f for f in fields if f != "state"]), *self.outside_state()]
-        return torch.cat([t.reshape(-1) for t in parts]), parts
+            return self._pack([self.storage.span(fields)])
+        return self._pack([self.storage.span([f for f in fields if f != "state"]), *self.outside_state()])
 
     @staticmethod
+    def _pack(tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One flat payload of ``tensors`` and what :meth:`_unpack` copies it back into: a view of the tensor itself
+        when it is one contiguous tensor (nothing to copy back), else a packed copy and the tensors."""
+        if len(tensors) == 1 and tensors[0].is_contiguous():
+            return tensors[0].view(-1), []
+        return torch.cat([t.reshape(-1) for t in tensors]), tensors
+
+    @staticmethod
+    @torch.no_grad()
     def _unpack(payload: Tensor, parts: list[Tensor]) -> None:
-        if len(parts) > 1:  # a packed copy
+        if parts:  # a packed copy
             pieces = payload.split([t.numel() for t in parts])
             torch._foreach_copy_(parts, [p.view_as(t) for p, t in zip(pieces, parts, strict=True)])
 
@@ -98,14 +104,9 @@ class ProcessGroupCommunicator:
     def average_tensors(self, tensors: list[Tensor]) -> None:
         """One all-reduce: of the tensor itself (an overlapped round's snapshot of a span), or of several packed
         into one (a fragment's pieces of the span), copied back."""
-        if len(tensors) == 1 and tensors[0].is_contiguous():
-            self._average(tensors[0], self.process_group, "all")
-            return
-        packed = torch.cat([t.reshape(-1) for t in tensors])
-        self._average(packed, self.process_group, "all")
-        with torch.no_grad():
-            for t, piece in zip(tensors, packed.split([t.numel() for t in tensors]), strict=True):
-                t.copy_(piece.view_as(t))
+        payload, parts = self._pack(tensors)
+        self._average(payload, self.process_group, "all")
+        self._unpack(payload, parts)
 
     def _average(self, span: Tensor, group: dist.ProcessGroup | None, scope: Scope) -> None:
         size = group_size(group)
@@ -186,11 +187,9 @@ class ProcessGroupCommunicator:
 
     def mix_tensors(self, tensors: list[Tensor], step: int) -> None:
         """As :meth:`mix`, of tensors that are not whole fields (a fragment's views), packed into one payload."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat, parts = self._pack(tensors)
         self._mix(flat, step)
-        with torch.no_grad():
-            for t, piece in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-                t.copy_(piece.view_as(t))
+        self._unpack(flat, parts)
 
     def _mix(self, flat: Tensor, step: int) -> None:
         """``flat`` replaced by this worker's row of W x, in place: sent to the out-neighbours, the in-neighbours'

@@ -59,8 +59,7 @@ def start_lighthouse(
     check_int("port", port, 0, 65535)
     check_int("join_timeout_ms", join_timeout_ms, 1)
     check_int("heartbeat_timeout_ms", heartbeat_timeout_ms, 1)
-    host = check_bind(bind)
-    host = f"[{host.strip('[]')}]" if ":" in host else host
+    host = _url_host(check_bind(bind))
     ft = torchft_module()
     try:
         return ft.LighthouseServer(
@@ -77,11 +76,16 @@ def lighthouse_address(server: Any, bind: str = "127.0.0.1") -> str:
     """The URL replica groups reach ``server`` at: the bound address and the port it got (torchft's own
     ``address()`` names the host by its hostname, which need not resolve to the bound address), or that name when
     bound to every interface."""
-    host = bind.strip("[]")
-    if ipaddress.ip_address(host).is_unspecified:  # every interface: other hosts reach it by this host's name
+    if ipaddress.ip_address(bind.strip("[]")).is_unspecified:  # every interface: reached by this host's name
         return server.address()
     port = int(server.address().rsplit(":", 1)[1])
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://{_url_host(bind)}:{port}"
+
+
+def _url_host(bind: str) -> str:
+    """An address as a URL's host: an IPv6 one in brackets."""
+    host = bind.strip("[]")
+    return f"[{host}]" if ":" in host else host
 
 
 def main(argv: list[str] | None = None) -> None:
