@@ -150,3 +150,24 @@ def test_prsgd_train_streams_fragments_and_reports_the_peak(tmp_path):
     )
     assert streamed["comm_peak_step_bytes"] < 0.05 * whole["comm_peak_step_bytes"]
     assert streamed["comm_rounds"] >= 4 * whole["comm_rounds"] - 4
+
+
+def test_a_fragment_in_flight_is_applied_to_the_fragment_it_started_on_after_the_period_changes():
+    """Saved after step 5 with period 4 and 2 fragments: fragment 0's round (started after step 4) is in flight,
+    due after step 6. Resumed with period 8, the schedule would put step 4 in fragment 1: the round must still land
+    on fragment 0, so after step 6 (before any other round is applied) both runs hold the same parameters."""
+    kw = dict(num_workers=N, lr=0.1, momentum=0.9, fragments=2, overlap=2)
+    data = batches(N, 6)
+    straight = prsgd.Simulator(mlp(), period=4, **kw)
+    for x, y in data:
+        straight.step(x, y, F.cross_entropy)
+    first = prsgd.Simulator(mlp(), period=4, **kw)
+    for x, y in data[:5]:
+        first.step(x, y, F.cross_entropy)
+    state = first.state_dict()
+    assert state["prsgd"]["overlap"]["due"] == 6 and state["prsgd"]["overlap"]["fragment"] == 0
+    resumed = prsgd.Simulator(mlp(seed=3), period=8, **kw)
+    resumed.load_state_dict(state)
+    resumed.step(*data[5], F.cross_entropy)
+    for name, p in straight.params().items():
+        assert torch.equal(resumed.params()[name], p), name

@@ -75,6 +75,7 @@ class PeriodicSync:
         self.engine: Communicator = engine  # type: ignore[assignment]
         self.has_state = has_state
         self.steps_done = 0
+        self.fragment_in_flight = 0  # the fragment an overlapped round in flight started on
         self.synchronized_at: int | None = None
 
     @property
@@ -217,6 +218,7 @@ class PeriodicSync:
             return
         f = self.schedule.fragment_after(self.steps_done)
         if self.overlap is not None:
+            self.fragment_in_flight = f
             self.overlap.start_round(self._round_tensors(f), self.exchanges[f], self.engine, self.steps_done)
             return  # the state rule applies when the round is applied
         if self.fragments > 1:
@@ -249,15 +251,10 @@ class PeriodicSync:
 
     def _complete(self) -> None:
         """Apply the overlapped round in flight, if any: x <- avg(snapshot) + (x - snapshot), over the fragment it
-        started on (the one scheduled ``delay`` steps before it is due)."""
+        started on."""
         if self.overlap is not None and self.overlap.in_flight:
-            f = self._fragment_due(self.overlap.due)
-            self.overlap.complete(self._round_tensors(f))
-            self._apply_state_rule(f)
-
-    def _fragment_due(self, due: int) -> int:
-        """The fragment of an overlapped round due after step ``due``: the one scheduled ``delay`` steps before."""
-        return self.schedule.fragment_after(due - self.overlap.delay)
+            self.overlap.complete(self._round_tensors(self.fragment_in_flight))
+            self._apply_state_rule(self.fragment_in_flight)
 
     @property
     def in_consensus(self) -> bool:
@@ -290,8 +287,8 @@ class PeriodicSync:
         states: dict[str, Any] = {}
         if self.exchange.key is not None:
             states[self.exchange.key] = per_fragment(self.exchanges)
-        if self.overlap is not None:
-            states[self.overlap.key] = self.overlap.state_dict()
+        if self.overlap is not None:  # with the fragment it started on: a later period moves the schedule, not it
+            states[self.overlap.key] = {**self.overlap.state_dict(), "fragment": self.fragment_in_flight}
         if self.outer is not None:
             states[self.outer.key] = per_fragment(self.outers)
         return states
@@ -363,7 +360,7 @@ class PeriodicSync:
                     outer.forget()
         if self.overlap is not None:
             overlap = state.get("overlap", {})
-            f = 0 if overlap.get("due") is None else self._fragment_due(int(overlap["due"]))
+            self.fragment_in_flight = f = int(overlap.get("fragment", 0))  # states saved before fragments: 0
             self.overlap.load_state_dict(overlap, self._round_tensors(f), self.exchanges[f].averaged)
         if self.exchange.anchored:
             saved_exchange = self._per_fragment(state.get(self.exchange.key) if restored else None)
