@@ -422,3 +422,40 @@ class RoundReference(ReferenceWorkers):
             elif self.inner_period is not None and self.t % self.inner_period == 0:
                 self._node_round()
         return losses
+
+
+def alive_set_reference(model, batch, num_groups, steps, *, lr, momentum, rounds, copies):
+    """Algorithm 1 over the replica groups alive (issue 29): one plain ``torch.optim.SGD`` per group, each step on
+    ``batch(group, t)``; after step t, if ``rounds`` has t, the parameters and momentum of the groups it names are
+    averaged over them; then each (group, source) of ``copies[t]`` (a group that recovered from a live peer, or at
+    t = 0 took x^0 from another) takes the source's parameters and momentum. Returns each group's parameters and
+    momentum, flattened in that order."""
+    models = [copy.deepcopy(model) for _ in range(num_groups)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in models]
+
+    def tensors(g):
+        params = list(models[g].parameters())
+        return params + [opts[g].state[p]["momentum_buffer"] for p in params if p in opts[g].state]
+
+    def copy_in(t):
+        with torch.no_grad():
+            for g, source in copies.get(t, ()):
+                for mine, theirs in zip(tensors(g), tensors(source), strict=True):
+                    mine.copy_(theirs)
+
+    copy_in(0)
+    for t in range(steps):
+        for g in range(num_groups):
+            x, y = batch(g, t)
+            opts[g].zero_grad()
+            torch.nn.functional.cross_entropy(models[g](x), y).backward()
+            opts[g].step()
+        members = rounds.get(t + 1)
+        if members:
+            with torch.no_grad():
+                for same in zip(*(tensors(g) for g in members), strict=True):
+                    mean = sum(v.clone() for v in same) / len(same)
+                    for v in same:
+                        v.copy_(mean)
+        copy_in(t + 1)
+    return [torch.cat([v.detach().reshape(-1) for v in tensors(g)]) for g in range(num_groups)]

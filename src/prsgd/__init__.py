@@ -10,6 +10,7 @@ engines that share one definition of the algorithm (:mod:`prsgd.algorithm`), eac
 """
 
 from prsgd.algorithm import SYNC_RULES, CommStats, Hyperparameters, RoundSpec, SyncRule
+from prsgd.engines.fault_tolerance import FaultTolerance
 from prsgd.engines.local_sgd import LocalSGD
 from prsgd.engines.simulator import Simulator
 from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, PrsgdError, WorkerFailure
@@ -18,6 +19,7 @@ __all__ = [
     "SYNC_RULES",
     "CheckpointError",
     "CommStats",
+    "FaultTolerance",
     "Hyperparameters",
     "InvalidArgument",
     "LocalSGD",

@@ -9,6 +9,8 @@ is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessG
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +31,7 @@ from prsgd.engines.distributed import (
     node_group,
     same_ranks_group,
 )
+from prsgd.engines.fault_tolerance import FaultTolerance, FaultTolerantCommunicator, ReplicaGroups
 from prsgd.engines.flat_storage import FlatStorage, place_state
 from prsgd.engines.guards import ForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
 from prsgd.engines.torchrun import torchrun_nodes
@@ -71,6 +74,13 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         topology, compression, overlap, inner_period, nodes, outer_lr, outer_momentum, state_period, sync_state: as
             :class:`prsgd.RoundSpec` describes them (worker i of a topology is rank i of the group; ``nodes``
             defaults to ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment).
+        fault_tolerant: ``True`` (settings from torchft's environment, ``TORCHFT_LIGHTHOUSE`` and
+            ``REPLICA_GROUP_ID``) or a :class:`prsgd.FaultTolerance`: this process is one replica group of a
+            fault-tolerant run (:mod:`prsgd.engines.fault_tolerance`). Each round averages over the groups alive;
+            a group that dies is left out, and one that starts (again) recovers the whole state from a live peer at
+            construction, which waits for the others' next round. Read :attr:`steps_done` after construction: a
+            group that recovered continues at its peer's step. Not with gossip, overlapped or hierarchical rounds,
+            a wrapped torch optimizer, ``process_group`` or more than one rank per group.
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
     every rank of the world constructs its LocalSGD at the same point.
@@ -106,6 +116,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         check_finite: bool = False,
         model: nn.Module | None = None,
         round: RoundSpec | None = None,
+        fault_tolerant: bool | FaultTolerance = False,
         **round_options: Any,
     ) -> None:
         self.check_finite = check_bool("check_finite", check_finite)
@@ -117,6 +128,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             rule, hyper = local_rule(optimizer, **settings)
         spec = RoundSpec.of(round, **round_options)
         check_process_group(process_group)
+        tolerance = _fault_tolerance(fault_tolerant, spec, process_group, self._wrapped)
         if spec.inner_period is not None and spec.nodes is None:
             spec = spec.replace(nodes=torchrun_nodes())
         spec.check_workers(group_size(process_group))
@@ -172,15 +184,28 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         )
         self._counters = place_state(self.storage, self.state, all_params, (*synced, *kept), rule)
         self.process_group = process_group
-        self.engine = ProcessGroupCommunicator(
-            self.storage,
-            process_group,
-            self.topology,
-            counters=self._counters,
-            state=rule.state_tensors if self._wrapped is not None else None,
-            node_group=node_group(self.nodes, process_group) if self.nodes is not None else None,
-            background_group=same_ranks_group(process_group) if self.algorithm.overlap is not None else None,
-        )
+        self.fault_tolerance: ReplicaGroups | None = None
+        if tolerance is not None:
+            self.fault_tolerance = ReplicaGroups(
+                tolerance,
+                device=self.storage.device,
+                save=lambda: {"values": self.worker_state().clone(), "round": self.round_state()},
+                load=lambda state: self.load_worker_state(state["values"], state["round"]),
+                identity=_identity(spec, self.algorithm.local_rule.name, self.param_groups, all_params, model_buffers),
+            )
+            self.engine: ProcessGroupCommunicator = FaultTolerantCommunicator(
+                self.storage, self.fault_tolerance, counters=self._counters
+            )
+        else:
+            self.engine = ProcessGroupCommunicator(
+                self.storage,
+                process_group,
+                self.topology,
+                counters=self._counters,
+                state=rule.state_tensors if self._wrapped is not None else None,
+                node_group=node_group(self.nodes, process_group) if self.nodes is not None else None,
+                background_group=same_ranks_group(process_group) if self.algorithm.overlap is not None else None,
+            )
         broadcast_from_first(self.storage.span(("params", "buffers")), process_group)
         if model is not None:  # frozen parameters and integer buffers: the same everywhere too
             flat_ids = {id(t) for t in (*all_params, *model_buffers)}
@@ -193,6 +218,8 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         weakref.finalize(self, self._forward_check.close)  # the hook goes with the optimizer
         self._last_step_applied = True
         self._built = True
+        if self.fault_tolerance is not None:  # the first quorum: x^0 (or a live peer's state) from another group
+            self.fault_tolerance.join()
 
     def __repr__(self) -> str:
         topology = self.topology.name if self.topology is not None else None
@@ -322,7 +349,10 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         if self.check_finite and found_inf is None:
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
             self._raise_if_nonfinite("gradient", gradients, self.steps_done)
-        self._last_step_applied = self.algorithm.step(groups, found_inf=found_inf)
+        if self.fault_tolerance is not None and self.algorithm.communicates_next_step:
+            self._last_step_applied = self._committed(lambda: self.algorithm.step(groups, found_inf=found_inf))
+        else:
+            self._last_step_applied = self.algorithm.step(groups, found_inf=found_inf)
         if self.check_finite:
             self._raise_if_nonfinite("parameter, buffer or momentum", [self.storage.flat], self.steps_done - 1)
         return loss
@@ -337,7 +367,20 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         call it at the same point (it is a collective)."""
         self._placement.check()
         self._forward_check.run_pending()
-        self.algorithm.synchronize()
+        if self.fault_tolerance is not None:
+            self._committed(lambda: self.algorithm.synchronize() or True)
+        else:
+            self.algorithm.synchronize()
+
+    def _committed(self, run: Any) -> bool:
+        """``run()`` (a step or round that communicates) as the replica groups commit it (fault tolerance)."""
+        assert self.fault_tolerance is not None
+        return self.fault_tolerance.step(
+            run,
+            snapshot=lambda: (self.worker_state().clone(), self.round_state()),
+            restore=lambda saved: self.load_worker_state(*saved),
+            steps_done=lambda: self.steps_done,
+        )
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
         if not all_finite(tensors):
@@ -389,3 +432,47 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
             # stages that restart take x^0 at the next forward (or step), after the model's state is loaded too
             self._forward_check.before_next_forward(self.algorithm.take_x0)
+
+
+def _fault_tolerance(
+    fault_tolerant: object, spec: RoundSpec, process_group: Any, wrapped: torch.optim.Optimizer | None
+) -> FaultTolerance | None:
+    """The settings of a fault-tolerant LocalSGD (None without), refused with what it cannot do yet."""
+    if fault_tolerant is False:
+        return None
+    if fault_tolerant is True:
+        fault_tolerant = FaultTolerance()
+    if not isinstance(fault_tolerant, FaultTolerance):
+        raise InvalidArgument(
+            f"fault_tolerant={fault_tolerant!r} is not allowed; it must be True, False or a prsgd.FaultTolerance"
+        )
+    refused = [
+        (spec.topology is not None, f"sync={spec.sync!r} (gossip mixes with fixed neighbours)"),
+        (bool(spec.overlap), "overlap= (a round in flight across a change of quorum)"),
+        (spec.inner_period is not None, "inner_period= (hierarchical rounds)"),
+        (wrapped is not None, "a wrapped torch optimizer"),
+        (process_group is not None, "process_group= (each replica group averages over the quorum)"),
+        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "more than one rank per replica group (WORLD_SIZE > 1)"),
+    ]
+    for bad, what in refused:
+        if bad:
+            raise InvalidArgument(
+                f"fault tolerance does not support {what}; allowed: the periodic rules (params_and_momentum, "
+                "params_clear_momentum, params_only), gradients and none, with compression, fragments, the outer "
+                "step and state_period, one process per replica group"
+            )
+    return fault_tolerant.resolved()
+
+
+def _identity(
+    spec: RoundSpec, rule: str, param_groups: list[dict[str, Any]], params: list[Tensor], buffers: list[Tensor]
+) -> dict[str, str]:
+    """What must agree between replica groups for their rounds to mean anything, by name, as text: the model's
+    tensors, the local rule and its settings (the learning rate aside: a schedule may have moved it), the round."""
+    settings = {k: v for k, v in param_groups[0].items() if k not in ("params", "lr", "initial_lr")}
+    return {
+        "model": ", ".join(f"{tuple(t.shape)}" for t in (*params, *buffers)) + f" ({params[0].dtype})",
+        "optimizer": rule,
+        **{f"optimizer.{k}": repr(v) for k, v in sorted(settings.items())},
+        **{f.name: repr(getattr(spec, f.name)) for f in dataclasses.fields(spec)},
+    }
