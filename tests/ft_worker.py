@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--kill", action="append", default=[], help="WHERE:STEP, once per run")
     parser.add_argument("--markers", default=None)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--synchronize", action="store_true", help="end with opt.synchronize()")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep this long each step (a slower model)")
     parser.add_argument("--round", default="{}", help="RoundSpec keywords, as JSON")
     parser.add_argument("--events", default=None, help="append each committed round and recovery here (JSON lines)")
@@ -56,6 +57,8 @@ def main() -> None:
 
     model = mlp()
     options = dict(lr=0.05, momentum=0.9, period=4) | json.loads(args.round)
+    if options.get("optimizer") == "adamw":
+        options.pop("momentum")
     if args.plain is not None:
         from prsgd.engines.distributed import init_process_group
 
@@ -112,7 +115,11 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         time.sleep(args.step_seconds)
+    if args.synchronize:
+        opt.synchronize()
     result = {"values": opt.worker_state().clone(), "steps": opt.steps_done, "rounds": opt.comm.rounds}
+    result["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    result["comm"] = (opt.comm.rounds, opt.comm.bytes, opt.comm.peak_step_bytes)
     if opt.fault_tolerance is not None:
         m = opt.fault_tolerance.membership
         result.update(history=m.history, record=m.record())

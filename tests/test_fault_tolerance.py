@@ -104,38 +104,30 @@ def _results(tmp: Path):
     return [torch.load(tmp / f"result-{g}.pt") for g in range(GROUPS)]
 
 
-def test_without_failures_the_run_is_plain_localsgd_bit_for_bit(tmp_path):
-    statuses, _ = run_groups(tmp_path)
-    assert statuses == {0: 0, 1: 0, 2: 0}, _logs(tmp_path)
-    tolerant = _results(tmp_path)
-    plain_dir = tmp_path / "plain"
+def _plain_run(tmp: Path, args=()) -> list[dict]:
+    """The same run on plain LocalSGD: 3 gloo ranks on 127.0.0.1."""
+    plain_dir = tmp / "plain"
     plain_dir.mkdir()
     port = free_port()
+    common = ["--plain", str(port), "--groups", str(GROUPS), "--steps", str(STEPS), *args]
     processes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                WORKER,
-                "--plain",
-                str(port),
-                "--group",
-                str(g),
-                "--groups",
-                str(GROUPS),
-                "--steps",
-                str(STEPS),
-                "--out",
-                str(plain_dir / f"result-{g}.pt"),
-            ],
-            env=ENV,
+            [sys.executable, WORKER, *common, "--group", str(g), "--out", str(plain_dir / f"result-{g}.pt")], env=ENV
         )
         for g in range(GROUPS)
     ]
     assert [p.wait(timeout=120) for p in processes] == [0, 0, 0]
+    return [torch.load(plain_dir / f"result-{g}.pt") for g in range(GROUPS)]
+
+
+def test_without_failures_the_run_is_plain_localsgd_bit_for_bit(tmp_path):
+    statuses, _ = run_groups(tmp_path)
+    assert statuses == {0: 0, 1: 0, 2: 0}, _logs(tmp_path)
+    tolerant = _results(tmp_path)
+    plain = _plain_run(tmp_path)
     for g in range(GROUPS):
-        plain = torch.load(plain_dir / f"result-{g}.pt")
-        assert torch.equal(tolerant[g]["values"], plain["values"]), g
-        assert tolerant[g]["rounds"] == plain["rounds"] == STEPS // PERIOD
+        assert torch.equal(tolerant[g]["values"], plain[g]["values"]), g
+        assert tolerant[g]["comm"] == plain[g]["comm"] and tolerant[g]["rounds"] == STEPS // PERIOD
         assert tolerant[g]["record"] == {
             "participants": 3,
             "rounds_short": 0,
@@ -144,6 +136,49 @@ def test_without_failures_the_run_is_plain_localsgd_bit_for_bit(tmp_path):
             "recoveries": 0,
         }
         assert [s for s, _ in tolerant[g]["history"]] == list(range(PERIOD, STEPS + 1, PERIOD))
+
+
+OPTIONS = {  # every rule and round option fault tolerance supports (the default is Algorithm 1 with momentum)
+    "params_only": {"sync": "params_only"},
+    "params_clear_momentum": {"sync": "params_clear_momentum"},
+    "gradients": {"sync": "gradients"},
+    "bf16": {"compression": "bf16"},
+    "int8": {"compression": "int8"},
+    "int4": {"compression": "int4"},
+    "topk": {"compression": "topk:0.1"},
+    "fragments": {"fragments": 2},
+    "outer": {"outer_lr": 0.7, "outer_momentum": 0.5},
+    "state_period": {"state_period": 2},
+    "adamw": {"optimizer": "adamw", "lr": 0.01},
+    "adamw-params_only-int8-fragments-outer": {
+        "sync": "params_only",
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "compression": "int8",
+        "fragments": 2,
+        "outer_lr": 0.7,
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_every_supported_option_is_plain_localsgd_without_failures_and_ends_equal_after_one(tmp_path, options):
+    args = ["--round", json.dumps(options), "--synchronize"]  # so that every option ends in consensus
+    (tmp_path / "whole").mkdir()
+    statuses, _ = run_groups(tmp_path / "whole", args=args)
+    assert statuses == {0: 0, 1: 0, 2: 0}, _logs(tmp_path / "whole")
+    tolerant, plain = _results(tmp_path / "whole"), _plain_run(tmp_path, args)
+    for g in range(GROUPS):
+        assert torch.equal(tolerant[g]["values"], plain[g]["values"]), g
+        assert tolerant[g]["comm"] == plain[g]["comm"]
+    (tmp_path / "killed").mkdir()
+    statuses, restarts = run_groups(tmp_path / "killed", args=args, kills={1: ["after_collective:8", "before_step:14"]})
+    assert statuses == {0: 0, 1: 0, 2: 0} and restarts, _logs(tmp_path / "killed")
+    results = _results(tmp_path / "killed")
+    for g in range(GROUPS):
+        assert results[g]["steps"] == STEPS
+        assert torch.equal(results[g]["params"], results[0]["params"]), g  # the last round's average
 
 
 KILLS = {  # group -> kill points (WHERE:STEP; each happens once per run): 20 runs
@@ -255,6 +290,7 @@ def test_too_few_groups_alive_for_the_timeout_is_a_clear_error():
         (dict(sync="gossip", topology="ring"), "fault tolerance does not support sync='gossip'"),
         (dict(overlap=True), "fault tolerance does not support overlap="),
         (dict(inner_period=2, nodes=1), "fault tolerance does not support inner_period="),
+        (dict(sync="none"), "fault tolerance does not support sync='none'"),
         (dict(fault_tolerant="yes"), "fault_tolerant='yes' is not allowed"),
     ],
 )

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
+from torch.distributed.distributed_c10d import AllgatherOptions, AllreduceOptions, AllToAllOptions, ReduceOp
 
 from prsgd.algorithm.contract import Reduce
 from prsgd.algorithm.rules import Field, Scope
@@ -353,20 +354,14 @@ class ReplicaGroups:
         return True
 
     def all_reduce_sum(self, tensor: Tensor) -> bool:
-        from torch.distributed import AllreduceOptions, ReduceOp
-
         opts = AllreduceOptions()
         opts.reduceOp = ReduceOp.SUM
         return self._run(lambda: self.pg.allreduce([tensor], opts))
 
     def all_gather(self, rows: list[Tensor], row: Tensor) -> bool:
-        from torch.distributed import AllgatherOptions
-
         return self._run(lambda: self.pg.allgather([rows], [row], AllgatherOptions()))
 
     def all_to_all(self, received: Tensor, sent: Tensor) -> bool:
-        from torch.distributed import AllToAllOptions
-
         return self._run(lambda: self.pg.alltoall_base(received, sent, [], [], AllToAllOptions()))
 
     @property
@@ -425,7 +420,7 @@ class FaultTolerantCommunicator(ProcessGroupCommunicator):
         if size <= 1:
             return payload
         row = payload[0].contiguous().view(torch.uint8)
-        gathered = row.new_empty(size * row.numel())
+        gathered = row.new_zeros(size * row.numel())  # zeros (index 0, value 0) where a failed round skips it
         if self.groups.all_gather(list(gathered.split(row.numel())), row):
             self.comm.record(row.numel())
         return gathered.view(payload.dtype).view(size, -1)

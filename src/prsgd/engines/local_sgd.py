@@ -80,7 +80,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             a group that dies is left out, and one that starts (again) recovers the whole state from a live peer at
             construction, which waits for the others' next round. Read :attr:`steps_done` after construction: a
             group that recovered continues at its peer's step. Not with gossip, overlapped or hierarchical rounds,
-            a wrapped torch optimizer, ``process_group`` or more than one rank per group.
+            ``sync="none"``, a wrapped torch optimizer, ``process_group`` or more than one rank per group.
 
     With ``overlap`` or ``inner_period``, construction creates process groups (``torch.distributed.new_group``):
     every rank of the world constructs its LocalSGD at the same point.
@@ -377,7 +377,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         assert self.fault_tolerance is not None
         return self.fault_tolerance.step(
             run,
-            snapshot=lambda: (self.worker_state().clone(), self.round_state()),
+            snapshot=lambda: (self.worker_state().clone(), copy.deepcopy(self.round_state())),
             restore=lambda saved: self.load_worker_state(*saved),
             steps_done=lambda: self.steps_done,
         )
@@ -448,6 +448,7 @@ def _fault_tolerance(
         )
     refused = [
         (spec.topology is not None, f"sync={spec.sync!r} (gossip mixes with fixed neighbours)"),
+        (spec.sync == "none", "sync='none' (no round: a group that starts again has nothing to join)"),
         (bool(spec.overlap), "overlap= (a round in flight across a change of quorum)"),
         (spec.inner_period is not None, "inner_period= (hierarchical rounds)"),
         (wrapped is not None, "a wrapped torch optimizer"),
@@ -458,8 +459,8 @@ def _fault_tolerance(
         if bad:
             raise InvalidArgument(
                 f"fault tolerance does not support {what}; allowed: the periodic rules (params_and_momentum, "
-                "params_clear_momentum, params_only), gradients and none, with compression, fragments, the outer "
-                "step and state_period, one process per replica group"
+                "params_clear_momentum, params_only) and gradients, with compression, fragments, the outer step and "
+                "state_period, one process per replica group"
             )
     return fault_tolerant.resolved()
 
