@@ -317,3 +317,84 @@ def test_bad_fault_tolerance_settings_are_one_clear_error(monkeypatch, settings,
         monkeypatch.setenv(k, v)
     with pytest.raises(InvalidArgument, match=message):
         prsgd.FaultTolerance(**settings).resolved()
+
+
+CLI = ["--epochs", "20", "--evals", "4", "--period", "3", "--no-progress", "--workers", str(GROUPS)]
+CLI += ["--worker-timeout", "60"]  # how long a group waits for a quorum before it gives up
+
+
+def _group_job(group: int, address: str, out: Path, log: Path) -> subprocess.Popen:
+    """``prsgd train --fault-tolerant`` as one replica group: a torchrun job of one process, as the README says."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m"]
+    command += ["prsgd.train", "--engine", "distributed", "--fault-tolerant", *CLI, "--out", str(out)]
+    env = {**ENV, "TORCHFT_LIGHTHOUSE": address, "REPLICA_GROUP_ID": str(group), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def _read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_prsgd_train_fault_tolerant_matches_the_simulator_and_a_killed_group_rejoins(tmp_path):
+    from prsgd.train import main
+
+    main([*CLI, "--out", str(tmp_path / "sim")])
+    simulated = _read_log(tmp_path / "sim")
+    server = start_lighthouse(GROUPS, 0, join_timeout_ms=10_000, heartbeat_timeout_ms=1000)
+    try:
+        address = lighthouse_address(server)
+        jobs = {g: _group_job(g, address, tmp_path / "ft", tmp_path / f"job-{g}.txt") for g in range(GROUPS)}
+        assert [jobs[g].wait(timeout=300) for g in range(GROUPS)] == [0, 0, 0], _logs_of(tmp_path)
+        for g in range(GROUPS):
+            records = _read_log(tmp_path / "ft" / f"group-{g}")
+            assert [r["step"] for r in records] == [r["step"] for r in simulated]
+            for a, b in zip(records, simulated, strict=True):
+                assert (a["comm_rounds"], a["comm_bytes"]) == (b["comm_rounds"], b["comm_bytes"])
+                assert a["participants"] == GROUPS and a["groups_lost"] == 0
+            assert records[-1]["train_loss"] == pytest.approx(simulated[-1]["train_loss"], rel=1e-5)  # after a round
+            summary = (tmp_path / f"job-{g}.txt").read_text()
+            assert "fault tolerance: 3 groups in the last round, 0 rounds over fewer groups" in summary
+            assert f"log: {tmp_path / 'ft' / f'group-{g}' / 'log.jsonl'}" in summary
+
+        # group 1 SIGKILLed once it has logged two records (step 150 of 600), and started again: it recovers from a
+        # live peer (the others wait for it: the Lighthouse needs all three groups)
+        jobs = {g: _group_job(g, address, tmp_path / "killed", tmp_path / f"killed-{g}.txt") for g in range(GROUPS)}
+        first = tmp_path / "killed" / "group-1" / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while not (first.exists() and len(first.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline and jobs[1].poll() is None, _logs_of(tmp_path)
+            time.sleep(0.01)
+        for pid in [*_descendants(jobs[1].pid), jobs[1].pid]:  # torchrun's worker runs in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        jobs[1].wait()
+        jobs[1] = _group_job(1, address, tmp_path / "killed", tmp_path / "killed-1.txt")
+        assert [jobs[g].wait(timeout=300) for g in range(GROUPS)] == [0, 0, 0], _logs_of(tmp_path)
+    finally:
+        server.shutdown()
+    finals = [_read_log(tmp_path / "killed" / f"group-{g}")[-1] for g in range(GROUPS)]
+    assert all(f["step"] == simulated[-1]["step"] for f in finals)
+    assert len({f["train_loss"] for f in finals}) == 1  # the same model in every group after the last round
+    assert finals[1]["recoveries"] == 1 and "1 recoveries of this group" in (tmp_path / "killed-1.txt").read_text()
+    steps = [r["step"] for r in _read_log(tmp_path / "killed" / "group-1")]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # the dead process's records kept, none twice
+
+
+def _descendants(pid: int) -> list[int]:
+    children = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children[todo.pop()]:
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _logs_of(tmp: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp.glob("*.txt")))

@@ -26,9 +26,11 @@ again counts once.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -187,7 +189,11 @@ class ReplicaGroups:
         identity: dict[str, str],
     ) -> None:
         self.settings = settings = settings.resolved()
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's servers log every quorum at INFO otherwise
         torchft_module()  # the ft extra, or how to install it
+        logging.getLogger("torchft").setLevel(logging.ERROR)  # e.g. "Unable to reset NCCL flight recorder" per quorum
+        for noise in ("The given buffer is not writable", r"`isinstance\(treespec, LeafSpec\)` is deprecated"):
+            warnings.filterwarnings("ignore", message=noise)  # torchft's checkpoint transport, on every recovery
         from torch.distributed import TCPStore
         from torchft import manager as ft_manager
         from torchft.checkpointing.pg_transport import PGTransport

@@ -236,6 +236,11 @@ class RunConfig:
     worker_timeout: float = option(
         300.0, "distributed: seconds a collective waits before the run fails naming the rank"
     )
+    fault_tolerant: bool = option(
+        False,
+        "distributed: this torchrun job is one replica group of a fault-tolerant run (torchft: TORCHFT_LIGHTHOUSE and "
+        "REPLICA_GROUP_ID from the environment, one process per group, training.workers groups; writes OUT/group-<g>)",
+    )
     logger: str = option(
         "jsonl",
         "comma-separated list: jsonl (always, with out), csv (OUT/log.csv), tensorboard (OUT/tensorboard)",
@@ -276,6 +281,15 @@ class RunConfig:
             raise ConfigError(
                 f"training.compute={self.training.compute!r} chooses how the simulator computes its workers' "
                 "gradients; engine='distributed' computes one worker's per process"
+            )
+        if self.fault_tolerant and self.engine != "distributed":
+            raise ConfigError(
+                "fault_tolerant=True runs one replica group per torchrun job; it needs engine='distributed'"
+            )
+        if self.fault_tolerant and self.resume:
+            raise ConfigError(
+                "fault_tolerant=True recovers a group that starts again from a live peer; resume=True (from this "
+                "group's checkpoint) is not allowed with it"
             )
         if self.training.compile and self.training.compute == "loop":
             raise ConfigError(

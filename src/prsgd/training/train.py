@@ -116,6 +116,7 @@ def run(
         image_size=config.data.image_size,
     )
     placement = place(config, torchrun)
+    config = replica_group_out(config, placement.group)
     folder = None
     try:
         folder = _open_out(config, placement)
@@ -127,13 +128,23 @@ def run(
             placement.torchrun.close()
 
 
+def replica_group_out(config: RunConfig, group: int | None) -> RunConfig:
+    """``config`` writing into ``OUT/group-<g>`` for replica group ``g`` of a fault-tolerant run (each group logs,
+    and a group that starts again continues, its own folder); unchanged otherwise."""
+    if group is None or not config.out:
+        return config
+    return config.with_overrides({"out": str(Path(config.out) / f"group-{group}")})
+
+
 def _open_out(config: RunConfig, placement: Placement) -> OutFolder | None:
     """The main process's :class:`prsgd.training.outdir.OutFolder` (checked and locked); every process stops if it
     fails."""
     folder, problem = None, None
     if config.out and placement.is_main:
         try:
-            folder = OutFolder(config.out, resume=config.resume or placement.restarted, overwrite=config.overwrite)
+            # a replica group that starts again continues its own folder (its state comes from a live peer)
+            again = config.resume or placement.restarted or placement.group is not None
+            folder = OutFolder(config.out, resume=again, overwrite=config.overwrite)
         except OutFolderError as error:
             problem = str(error)
         if folder is not None and folder.moved_aside is not None:
@@ -201,6 +212,9 @@ def _train(
 
     saver = Checkpoints(config, resolved, workers, placement) if config.out else None
     start, wall, records = 0, 0.0, []
+    if placement.group is not None:  # a replica group that recovered from a live peer continues at its step
+        start = workers.steps_done
+        records = _earlier_records(out, start)
     if saver is not None and (config.resume or placement.restarted):
         try:
             start, wall, records = saver.resume(examples_per_step, len(data.train))
@@ -248,6 +262,7 @@ def _train(
                     "comm_rounds": workers.comm.rounds,
                     "comm_bytes": workers.comm.bytes,
                     "comm_peak_step_bytes": workers.comm.peak_step_bytes,
+                    **workers.fault_record(),
                     **({"test_perplexity": math.exp(min(test_loss, 700.0))} if data.is_text else {}),
                 }
                 records.append(record)
@@ -303,6 +318,8 @@ def _warm_up(config: RunConfig, data, placement: Placement, sampler: WorkerSampl
     (kernel and library initialization, thread pools, first calls) is not counted in the run's wall-clock: the
     first run of a sweep would otherwise look slower than the same run later in it. Returns the seconds spent (not
     counted). The run itself is unaffected: it builds its model after reseeding."""
+    if placement.group is not None:  # throwaway workers would join the replica groups' quorum
+        return 0.0
     started = time.perf_counter()
     model = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
     workers = make_workers(placement, model, config, data)
@@ -311,6 +328,16 @@ def _warm_up(config: RunConfig, data, placement: Placement, sampler: WorkerSampl
     del workers
     gc.collect()  # its memory is free before the run's own workers are built
     return time.perf_counter() - started
+
+
+def _earlier_records(out: Path | None, start: int) -> list[Record]:
+    """The records an earlier process of this replica group wrote before ``start`` (it died; this one recovered
+    from a live peer at ``start``): kept in the log, not rewritten away."""
+    log = out / "log.jsonl" if out is not None else None
+    if log is None or not log.exists():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] < start]
 
 
 def _raise_explained(placement: Placement, error: BaseException, failure: BaseException, doing: str) -> None:
@@ -331,7 +358,15 @@ def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
         f"train loss {final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}"
         + (f", test perplexity {final['test_perplexity']:.3f}; " if "test_perplexity" in final else "; ")
         + f"{final['comm_rounds']} rounds, {final['comm_bytes'] / 2**20:.2f} MiB sent per worker (at most "
-        f"{final.get('comm_peak_step_bytes', 0) / 2**20:.2f} MiB in one step){where}"
+        f"{final.get('comm_peak_step_bytes', 0) / 2**20:.2f} MiB in one step)"
+        + (
+            f"; fault tolerance: {final['participants']} groups in the last round, {final['rounds_short']} rounds "
+            f"over fewer groups, {final['groups_lost']} lost, {final['groups_joined']} joined, "
+            f"{final['recoveries']} recoveries of this group"
+            if "participants" in final
+            else ""
+        )
+        + where
     )
 
 
@@ -339,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = command.parser("prsgd train", __doc__)
     add_flat_arguments(parser)
     args = parser.parse_args(argv)
+    if args.fault_tolerant and args.workers is None:
+        parser.error("--fault-tolerant needs --workers: how many replica groups the run has (each its data shard)")
     if args.engine == "distributed" and args.workers is None and "WORLD_SIZE" in os.environ:
         args.workers = os.environ["WORLD_SIZE"]
 
@@ -347,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[str, float] = {}
         records = run(config, times=times)
         if int(os.environ.get("RANK", "0")) == 0 or config.engine != "distributed":
-            print(summary_line(records[-1], config, times["evaluation"]))
+            group = int(os.environ["REPLICA_GROUP_ID"]) if config.fault_tolerant else None  # checked by run()
+            print(summary_line(records[-1], replica_group_out(config, group), times["evaluation"]))
 
     exit_on_user_error("prsgd train", train)
 

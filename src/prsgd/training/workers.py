@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from prsgd.algorithm import CommStats, FollowsAlgorithm, PeriodicSync
 from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
+from prsgd.engines.fault_tolerance import FaultTolerance
 from prsgd.engines.local_sgd import LocalSGD
 from prsgd.engines.simulator import Simulator
 from prsgd.engines.torchrun import Torchrun
-from prsgd.errors import NonFiniteError, check_device
+from prsgd.errors import InvalidArgument, NonFiniteError, check_device
 from prsgd.training import batches
 from prsgd.training.config import ConfigError, RunConfig
 from prsgd.training.evaluation import loss_and_correct
@@ -38,6 +39,10 @@ class Workers(Protocol):
     def set_lr(self, lr: float) -> None: ...
 
     def step(self, sampler: WorkerSampler, step: int) -> None: ...
+
+    def fault_record(self) -> dict[str, Any]:
+        """What a log record says of the replica groups' quorums (fault tolerance); empty otherwise."""
+        ...
 
     def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the node-average model x_bar on ``split[indices]``."""
@@ -59,6 +64,14 @@ class Placement:
     num_workers: int
     rank: int = 0
     torchrun: Torchrun | None = None
+    group: int | None = None
+    """With fault tolerance: this job's replica group (the worker it is, and its data shard); ``rank`` is then its
+    rank within the group's own job."""
+
+    @property
+    def worker(self) -> int:
+        """Which of the ``num_workers`` workers this process is (its data shard)."""
+        return self.rank if self.group is None else self.group
 
     @property
     def is_main(self) -> bool:
@@ -91,8 +104,23 @@ def place(config: RunConfig, torchrun: Torchrun | None = None) -> Placement:
     if config.engine != "distributed":
         return Placement(device, config.training.workers)
     joined = torchrun is None
+    group = None
+    if config.fault_tolerant:  # checked before joining: the Lighthouse's address and this group's number
+        try:
+            group = FaultTolerance(groups=config.training.workers).resolved().replica_group
+        except InvalidArgument as error:
+            raise ConfigError(str(error)) from None
     torchrun = torchrun or Torchrun.join(config.device, config.worker_timeout)
     num_workers = distributed.group_size()
+    if group is not None:
+        if num_workers != 1:
+            if joined:
+                torchrun.close()
+            raise ConfigError(
+                f"fault_tolerant=True runs one process per replica group; torchrun started {num_workers} "
+                "(use --nproc-per-node 1, one torchrun job per group)"
+            )
+        return Placement(torchrun.device, config.training.workers, distributed.group_rank(), torchrun, group)
     if config.training.workers != num_workers:
         if joined:
             torchrun.close()
@@ -126,6 +154,9 @@ class _EngineWorkers(FollowsAlgorithm):
     algorithm's counters and consensus."""
 
     engine: Simulator | LocalSGD
+
+    def fault_record(self) -> dict[str, Any]:
+        return {}
 
     @property
     def algorithm(self) -> PeriodicSync:  # type: ignore[override]
@@ -203,11 +234,21 @@ class DistributedWorker(_EngineWorkers):
     def __init__(self, model: nn.Module, config: RunConfig, data: Dataset, placement: Placement) -> None:
         self.model = model.to(placement.device)
         kwargs = algorithm_kwargs(config)
+        if placement.group is not None:
+            kwargs["fault_tolerant"] = FaultTolerance(
+                replica_group=placement.group, groups=placement.num_workers, timeout=config.worker_timeout
+            )
         self.opt = self.engine = LocalSGD(self.model, check_finite=config.training.check_finite, **kwargs)
         self.data, self.config = data, config
         self.device = placement.device
-        self.rank = self.shard_rank = placement.rank
+        self.rank = placement.worker
+        self.shard_rank = placement.rank
         self.num_workers = placement.num_workers
+
+    def fault_record(self) -> dict[str, Any]:
+        """With fault tolerance, what the log records of the quorums (participants, groups lost and joined, ...)."""
+        tolerance = self.opt.fault_tolerance
+        return tolerance.membership.record() if tolerance is not None else {}
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
@@ -233,9 +274,11 @@ class DistributedWorker(_EngineWorkers):
 
     def evaluate(self, split, indices: Tensor) -> tuple[float, float]:
         """Every rank holds the same averaged model: each evaluates every world-size-th example and one
-        all-reduce adds up the sums, so evaluation takes 1/N of the time it would on one rank."""
+        all-reduce adds up the sums, so evaluation takes 1/N of the time it would on one rank. A fault-tolerant
+        replica group evaluates its own model (the groups' average right after a round)."""
         average = distributed.averaged_copy(self.model)
-        mine = loss_and_correct(average, split, indices[self.rank :: self.num_workers], self.device)
+        ranks, rank = distributed.group_size(), distributed.group_rank()
+        mine = loss_and_correct(average, split, indices[rank::ranks], self.device)
         sums = torch.tensor(mine, dtype=torch.float64, device=self.device)  # NCCL reduces CUDA only
         loss_sum, correct, count = distributed.all_reduce_sum_(sums).tolist()
         return loss_sum / count, round(correct) / count
