@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import mlp
 
 import prsgd
-from prsgd.engines import fault_tolerance
+from prsgd.engines import fault_tolerance, replica_groups
 
 
 def batch(group: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def main() -> None:
         )
         opt = prsgd.LocalSGD(model, **options)
     else:
-        groups = fault_tolerance.ReplicaGroups
+        groups = replica_groups.ReplicaGroups
         offer, recover, reduce = groups._offer, groups._recover, groups.all_reduce_sum
 
         def dying_offer(self):

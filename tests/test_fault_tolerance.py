@@ -131,6 +131,7 @@ def test_without_failures_the_run_is_plain_localsgd_bit_for_bit(tmp_path):
         assert tolerant[g]["record"] == {
             "participants": 3,
             "rounds_short": 0,
+            "group_rounds": 3 * STEPS // PERIOD,
             "groups_joined": 0,
             "groups_lost": 0,
             "recoveries": 0,

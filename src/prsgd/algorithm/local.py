@@ -63,7 +63,7 @@ class Hyperparameters(_Settings):
         check_bool("nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise InvalidArgument("nesterov=True needs momentum > 0 (got momentum=0), as in torch.optim.SGD")
-        check_number("weight_decay", self.weight_decay, 0)
+        _check_float32("weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class AdamWHyperparameters(_Settings):
             if not 0 <= beta < 1:
                 raise InvalidArgument(f"betas={tuple(betas)!r} is not allowed; each must be in [0, 1)")
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        check_number("eps", self.eps, 0)
-        check_number("weight_decay", self.weight_decay, 0)
+        _check_float32("eps", self.eps)
+        _check_float32("weight_decay", self.weight_decay)
 
 
 def _check_start_lr(lr: object) -> None:
@@ -95,10 +95,18 @@ def _check_start_lr(lr: object) -> None:
         raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be > 0")
 
 
+def _check_float32(name: str, value: object) -> None:
+    """``value`` >= 0 and no larger than float32 holds (the tensor ops it scales take it as a float32)."""
+    if check_number(name, value, 0) > torch.finfo(torch.float32).max:
+        largest = torch.finfo(torch.float32).max
+        raise InvalidArgument(f"{name}={value!r} is not allowed; it must be at most {largest!r} (a float32)")
+
+
 def _check_lr(lr: object) -> None:
     check_number("lr", lr)
     if not lr >= 0:  # type: ignore[operator]  # 0 is where some schedules end (cosine annealing); a start needs > 0
         raise InvalidArgument(f"lr={lr!r} is not allowed; the learning rate must be >= 0")
+    _check_float32("lr", lr)
 
 
 @dataclass

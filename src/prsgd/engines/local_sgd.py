@@ -8,9 +8,6 @@ is one collective over a span of it (:class:`~prsgd.engines.distributed.ProcessG
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +20,7 @@ from prsgd.algorithm.functional import all_finite
 from prsgd.algorithm.local import local_rule
 from prsgd.algorithm.topology import make_topology
 from prsgd.algorithm.wrapped import wrap
+from prsgd.engines import fault_tolerance
 from prsgd.engines.distributed import (
     ProcessGroupCommunicator,
     broadcast_from_first,
@@ -31,14 +29,16 @@ from prsgd.engines.distributed import (
     node_group,
     same_ranks_group,
 )
-from prsgd.engines.fault_tolerance import FaultTolerance, FaultTolerantCommunicator, ReplicaGroups
+from prsgd.engines.fault_tolerance import FaultTolerance
 from prsgd.engines.flat_storage import FlatStorage, place_state
 from prsgd.engines.guards import ForwardCheck, StoragePlacement, check_not_wrapped, check_process_group
+from prsgd.engines.replica_groups import FaultTolerantCommunicator, ReplicaGroups
 from prsgd.engines.torchrun import torchrun_nodes
-from prsgd.errors import CheckpointError, InvalidArgument, NonFiniteError, check_bool
+from prsgd.engines.worker_state import WorkerState
+from prsgd.errors import InvalidArgument, NonFiniteError, check_bool
 
 
-class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
+class LocalSGD(WorkerState, FollowsAlgorithm, torch.optim.Optimizer):
     """Momentum SGD (or AdamW) on each worker with periodic averaging (PR-SGD-Momentum, Yu, Jin & Yang 2019).
 
     Args:
@@ -76,7 +76,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             defaults to ``WORLD_SIZE / LOCAL_WORLD_SIZE`` from torchrun's environment).
         fault_tolerant: ``True`` (settings from torchft's environment, ``TORCHFT_LIGHTHOUSE`` and
             ``REPLICA_GROUP_ID``) or a :class:`prsgd.FaultTolerance`: this process is one replica group of a
-            fault-tolerant run (:mod:`prsgd.engines.fault_tolerance`). Each round averages over the groups alive;
+            fault-tolerant run (:mod:`prsgd.engines.replica_groups`). Each round averages over the groups alive;
             a group that dies is left out, and one that starts (again) recovers the whole state from a live peer at
             construction, which waits for the others' next round. Read :attr:`steps_done` after construction: a
             group that recovered continues at its peer's step. Not with gossip, overlapped or hierarchical rounds,
@@ -128,7 +128,7 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             rule, hyper = local_rule(optimizer, **settings)
         spec = RoundSpec.of(round, **round_options)
         check_process_group(process_group)
-        tolerance = _fault_tolerance(fault_tolerant, spec, process_group, self._wrapped)
+        tolerance = fault_tolerance.settings_for(fault_tolerant, spec, process_group, self._wrapped)
         if spec.inner_period is not None and spec.nodes is None:
             spec = spec.replace(nodes=torchrun_nodes())
         spec.check_workers(group_size(process_group))
@@ -185,14 +185,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         self._counters = place_state(self.storage, self.state, all_params, (*synced, *kept), rule)
         self.process_group = process_group
         self.fault_tolerance: ReplicaGroups | None = None
-        if tolerance is not None:
-            self.fault_tolerance = ReplicaGroups(
-                tolerance,
-                device=self.storage.device,
-                save=lambda: {"values": self.worker_state().clone(), "round": self.round_state()},
-                load=lambda state: self.load_worker_state(state["values"], state["round"]),
-                identity=_identity(spec, self.algorithm.local_rule.name, self.param_groups, all_params, model_buffers),
-            )
+        if tolerance is not None:  # this process is one replica group of a fault-tolerant run
+            identity = fault_tolerance.identity(spec, rule.name, self.param_groups, all_params, model_buffers)
+            self.fault_tolerance = ReplicaGroups(tolerance, self, identity, self.storage.device)
             self.engine: ProcessGroupCommunicator = FaultTolerantCommunicator(
                 self.storage, self.fault_tolerance, counters=self._counters
             )
@@ -240,59 +235,6 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
     def device(self) -> torch.device:
         """Where this worker's tensors live (every one of them: they share one flat storage)."""
         return self.storage.device
-
-    def worker_state(self) -> Tensor:
-        """Everything this worker trains with, as one 1-D tensor (a view of its flat storage, not a copy):
-        parameters, float buffers, gradient copies and optimizer state. Between rounds it differs per worker, and so
-        does :meth:`round_state`: a framework that checkpoints one rank's view saves both of every rank
-        (:mod:`prsgd.integrations.lightning`, :mod:`prsgd.integrations.accelerate`)."""
-        return self.storage.flat
-
-    def round_state(self) -> dict[str, Any]:
-        """This worker's algorithm state: counters and the round stages' state (compression's anchor and residuals,
-        an overlapped round in flight, the outer step's), as ``state_dict()["prsgd"]``, and the local rule's own
-        counters (AdamW's ``step`` per parameter, which live outside :meth:`worker_state`)."""
-        self._forward_check.run_pending()
-        state = self.algorithm.state_dict()
-        if self._counters:
-            state["local_counters"] = torch.stack(self._counters).clone()
-        if self._wrapped is not None:  # its state lives in the instance, outside the flat storage
-            state["optimizer"] = copy.deepcopy(self._wrapped.state_dict())
-        return state
-
-    @torch.no_grad()
-    def load_worker_state(
-        self,
-        values: Tensor,
-        round_state: dict[str, Any] | None = None,
-        *,
-        from_consensus: bool = False,
-        defer: bool = False,
-    ) -> None:
-        """Restore a :meth:`worker_state` (and :meth:`round_state`) of the same model saved by this worker (or, with
-        ``from_consensus``, by any worker of a run in consensus). ``defer``: apply them at the next forward pass (or
-        step, :meth:`synchronize`, :meth:`state_dict`) instead of now, after whatever a framework restores in between
-        (accelerate restores a registered model after its load hooks run)."""
-        flat = self.storage.flat
-        if values.dim() != 1 or values.numel() != flat.numel():
-            raise CheckpointError(
-                f"the saved LocalSGD state has {values.numel()} values per worker; this model has {flat.numel()}"
-            )
-
-        def apply() -> None:
-            flat.copy_(values)
-            if round_state is not None and self._counters:
-                torch._foreach_copy_(self._counters, list(round_state["local_counters"].unbind()))
-            if round_state is not None and self._wrapped is not None:
-                self._load_wrapped(round_state["optimizer"])
-            if round_state is not None:
-                self.algorithm.load_state_dict(round_state, from_consensus=from_consensus)
-                self.algorithm.take_x0()
-
-        if defer:
-            self._forward_check.before_next_forward(apply)
-        else:
-            apply()
 
     @property
     def last_step_applied(self) -> bool:
@@ -350,7 +292,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             gradients = [self.storage.span(("grads",))] if averaged_grads else [g for u in groups for g in u.grads]
             self._raise_if_nonfinite("gradient", gradients, self.steps_done)
         if self.fault_tolerance is not None and self.algorithm.communicates_next_step:
-            self._last_step_applied = self._committed(lambda: self.algorithm.step(groups, found_inf=found_inf))
+            self._last_step_applied = self.fault_tolerance.step(
+                lambda: self.algorithm.step(groups, found_inf=found_inf)
+            )
         else:
             self._last_step_applied = self.algorithm.step(groups, found_inf=found_inf)
         if self.check_finite:
@@ -368,19 +312,9 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         self._placement.check()
         self._forward_check.run_pending()
         if self.fault_tolerance is not None:
-            self._committed(lambda: self.algorithm.synchronize() or True)
+            self.fault_tolerance.step(lambda: self.algorithm.synchronize() or True)
         else:
             self.algorithm.synchronize()
-
-    def _committed(self, run: Any) -> bool:
-        """``run()`` (a step or round that communicates) as the replica groups commit it (fault tolerance)."""
-        assert self.fault_tolerance is not None
-        return self.fault_tolerance.step(
-            run,
-            snapshot=lambda: (self.worker_state().clone(), copy.deepcopy(self.round_state())),
-            restore=lambda saved: self.load_worker_state(*saved),
-            steps_done=lambda: self.steps_done,
-        )
 
     def _raise_if_nonfinite(self, what: str, tensors: list[Tensor], step: int) -> None:
         if not all_finite(tensors):
@@ -399,11 +333,6 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
         }
         base["prsgd"] = self.algorithm.state_dict()
         return base
-
-    def _load_wrapped(self, state_dict: dict[str, Any]) -> None:
-        """Load a wrapped optimizer's own state dict into it, and keep sharing its (new) param groups and state."""
-        self._wrapped.load_state_dict(state_dict)
-        self.param_groups, self.state = self._wrapped.param_groups, self._wrapped.state
 
     def load_state_dict(self, state_dict: dict[str, Any], *, from_consensus: bool = False) -> None:
         """Like ``Optimizer.load_state_dict``; momentum is copied into flat storage, prsgd's counters restored.
@@ -432,48 +361,3 @@ class LocalSGD(FollowsAlgorithm, torch.optim.Optimizer):
             self.algorithm.load_state_dict(counters, from_consensus=from_consensus)
             # stages that restart take x^0 at the next forward (or step), after the model's state is loaded too
             self._forward_check.before_next_forward(self.algorithm.take_x0)
-
-
-def _fault_tolerance(
-    fault_tolerant: object, spec: RoundSpec, process_group: Any, wrapped: torch.optim.Optimizer | None
-) -> FaultTolerance | None:
-    """The settings of a fault-tolerant LocalSGD (None without), refused with what it cannot do yet."""
-    if fault_tolerant is False:
-        return None
-    if fault_tolerant is True:
-        fault_tolerant = FaultTolerance()
-    if not isinstance(fault_tolerant, FaultTolerance):
-        raise InvalidArgument(
-            f"fault_tolerant={fault_tolerant!r} is not allowed; it must be True, False or a prsgd.FaultTolerance"
-        )
-    refused = [
-        (spec.topology is not None, f"sync={spec.sync!r} (gossip mixes with fixed neighbours)"),
-        (spec.sync == "none", "sync='none' (no round: a group that starts again has nothing to join)"),
-        (bool(spec.overlap), "overlap= (a round in flight across a change of quorum)"),
-        (spec.inner_period is not None, "inner_period= (hierarchical rounds)"),
-        (wrapped is not None, "a wrapped torch optimizer"),
-        (process_group is not None, "process_group= (each replica group averages over the quorum)"),
-        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "more than one rank per replica group (WORLD_SIZE > 1)"),
-    ]
-    for bad, what in refused:
-        if bad:
-            raise InvalidArgument(
-                f"fault tolerance does not support {what}; allowed: the periodic rules (params_and_momentum, "
-                "params_clear_momentum, params_only) and gradients, with compression, fragments, the outer step and "
-                "state_period, one process per replica group"
-            )
-    return fault_tolerant.resolved()
-
-
-def _identity(
-    spec: RoundSpec, rule: str, param_groups: list[dict[str, Any]], params: list[Tensor], buffers: list[Tensor]
-) -> dict[str, str]:
-    """What must agree between replica groups for their rounds to mean anything, by name, as text: the model's
-    tensors, the local rule and its settings (the learning rate aside: a schedule may have moved it), the round."""
-    settings = {k: v for k, v in param_groups[0].items() if k not in ("params", "lr", "initial_lr")}
-    return {
-        "model": ", ".join(f"{tuple(t.shape)}" for t in (*params, *buffers)) + f" ({params[0].dtype})",
-        "optimizer": rule,
-        **{f"optimizer.{k}": repr(v) for k, v in sorted(settings.items())},
-        **{f.name: repr(getattr(spec, f.name)) for f in dataclasses.fields(spec)},
-    }
