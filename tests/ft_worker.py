@@ -126,6 +126,8 @@ def main() -> None:
         opt.fault_tolerance.close()
     torch.save(result, f"{args.out}.tmp")
     os.replace(f"{args.out}.tmp", args.out)
+    if args.plain is not None:  # before exit: gloo's threads must not outlive the interpreter
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class ProcessGroupCommunicator:
     ) -> None:
         self.storage = storage
         self.process_group = process_group
-        self.num_workers = self.world_size = group_size(process_group)
+        self.num_workers = group_size(process_group)
         self.rank = group_rank(process_group)
         self.topology = topology
         self.node_group = node_group
@@ -63,6 +63,11 @@ class ProcessGroupCommunicator:
         self._background = None
         if background_group is not None:
             self._background = ProcessGroupCommunicator(storage, background_group)
+
+    @property
+    def world_size(self) -> int:
+        """How many workers a round averages over (the group's members)."""
+        return group_size(self.process_group)
 
     def tensors(self, field: Field) -> list[Tensor]:
         if field == "state" and self.outside_state is not None:
@@ -109,12 +114,25 @@ class ProcessGroupCommunicator:
         self._unpack(payload, parts)
 
     def _average(self, span: Tensor, group: dist.ProcessGroup | None, scope: Scope) -> None:
-        size = group_size(group)
-        if size == 1 or span.numel() == 0:
+        size = self.world_size if group is self.process_group else group_size(group)
+        if size <= 1 or span.numel() == 0:
             return
-        dist.all_reduce(span, op=dist.ReduceOp.SUM, group=group)
-        span.div_(size)
-        self.comm.record(span.numel() * span.element_size(), scope)
+        if self._all_reduce_sum(span, group):
+            span.div_(size)
+            self.comm.record(span.numel() * span.element_size(), scope)
+
+    # the collectives, each True once done (a fault-tolerant subclass's may fail: the round is then run again)
+    def _all_reduce_sum(self, tensor: Tensor, group: dist.ProcessGroup | None) -> bool:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return True
+
+    def _all_to_all(self, received: Tensor, sent: Tensor) -> bool:
+        dist.all_to_all_single(received, sent, group=self.process_group)
+        return True
+
+    def _all_gather(self, gathered: Tensor, row: Tensor) -> bool:
+        dist.all_gather_single(gathered, row, group=self.process_group)
+        return True
 
     def start(self, work: Callable[[ProcessGroupCommunicator], None]) -> Callable[[], None]:
         """Run ``work`` on a background thread with the background group's communicator (at once without one);
@@ -152,28 +170,28 @@ class ProcessGroupCommunicator:
         """All-to-all of the payload (rank j receives every rank's j-th shard, whole units of ``unit`` elements,
         zero-padded), ``reduce`` of the shard this rank owns, all-gather of the reduced shards: the reduce-scatter
         and all-gather of a ring all-reduce, with the reduction the caller's."""
-        if self.world_size == 1 or payload.numel() == 0:
+        size = self.world_size
+        if size <= 1 or payload.numel() == 0:
             return
         total = payload.shape[1]
         units = -(-total // unit)
-        shard = -(-units // self.world_size) * unit
-        flat = payload.new_zeros(shard * self.world_size)
+        shard = -(-units // size) * unit
+        flat = payload.new_zeros(shard * size)
         flat[:total] = payload[0]
         received = torch.empty_like(flat)
-        dist.all_to_all_single(received, flat, group=self.process_group)
-        mine = reduce(received.view(self.world_size, shard))
-        dist.all_gather_single(flat, mine, group=self.process_group)
-        payload[0].copy_(flat[:total])
-        self.comm.record(total * flat.element_size())
+        if self._all_to_all(received, flat) and self._all_gather(flat, reduce(received.view(size, shard))):
+            payload[0].copy_(flat[:total])
+            self.comm.record(total * flat.element_size())
 
     def gather_rows(self, payload: Tensor) -> Tensor:
-        if self.world_size == 1:
+        size = self.world_size
+        if size <= 1:
             return payload
         row = payload[0].contiguous().view(torch.uint8)  # as bytes: gloo has no int16
-        gathered = row.new_empty(self.world_size * row.numel())
-        dist.all_gather_single(gathered, row, group=self.process_group)
-        self.comm.record(row.numel())
-        return gathered.view(payload.dtype).view(self.world_size, -1)
+        gathered = row.new_zeros(size * row.numel())  # zeros (index 0, value 0) if a failed round skips it
+        if self._all_gather(gathered, row):
+            self.comm.record(row.numel())
+        return gathered.view(payload.dtype).view(size, -1)
 
     def _peer(self, worker: int) -> int:
         if self.process_group is None:

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 from torch.distributed.distributed_c10d import AllgatherOptions, AllreduceOptions, AllToAllOptions, ReduceOp
 
-from prsgd.algorithm.contract import Reduce
 from prsgd.algorithm.rules import Field, Scope
 from prsgd.engines.distributed import ProcessGroupCommunicator
 from prsgd.engines.fault_tolerance import FaultTolerance, Membership, local_address
@@ -254,7 +253,8 @@ class ReplicaGroups:
 class FaultTolerantCommunicator(ProcessGroupCommunicator):
     """:class:`~prsgd.engines.distributed.ProcessGroupCommunicator` over the quorum of replica groups alive: the same
     rounds (one all-reduce of a span, the compressed exchanges' all-to-all and all-gather), each divided by the
-    groups in the quorum; gossip, overlapped and hierarchical rounds are refused at construction."""
+    groups in the quorum, their collectives on its process group; gossip, overlapped and hierarchical rounds are
+    refused at construction."""
 
     def __init__(self, storage: Any, groups: ReplicaGroups, **kwargs: Any) -> None:
         super().__init__(storage, None, None, **kwargs)
@@ -263,46 +263,16 @@ class FaultTolerantCommunicator(ProcessGroupCommunicator):
 
     @property
     def world_size(self) -> int:  # the quorum's
-        return self.groups.size if hasattr(self, "groups") else 1
+        return self.groups.size
 
-    @world_size.setter
-    def world_size(self, _: int) -> None:  # the base class sets it once; the quorum decides it here
-        pass
+    def _all_reduce_sum(self, tensor: Tensor, group: Any) -> bool:
+        return self.groups.all_reduce_sum(tensor)
 
-    def _average(self, span: Tensor, group: Any, scope: Scope) -> None:
-        size = self.groups.size
-        if size <= 1 or span.numel() == 0:
-            return
-        if self.groups.all_reduce_sum(span):
-            span.div_(size)
-            self.comm.record(span.numel() * span.element_size(), scope)
+    def _all_to_all(self, received: Tensor, sent: Tensor) -> bool:
+        return self.groups.all_to_all(received, sent)
 
-    def reduce_rows(self, payload: Tensor, reduce: Reduce, unit: int) -> None:
-        size = self.groups.size
-        if size <= 1 or payload.numel() == 0:
-            return
-        total = payload.shape[1]
-        units = -(-total // unit)
-        shard = -(-units // size) * unit
-        flat = payload.new_zeros(shard * size)
-        flat[:total] = payload[0]
-        received = torch.empty_like(flat)
-        if not self.groups.all_to_all(received, flat):
-            return
-        mine = reduce(received.view(size, shard))
-        if self.groups.all_gather(list(flat.split(shard)), mine):
-            payload[0].copy_(flat[:total])
-            self.comm.record(total * flat.element_size())
-
-    def gather_rows(self, payload: Tensor) -> Tensor:
-        size = self.groups.size
-        if size <= 1:
-            return payload
-        row = payload[0].contiguous().view(torch.uint8)
-        gathered = row.new_zeros(size * row.numel())  # zeros (index 0, value 0) where a failed round skips it
-        if self.groups.all_gather(list(gathered.split(row.numel())), row):
-            self.comm.record(row.numel())
-        return gathered.view(payload.dtype).view(size, -1)
+    def _all_gather(self, gathered: Tensor, row: Tensor) -> bool:
+        return self.groups.all_gather(list(gathered.split(row.numel())), row)
 
     def _mix(self, flat: Tensor, step: int) -> None:
         raise RuntimeError("gossip rounds are refused with fault tolerance at construction")
