@@ -157,12 +157,19 @@ class ReplicaGroups:
 
     # the protocol
     def join(self) -> None:
-        """The first quorum: wait for one to form, and recover from a peer if this group is behind. In a fresh start
-        (torchft's step 0 everywhere) every group commits once, so that a group joining before the first round
-        finds the others ahead and copies them, not the other way round."""
+        """The first quorum: wait for one to form, and recover from a peer if this group is behind. A fresh start
+        (torchft's step 0 everywhere) waits, up to the timeout, until the run's ``groups`` have all joined (a group
+        slower to start would otherwise miss the first rounds), and then every group commits once, so that a group
+        joining before the first round finds the others ahead and copies them, not the other way round."""
         self._quorum()
+        deadline = time.monotonic() + self.settings.timeout
+        expected = self.settings.groups or 0
+        while self.manager.current_step() == 0 and self.size < expected and time.monotonic() < deadline:
+            time.sleep(0.05)  # the Lighthouse answers at once while no other group is starting
+            self._quorum()
         if self.manager.current_step() == 0:
             self._commit()
+        self.membership.joins = self.membership.losses = 0  # counted from here on, between this group's rounds
 
     def step(self, run: Callable[[], bool]) -> bool:
         """``run()`` (a step or round that communicates) until torchft commits its collectives on every group,
