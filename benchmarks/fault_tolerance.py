@@ -1,7 +1,7 @@
 """Goodput when a worker is SIGKILLed and started again every K seconds (issue 29): live fault tolerance on torchft
 against restarting every worker from the last checkpoint (today's path), on 127.0.0.1.
 
-    .venv/bin/python benchmarks/fault_tolerance.py [--kill-every 60] [--epochs 150] [--modes plain,restart,ft,ft-kill]
+    .venv/bin/python benchmarks/fault_tolerance.py [--kill-every 60] [--epochs 5000] [--modes plain,restart,ft,ft-kill]
 
 Three workers train the MLP of width 512 on digits (batch 32, momentum SGD, I = 8), each a real
 ``prsgd train --engine distributed`` process:
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,7 +75,10 @@ def final_record(folder: Path) -> dict:
 
 def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_every: int) -> dict:
     extra = ["--max-restarts", "1000"] if kill_every else []
-    command = torchrun(3, "--master-addr", "127.0.0.1", "--master-port", str(29640), *extra, "-m", "prsgd.train")
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = torchrun(3, "--master-addr", "127.0.0.1", "--master-port", str(port), *extra, "-m", "prsgd.train")
     command += ["--engine", "distributed", *flags, "--out", str(out), "--checkpoint-every", str(checkpoint_every)]
     started = time.monotonic()
     job = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
@@ -134,8 +138,8 @@ def run_ft(out: Path, flags: list[str], kill_every: float | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kill-every", type=float, default=60.0, help="seconds between kills")
-    parser.add_argument("--epochs", default="150")
-    parser.add_argument("--checkpoint-every", type=int, default=200, help="restart: steps between checkpoints")
+    parser.add_argument("--epochs", default="5000")
+    parser.add_argument("--checkpoint-every", type=int, default=5000, help="restart: steps between checkpoints")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="runs/fault_tolerance")
     args = parser.parse_args()

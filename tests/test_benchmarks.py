@@ -86,3 +86,14 @@ def test_comm_overhead_benchmark(tmp_path):
     args = ["--loopback", "--seeds", "1", "--epochs", "1", "--runs", "I=8 topk:0.01 overlap=8"]
     out = run_script("comm_overhead.py", *args, "--out", str(tmp_path))
     assert "| I=8 topk:0.01 overlap=8 |" in out and "| gradients | 100.0% |" in out
+
+
+def test_fault_tolerance_benchmark(tmp_path):
+    torchft = pytest.importorskip("torchft")
+    del torchft
+    args = ["--epochs", "400", "--kill-every", "6", "--checkpoint-every", "500", "--out", str(tmp_path)]
+    out = run_script("fault_tolerance.py", *args)
+    assert "| plain |" in out and "| ft-kill |" in out and "| restart |" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    kills = {row[1].strip(): int(row[3]) for row in rows if row[1].strip() in ("plain", "restart", "ft", "ft-kill")}
+    assert kills["restart"] >= 1 and kills["ft-kill"] >= 1, out
