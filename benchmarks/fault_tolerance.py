@@ -97,6 +97,7 @@ def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_
 
 def run_ft(out: Path, flags: list[str], kill_every: float | None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    os.environ.setdefault("RUST_LOG", "error")  # the in-process Lighthouse: not a line per quorum
     from prsgd.engines.lighthouse import lighthouse_address, start_lighthouse
 
     server = start_lighthouse(2, 0, join_timeout_ms=5_000, heartbeat_timeout_ms=1_000)

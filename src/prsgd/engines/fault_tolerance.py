@@ -8,6 +8,7 @@ The protocol itself (torchft's Manager, the rounds over the quorum, recovery fro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import socket
@@ -149,6 +150,7 @@ class Membership:
             "groups_joined": self.joins,
             "groups_lost": self.losses,
             "recoveries": self.recoveries,
+            "rounds_retried": self.retries,
         }
 
 
@@ -190,8 +192,11 @@ def identity(
     """What must agree between replica groups for their rounds to mean anything, by name, as text: the model's
     tensors, the local rule and its settings (the learning rate aside: a schedule may have moved it), the round."""
     settings = {k: v for k, v in param_groups[0].items() if k not in ("params", "lr", "initial_lr")}
+    tensors = (*params, *buffers)
+    shapes = hashlib.sha1(repr([tuple(t.shape) for t in tensors]).encode()).hexdigest()[:8]
+    values = sum(t.numel() for t in tensors)
     return {
-        "model": ", ".join(f"{tuple(t.shape)}" for t in (*params, *buffers)) + f" ({params[0].dtype})",
+        "model": f"{len(tensors)} tensors of {values} values, {params[0].dtype}, shapes {shapes}",
         "optimizer": rule,
         **{f"optimizer.{k}": repr(v) for k, v in sorted(settings.items())},
         **{f.name: repr(getattr(spec, f.name)) for f in dataclasses.fields(spec)},

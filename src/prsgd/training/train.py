@@ -362,7 +362,7 @@ def summary_line(final: Record, config: RunConfig, evaluation_s: float) -> str:
         + (
             f"; fault tolerance: {final['participants']} groups in the last round, {final['rounds_short']} rounds "
             f"over fewer groups, {final['groups_lost']} lost, {final['groups_joined']} joined, "
-            f"{final['recoveries']} recoveries of this group"
+            f"{final['recoveries']} recoveries of this group, {final.get('rounds_retried', 0)} rounds it ran again"
             if "participants" in final
             else ""
         )
