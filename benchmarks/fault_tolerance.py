@@ -73,7 +73,7 @@ def final_record(folder: Path) -> dict:
     return json.loads((folder / "log.jsonl").read_text().splitlines()[-1])
 
 
-def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_every: int) -> dict:
+def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_every: int, max_kills: int) -> dict:
     extra = ["--max-restarts", "1000"] if kill_every else []
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
@@ -84,7 +84,7 @@ def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_
     job = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
     kills, next_kill = 0, started + (kill_every or float("inf"))
     while job.poll() is None:
-        if time.monotonic() >= next_kill:
+        if time.monotonic() >= next_kill and kills < max_kills:
             kills += kill_worker(job)
             next_kill += kill_every
         time.sleep(0.05)
@@ -95,7 +95,7 @@ def run_plain(out: Path, flags: list[str], kill_every: float | None, checkpoint_
     return {"wall": wall, "useful": 3 * final["step"], "kills": kills, "final": final}
 
 
-def run_ft(out: Path, flags: list[str], kill_every: float | None) -> dict:
+def run_ft(out: Path, flags: list[str], kill_every: float | None, max_kills: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     os.environ.setdefault("RUST_LOG", "error")  # the in-process Lighthouse: not a line per quorum
     from prsgd.engines.lighthouse import lighthouse_address, start_lighthouse
@@ -116,7 +116,7 @@ def run_ft(out: Path, flags: list[str], kill_every: float | None) -> dict:
         jobs = {g: launch(g) for g in range(3)}
         kills, next_kill = 0, started + (kill_every or float("inf"))
         while jobs[0].poll() is None or jobs[2].poll() is None:
-            if time.monotonic() >= next_kill and kill_worker(jobs[1]):
+            if time.monotonic() >= next_kill and kills < max_kills and kill_worker(jobs[1]):
                 kills += 1
                 jobs[1].wait()
                 jobs[1] = launch(1)
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=60.0, help="seconds between kills")
     parser.add_argument("--epochs", default="5000")
     parser.add_argument("--checkpoint-every", type=int, default=5000, help="restart: steps between checkpoints")
+    parser.add_argument("--max-kills", type=int, default=1000, help="kill at most this many times per run")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="runs/fault_tolerance")
     args = parser.parse_args()
@@ -154,9 +155,9 @@ def main() -> None:
         out = Path(args.out) / mode
         if mode in ("plain", "restart"):
             kill = args.kill_every if mode == "restart" else None
-            results[mode] = run_plain(out, flags, kill, args.checkpoint_every)
+            results[mode] = run_plain(out, flags, kill, args.checkpoint_every, args.max_kills)
         else:
-            results[mode] = run_ft(out, flags, args.kill_every if mode == "ft-kill" else None)
+            results[mode] = run_ft(out, flags, args.kill_every if mode == "ft-kill" else None, args.max_kills)
         r = results[mode]
         print(
             f"ran {mode}: {r['wall']:.1f} s, {r['useful']} useful steps, {r['kills']} kills, "
