@@ -184,9 +184,9 @@ def test_other_collectives_and_stages_are_plain_localsgd_bit_for_bit_without_fai
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
-def test_every_supported_option_ends_equal_after_a_group_is_killed_twice(tmp_path, options):
+def test_every_supported_option_ends_equal_after_a_group_is_killed(tmp_path, options):
     args = ["--round", json.dumps(options), "--synchronize"]  # so that every option ends in consensus
-    statuses, restarts = run_groups(tmp_path, args=args, kills={1: ["after_collective:8", "before_step:14"]})
+    statuses, restarts = run_groups(tmp_path, args=args, kills={1: ["before_step:10"]})
     assert statuses == {0: 0, 1: 0, 2: 0} and restarts, _logs(tmp_path)
     results = _results(tmp_path)
     for g in range(GROUPS):

@@ -42,6 +42,7 @@ from prsgd.algorithm.rules import Field, Scope
 from prsgd.engines.distributed import ProcessGroupCommunicator
 from prsgd.engines.fault_tolerance import FaultTolerance, Membership, local_address
 from prsgd.engines.lighthouse import torchft_module
+from prsgd.engines.torchrun import rendezvous_store
 from prsgd.errors import InvalidArgument, WorkerFailure
 
 
@@ -71,7 +72,6 @@ class ReplicaGroups:
         logging.getLogger("torchft").setLevel(logging.ERROR)  # e.g. "Unable to reset NCCL flight recorder" per quorum
         for noise in ("The given buffer is not writable", r"`isinstance\(treespec, LeafSpec\)` is deprecated"):
             warnings.filterwarnings("ignore", message=noise)  # torchft's checkpoint transport, on every recovery
-        from torch.distributed import TCPStore
         from torchft import manager as ft_manager
         from torchft.checkpointing.pg_transport import PGTransport
         from torchft.process_group import ProcessGroupGloo
@@ -87,11 +87,12 @@ class ReplicaGroups:
                 super().configure(*args, **kwargs)
 
         self.state, self.identity = state, identity
+        self._failure: BaseException | None = None  # what recovering from a peer raised (on torchft's thread)
         self.membership = Membership(groups=settings.groups)
         self.recovered = False
         host = local_address(settings.lighthouse)
         timeout = timedelta(seconds=settings.timeout)
-        self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)  # this group's own (one rank)
+        self._store = rendezvous_store(host, 0, 0, timeout)  # this group's own (one rank), listening on `host` only
         self.pg = QuorumGroup(timeout=timeout)
         server = ft_manager.ManagerServer
 
@@ -200,7 +201,7 @@ class ReplicaGroups:
         self.recovered = False
         deadline = time.monotonic() + self.settings.timeout
         while True:
-            self._failure: BaseException | None = None
+            self._failure = None
             try:
                 self.manager.start_quorum()
             except Exception as error:

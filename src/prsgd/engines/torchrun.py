@@ -44,7 +44,8 @@ from prsgd.errors import InvalidArgument, PrsgdError, WorkerFailure
 
 def rendezvous_store(address: str, port: int, rank: int, timeout: datetime.timedelta) -> Any:
     """The run's rendezvous store without torchrun's agent: rank 0 hosts a ``TCPStore`` listening on ``address``
-    (MASTER_ADDR) alone, not on every interface as ``init_process_group``'s own store does; the others connect."""
+    (MASTER_ADDR) alone, not on every interface as ``init_process_group``'s own store does; the others connect.
+    Port 0: a free one (``store.port`` says which)."""
     if rank != 0:
         return dist.TCPStore(address, port, is_master=False, timeout=timeout)
     family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
@@ -56,6 +57,7 @@ def rendezvous_store(address: str, port: int, rank: int, timeout: datetime.timed
     except OSError:
         listener.close()
         raise
+    port = listener.getsockname()[1]
     # the store's server takes the socket over (detach: Python never closes it under the server)
     return dist.TCPStore(address, port, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
 
