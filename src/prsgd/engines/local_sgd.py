@@ -214,7 +214,11 @@ class LocalSGD(WorkerState, FollowsAlgorithm, torch.optim.Optimizer):
         self._last_step_applied = True
         self._built = True
         if self.fault_tolerance is not None:  # the first quorum: x^0 (or a live peer's state) from another group
-            self.fault_tolerance.join()
+            try:
+                self.fault_tolerance.join()
+            except BaseException:  # no quorum, another config: its servers do not outlive the error
+                self.fault_tolerance.close()
+                raise
 
     def __repr__(self) -> str:
         topology = self.topology.name if self.topology is not None else None
