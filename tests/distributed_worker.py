@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import batches, mlp
+from helpers import batches, leave_after_success, mlp
 
 import prsgd
 from prsgd.engines.distributed import init_process_group
@@ -74,3 +74,4 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
             )
     finally:
         dist.destroy_process_group()
+    leave_after_success()

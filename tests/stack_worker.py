@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import batches, mlp
+from helpers import batches, leave_after_success, mlp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prsgd
@@ -36,6 +36,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, scenario: str, step
         torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_after_success()
 
 
 def _error(fn) -> str:
