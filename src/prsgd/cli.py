@@ -1,5 +1,5 @@
 """The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``results`` (docs/results.md's tables),
-``train`` (flags), ``demo``, ``theory``, ``lighthouse`` (torchft's coordinator for fault-tolerant runs)."""
+``train`` (flags), ``demo``, ``theory``, ``predict`` (a run's wall-clock on a network), ``lighthouse`` (torchft's coordinator for fault-tolerant runs)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prsgd.engines import lighthouse
 from prsgd.errors import exit_on_user_error
 from prsgd.experiments import demo, plot, results, runner
 from prsgd.experiments import theory_command as theory
+from prsgd.planning import predict
 from prsgd.training import train
 
 COMMANDS = {
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": train.main,
     "demo": demo.main,
     "theory": theory.main,
+    "predict": predict.main,
     "lighthouse": lighthouse.main,
 }
 
@@ -29,6 +31,7 @@ SUMMARIES = {
     "train": "one training run from flags, on the simulator or under torchrun",
     "demo": "a real experiment on offline data, ending in a plot and a table",
     "theory": "the corollaries' learning rate, period and rounds for N workers and T steps",
+    "predict": "a distributed run's wall-clock on a given network, from a short calibration here",
     "lighthouse": "torchft's Lighthouse for fault-tolerant runs (the ft extra), until stopped",
 }
 

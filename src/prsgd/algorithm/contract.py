@@ -10,12 +10,28 @@ Engines move bytes: they know nothing of compression, overlap or the outer step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 from torch import Tensor
 
 from prsgd.algorithm.rules import Field, Scope
+
+Kind = Literal["all_reduce", "all_gather", "p2p"]
+"""How a round's bytes travel: an all-reduce (each worker's ``bytes`` reduced; a reduce-scatter and all-gather of
+shards is one too), an all-gather (each worker's ``bytes`` to every other), or point to point (``bytes``: the sum
+over the out-neighbours)."""
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One counted round as a trace keeps it (:attr:`CommStats.trace`): what a cost model needs to time it."""
+
+    kind: Kind
+    bytes: int
+    scope: Scope = "all"
+    overlapped: bool = False
+    """Exchanged by an overlapped round, in the background of the steps before the one that waits for it."""
 
 
 @dataclass
@@ -32,10 +48,15 @@ class CommStats:
     peak_step_bytes: int = 0
     step_bytes: int = field(default=0, repr=False, compare=False)
     """Bytes sent so far in the step under way."""
+    trace: list[list[Collective]] | None = field(default=None, repr=False, compare=False)
+    """None, or (``CommStats(trace=[[]])``, as ``prsgd predict`` calibrates) every counted round, step by step: the
+    last list is the step under way."""
 
-    def record(self, nbytes: int, scope: Scope = "all") -> None:
+    def record(self, nbytes: int, scope: Scope = "all", kind: Kind = "all_reduce") -> None:
         """Count one round that sent ``nbytes``; a round that sent nothing (a single worker) is not counted."""
         if nbytes > 0:
+            if self.trace is not None:
+                self.trace[-1].append(Collective(kind, nbytes, scope))
             self.rounds += 1
             self.bytes += nbytes
             self.step_bytes += nbytes
@@ -50,11 +71,19 @@ class CommStats:
         self.step_bytes += other.bytes
         self.node_rounds += other.node_rounds
         self.node_bytes += other.node_bytes
+        if self.trace is not None and other.trace is not None:
+            self.trace[-1].extend(replace(c, overlapped=True) for step in other.trace for c in step)
+
+    def background(self) -> CommStats:
+        """A fresh count for a round run in the background (traced if this one is), :meth:`add`-ed once waited."""
+        return CommStats(trace=[[]] if self.trace is not None else None)
 
     def end_step(self) -> None:
         """Close the step under way: its bytes count towards ``peak_step_bytes``."""
         self.peak_step_bytes = max(self.peak_step_bytes, self.step_bytes)
         self.step_bytes = 0
+        if self.trace is not None:
+            self.trace.append([])
 
 
 Reduce = Callable[[Tensor], Tensor]

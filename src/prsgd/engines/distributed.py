@@ -138,7 +138,7 @@ class ProcessGroupCommunicator:
         """Run ``work`` on a background thread with the background group's communicator (at once without one);
         returns how to wait for it (re-raising what it raised), which also counts what it sent."""
         background = self._background or copy.copy(self)
-        background.comm = CommStats()
+        background.comm = self.comm.background()
         if self._background is None:
             work(background)
             return functools.partial(self.comm.add, background.comm)
@@ -190,7 +190,7 @@ class ProcessGroupCommunicator:
         row = payload[0].contiguous().view(torch.uint8)  # as bytes: gloo has no int16
         gathered = row.new_zeros(size * row.numel())  # zeros (index 0, value 0) if a failed round skips it
         if self._all_gather(gathered, row):
-            self.comm.record(row.numel())
+            self.comm.record(row.numel(), kind="all_gather")
         return gathered.view(payload.dtype).view(size, -1)
 
     def _peer(self, worker: int) -> int:
@@ -228,7 +228,7 @@ class ProcessGroupCommunicator:
                 work.wait()
         with torch.no_grad():
             mix_row_(flat, flat, nbrs, received)
-        self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size())
+        self.comm.record(len(nbrs.targets) * flat.numel() * flat.element_size(), kind="p2p")
 
 
 def same_ranks_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:

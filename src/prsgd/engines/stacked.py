@@ -165,7 +165,7 @@ class StackedCommunicator:
 
     def start(self, work: Callable[[StackedCommunicator], None]) -> Callable[[], None]:
         background = copy.copy(self)  # the same tensors, its own count until waited for
-        background.comm = CommStats()
+        background.comm = self.comm.background()
         work(background)
         return functools.partial(self.comm.add, background.comm)
 
@@ -180,7 +180,7 @@ class StackedCommunicator:
 
     def gather_rows(self, payload: Tensor) -> Tensor:
         if self.num_workers > 1:
-            self.comm.record(payload[0].numel() * payload.element_size())
+            self.comm.record(payload[0].numel() * payload.element_size(), kind="all_gather")
         return payload  # every worker's row already
 
     def mix(self, fields: Sequence[Field], step: int) -> None:
@@ -190,4 +190,4 @@ class StackedCommunicator:
         if self.mixer is None:
             raise RuntimeError("mix() needs a topology")
         self.mixer(tensors, step, adopt)
-        self.comm.record(round(self.mixer.out_degree(step) * worker_bytes(tensors)))
+        self.comm.record(round(self.mixer.out_degree(step) * worker_bytes(tensors)), kind="p2p")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from prsgd.algorithm.theory import recommended_lr, recommended_period
@@ -164,22 +165,13 @@ def _train(
         with torch.device("meta"):
             shape_only = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
         check_memory(shape_only, num_workers, placement.device)
-    shards = partition(
-        data.train.labels,
-        num_workers,
-        config.data.split,
-        seed=t.seed,
-        alpha=config.data.alpha,
-        classes_per_worker=config.data.classes_per_worker,
-        min_size=t.batch_size,
-    )
+    shards, sampler = worker_sampler(config, data, num_workers)
     config, total_steps, notes = resolve_schedule(config, len(data.train), num_workers)
     t = config.training
     examples_per_step = num_workers * t.batch_size
     if is_main:
         for note in notes:
             tqdm.write(note)
-    sampler = WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
     labels = data.train.labels  # a text window's label is its module: how non-identical its shards are
     kinds = int(labels.max()) + 1 if data.is_text else data.num_classes
     heterogeneity = label_distribution(labels, shards, num_workers, kinds)
@@ -308,6 +300,21 @@ def _train(
         summary = {"config": resolved, "final": records[-1], "time_s": times}
         checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return records
+
+
+def worker_sampler(config: RunConfig, data, num_workers: int) -> tuple[list[Tensor] | None, WorkerSampler]:
+    """The workers' shards of the training set (the config's split) and the sampler that reads their batches."""
+    t = config.training
+    shards = partition(
+        data.train.labels,
+        num_workers,
+        config.data.split,
+        seed=t.seed,
+        alpha=config.data.alpha,
+        classes_per_worker=config.data.classes_per_worker,
+        min_size=t.batch_size,
+    )
+    return shards, WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
 
 
 WARM_UP_STEPS = 2

@@ -1,0 +1,158 @@
+"""``prsgd predict``: how long a distributed run will train on a given network, how much of it is communication,
+and what failures would cost, from a short calibration on this machine (or ``--step-s`` for another device).
+
+    prsgd predict --dataset digits --model mlp --workers 4 --period 8 --bandwidth 100Mbit --latency 0.1ms
+    prsgd predict configs/fig1.toml --bandwidth 1Gbit --nodes 2 --intra-bandwidth 100Gbit --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+from prsgd.errors import InvalidArgument, exit_on_user_error
+from prsgd.planning.cost_model import Layout, Prediction, Profile, failure_cost, predict
+from prsgd.planning.network import Network, format_bandwidth, parse_bandwidth, parse_duration
+from prsgd.training import command
+from prsgd.training.config import RunConfig, load
+from prsgd.training.flags import add_flat_arguments, from_flat_arguments
+
+
+@dataclass(frozen=True)
+class Question:
+    """A checked ``prsgd predict`` (or ``tune``) command line: the run, the network, its layout, failures."""
+
+    config: RunConfig
+    network: Network
+    layout: Layout
+    step_s: float | None
+    mtbf_s: float | None
+    restart_s: float
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run (a config file and/or ``prsgd train``'s flags) and the network flags ``predict`` and ``tune`` share."""
+    parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="a TOML run config (train flags override it)")
+    net = parser.add_argument_group("network")
+    net.add_argument("--bandwidth", required=True, help="each node's link, e.g. 100Mbit, 1Gbit, 12.5MB/s")
+    net.add_argument("--latency", default="0s", help="one message's latency between nodes, e.g. 0.1ms (default 0s)")
+    net.add_argument("--intra-bandwidth", help="links within a node (default: as --bandwidth)")
+    net.add_argument("--intra-latency", help="latency within a node (default: as --latency)")
+    net.add_argument("--step-s", type=float, help="one worker's compute per step in seconds (default: measured here)")
+    net.add_argument("--mtbf", help="mean time between failures of one worker, e.g. 6h: the expected loss to them")
+    net.add_argument("--restart-s", type=float, help="with --mtbf: seconds a failed worker takes to start again")
+    add_flat_arguments(parser)
+
+
+def question(args: argparse.Namespace) -> Question:
+    """Every flag checked before any work: one :class:`prsgd.InvalidArgument` (or ConfigError) naming the bad one."""
+    network = Network(
+        bandwidth=parse_bandwidth("--bandwidth", args.bandwidth),
+        latency=parse_duration("--latency", args.latency),
+        intra_bandwidth=parse_bandwidth("--intra-bandwidth", args.intra_bandwidth) if args.intra_bandwidth else None,
+        intra_latency=parse_duration("--intra-latency", args.intra_latency) if args.intra_latency else None,
+    )
+    base = load(args.config_file) if args.config_file else RunConfig()
+    given_nodes = args.nodes  # train's --nodes (hierarchical rounds' nodes): here also the layout without them
+    config = from_flat_arguments(argparse.Namespace(**{**vars(args), "nodes": None}), base)
+    if config.fault_tolerant:
+        raise InvalidArgument(
+            "--fault-tolerant: the quorum after every round is not in the cost model yet; predict the run without it"
+        )
+    workers = config.training.workers
+    nodes = config.algorithm.nodes or None  # 0: not given
+    if given_nodes is not None:
+        if not given_nodes.isdigit() or int(given_nodes) < 1:
+            raise InvalidArgument(f"--nodes {given_nodes!r}: allowed: an integer >= 1 that divides --workers {workers}")
+        if nodes is not None and int(given_nodes) != nodes:
+            raise InvalidArgument(f"--nodes {given_nodes} but the config's algorithm.nodes is {nodes}; give one")
+        nodes = int(given_nodes)
+    layout = Layout(workers, nodes or workers)
+    if config.algorithm.inner_period:
+        config = config.with_overrides({"algorithm.nodes": layout.nodes})  # as torchrun's nodes would be
+    if args.step_s is not None and not args.step_s > 0:
+        raise InvalidArgument(f"--step-s {args.step_s}: allowed: seconds > 0")
+    mtbf_s = parse_duration("--mtbf", args.mtbf) if args.mtbf else None
+    if mtbf_s is not None and mtbf_s <= 0:
+        raise InvalidArgument(f"--mtbf {args.mtbf!r}: allowed: a duration above zero, e.g. 6h")
+    if (mtbf_s is None) != (args.restart_s is None):
+        raise InvalidArgument(
+            "--mtbf and --restart-s go together: how often a worker fails and how long it takes "
+            "to start again (e.g. --mtbf 6h --restart-s 120)"
+        )
+    if args.restart_s is not None and not args.restart_s >= 0:
+        raise InvalidArgument(f"--restart-s {args.restart_s}: allowed: seconds >= 0")
+    return Question(config, network, layout, args.step_s, mtbf_s, args.restart_s or 0.0)
+
+
+def answer(q: Question, prediction: Prediction, profile: Profile) -> dict:
+    """The prediction as ``--json`` prints it."""
+    out = {
+        **prediction.as_dict(),
+        "steps": profile.steps,
+        "compute_s_per_step": profile.compute_s,
+        "workers": q.layout.workers,
+        "nodes": q.layout.nodes,
+        "bandwidth_bits_per_s": q.network.bandwidth,
+        "latency_s": q.network.latency,
+    }
+    if q.mtbf_s is not None:
+        out["failures"] = failure_cost(profile, prediction, q.network, q.mtbf_s, q.restart_s)
+    return out
+
+
+def describe(q: Question, result: dict, measured: bool) -> str:
+    """The human table."""
+    a = q.config.algorithm
+    rule = a.sync if a.sync in ("gradients", "none") else f"{a.sync} I={a.period}"
+    options = [
+        f"{o}={getattr(a, o)}"
+        for o in ("compression", "overlap", "fragments", "inner_period")
+        if getattr(a, o) not in (None, 0, False, "")
+    ]
+    intra = q.network.intra_bandwidth
+    lines = [
+        f"{q.layout.workers} workers on {q.layout.nodes} nodes, links {format_bandwidth(q.network.bandwidth)} and "
+        f"{q.network.latency * 1e3:g} ms"
+        + (f" (within a node {format_bandwidth(intra)})" if intra and q.layout.nodes < q.layout.workers else "")
+        + f"; {rule}"
+        + (f" ({', '.join(options)})" if options else "")
+        + f"; {result['steps']} steps",
+        f"  compute per step     {result['compute_s_per_step'] * 1e3:.3f} ms"
+        + (" (measured on this machine)" if measured else " (--step-s)"),
+        f"  time per step        {result['seconds_per_step'] * 1e3:.3f} ms",
+        f"  training time        {result['train_s']:.1f} s",
+        f"  compute utilization  {100 * result['compute_utilization']:.1f}%",
+        f"  sent per step        {result['bytes_per_step'] / 2**10:.1f} KiB per worker "
+        f"(peak {result['peak_step_bytes'] / 2**20:.2f} MiB in one step)",
+    ]
+    if "failures" in result:
+        f = result["failures"]
+        lines.append(
+            f"  failures             {f['failures']:.2f} expected; lost with restart from a checkpoint "
+            f"{f['restart_s']:.1f} s, with live recovery {f['live_recovery_s']:.1f} s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = command.parser("prsgd predict", __doc__)
+    add_network_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from prsgd.planning.calibration import profile
+
+        q = question(args)
+        found, notes = profile(q.config, q.layout, q.step_s)
+        result = answer(q, predict(found, q.network), found)
+        if args.json:
+            print(json.dumps(result))
+            return
+        for note in notes:
+            print(note)
+        print(describe(q, result, measured=q.step_s is None))
+
+    exit_on_user_error("prsgd predict", run)
