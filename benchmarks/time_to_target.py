@@ -46,7 +46,7 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def make_network(hosts: int, rate: str) -> None:
+def make_network(hosts: int, rate: str, burst: str = "64kb") -> None:
     sh("ip", "netns", "add", f"{NS}-hub")
     sh("ip", "netns", "exec", f"{NS}-hub", "ip", "link", "add", "br0", "type", "bridge")
     sh("ip", "netns", "exec", f"{NS}-hub", "ip", "link", "set", "br0", "up")
@@ -74,7 +74,7 @@ def make_network(hosts: int, rate: str) -> None:
             "rate",
             rate,
             "burst",
-            "64kb",
+            burst,
             "latency",
             "100ms",
         )

@@ -33,6 +33,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
             no_grad_on = case.pop("no_grad_on", None)  # a rank whose last layer's weight never gets a gradient
             model = mlp(seed=seed, batchnorm=batchnorm)
             opt = prsgd.LocalSGD(model, **case)
+            opt.comm.trace = [[]]  # each round's collective, step by step: what prsgd predict's cost model reads
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if inf_at is not None else None
             trajectory, applied = [], []
             for t, (x, y) in enumerate(batches(world_size, steps)):
@@ -67,6 +68,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     "rounds": opt.comm.rounds,
                     "bytes": opt.comm.bytes,
                     "comm": dataclasses.astuple(opt.comm),
+                    "trace": [[dataclasses.astuple(c) for c in step] for step in opt.comm.trace],
                     "steps_done": opt.steps_done,
                     "applied": applied,
                 },

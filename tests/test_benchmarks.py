@@ -98,3 +98,8 @@ def test_fault_tolerance_benchmark(tmp_path):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
     kills = {row[1].strip(): int(row[3]) for row in rows if row[1].strip() in ("plain", "restart", "ft", "ft-kill")}
     assert kills["ft-kill"] == 1, out
+
+
+def test_predict_vs_measured_benchmark(tmp_path):
+    out = run_script("predict_vs_measured.py", "--smoke", "--out", str(tmp_path))
+    assert "| 10gbit | gradients (every step) |" in out and "| 10gbit | Alg. 1 I=4 |" in out and "worst error" in out

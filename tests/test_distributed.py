@@ -65,6 +65,7 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
     case = dict(case)
     model = mlp(batchnorm=case.pop("batchnorm", False))
     sim = prsgd.Simulator(model, num_workers=world_size, **case)
+    sim.comm.trace = [[]]
     # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
     # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
     atol = atols.get(case.get("compression"), atols[None])
@@ -85,6 +86,9 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
                 assert all(torch.equal(p, saved["trajectory"][t][name]) for saved in ranks), (t, name)
     for rank, saved in enumerate(ranks):
         assert saved["comm"] == dataclasses.astuple(sim.comm)
+        # the same collectives (kind, bytes, scope, overlapped) in the same steps: the simulator's trace, which
+        # prsgd predict times, is what a distributed run sends
+        assert saved["trace"] == [[dataclasses.astuple(c) for c in step] for step in sim.comm.trace], case
         for name, b in saved["buffers"].items():
             torch.testing.assert_close(b, sim.buffers()[name][rank], rtol=1e-5, atol=atol)
         for m, sim_m in zip(saved["momentum"], sim.momentum().values(), strict=True):

@@ -16,6 +16,7 @@ LAYERS = {
     "integrations": 3,
     "training": 3,
     "experiments": 4,
+    "planning": 4,
 }
 """Where each part of prsgd sits; a module may import from its own part and from parts of a lower number. What is
 not listed (the public API, the CLI, ``__main__`` and the thin modules at public paths) sits on top."""

@@ -2,4 +2,5 @@
 
 from prsgd.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned process (prsgd predict's calibration) imports it
+    main()

@@ -1,5 +1,6 @@
 """The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``results`` (docs/results.md's tables),
-``train`` (flags), ``demo``, ``theory``, ``predict`` (a run's wall-clock on a network), ``lighthouse`` (torchft's coordinator for fault-tolerant runs)."""
+``train`` (flags), ``demo``, ``theory``, ``predict`` (a run's wall-clock on a network), ``lighthouse`` (torchft's
+coordinator for fault-tolerant runs)."""
 
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ class Profile:
     """What a prediction knows of a run: its ``steps``, the compute of one worker's step (``compute_s``, measured
     or given), the collectives of each step over one cycle of its schedule (``cycle``), the overlap ``delay``, the
     ``period`` (1 for every-step rules), its layout, the bytes of one worker's whole state (parameters, buffers,
-    optimizer state: what a recovering worker is sent) and the steps between checkpoints."""
+    optimizer state: what a recovering worker is sent), the steps between checkpoints and the rounds' own cost per
+    step."""
 
     steps: int
     compute_s: float
@@ -90,6 +91,8 @@ class Profile:
     layout: Layout
     state_bytes: int
     checkpoint_steps: int
+    overhead_s: float = 0.0
+    """Per step on average, what the rounds cost besides the link (their own work on the machine, measured)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def predict(profile: Profile, network: Network) -> Prediction:
     """The run's training time on ``network`` (what ``prsgd train`` logs as ``wall_clock``)."""
     times = [step_seconds(step, profile.compute_s, profile.delay, profile.layout, network) for step in profile.cycle]
     length = len(profile.cycle)
-    per_step = sum(t for t, _ in times) / length
+    per_step = sum(t for t, _ in times) / length + profile.overhead_s
     communication = sum(w for _, w in times) / length
     sent = [sum(c.bytes for c in step) for step in profile.cycle]
     return Prediction(

@@ -27,6 +27,7 @@ class Question:
     network: Network
     layout: Layout
     step_s: float | None
+    local_workers: int
     mtbf_s: float | None
     restart_s: float
 
@@ -40,6 +41,12 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--intra-bandwidth", help="links within a node (default: as --bandwidth)")
     net.add_argument("--intra-latency", help="latency within a node (default: as --latency)")
     net.add_argument("--step-s", type=float, help="one worker's compute per step in seconds (default: measured here)")
+    net.add_argument(
+        "--local-workers",
+        type=int,
+        default=2,
+        help="workers the run puts on one machine, sharing its cores: the calibration runs that many here (default 2)",
+    )
     net.add_argument("--mtbf", help="mean time between failures of one worker, e.g. 6h: the expected loss to them")
     net.add_argument("--restart-s", type=float, help="with --mtbf: seconds a failed worker takes to start again")
     add_flat_arguments(parser)
@@ -54,23 +61,28 @@ def question(args: argparse.Namespace) -> Question:
         intra_latency=parse_duration("--intra-latency", args.intra_latency) if args.intra_latency else None,
     )
     base = load(args.config_file) if args.config_file else RunConfig()
-    given_nodes = args.nodes  # train's --nodes (hierarchical rounds' nodes): here also the layout without them
-    config = from_flat_arguments(argparse.Namespace(**{**vars(args), "nodes": None}), base)
+    base = base.with_overrides({"engine": "distributed"})  # what is predicted: one process per worker
+    # train's --nodes groups workers for hierarchical rounds (it needs inner_period there); here it is also the
+    # layout of any run
+    hierarchical = args.inner_period is not None or bool(base.algorithm.inner_period)
+    config = from_flat_arguments(args if hierarchical else argparse.Namespace(**{**vars(args), "nodes": None}), base)
+    if config.engine != "distributed":
+        raise InvalidArgument(
+            f"--engine {config.engine}: prsgd predict times a distributed run (one process per worker); leave it out"
+        )
     if config.fault_tolerant:
         raise InvalidArgument(
             "--fault-tolerant: the quorum after every round is not in the cost model yet; predict the run without it"
         )
     workers = config.training.workers
     nodes = config.algorithm.nodes or None  # 0: not given
-    if given_nodes is not None:
-        if not given_nodes.isdigit() or int(given_nodes) < 1:
-            raise InvalidArgument(f"--nodes {given_nodes!r}: allowed: an integer >= 1 that divides --workers {workers}")
-        if nodes is not None and int(given_nodes) != nodes:
-            raise InvalidArgument(f"--nodes {given_nodes} but the config's algorithm.nodes is {nodes}; give one")
-        nodes = int(given_nodes)
+    if not hierarchical and args.nodes is not None:
+        if not args.nodes.isdigit() or int(args.nodes) < 1:
+            raise InvalidArgument(f"--nodes {args.nodes!r}: allowed: an integer >= 1 that divides --workers {workers}")
+        nodes = int(args.nodes)
     layout = Layout(workers, nodes or workers)
-    if config.algorithm.inner_period:
-        config = config.with_overrides({"algorithm.nodes": layout.nodes})  # as torchrun's nodes would be
+    if args.local_workers < 2:
+        raise InvalidArgument(f"--local-workers {args.local_workers}: allowed: an integer >= 2 (rounds need two)")
     if args.step_s is not None and not args.step_s > 0:
         raise InvalidArgument(f"--step-s {args.step_s}: allowed: seconds > 0")
     mtbf_s = parse_duration("--mtbf", args.mtbf) if args.mtbf else None
@@ -83,7 +95,7 @@ def question(args: argparse.Namespace) -> Question:
         )
     if args.restart_s is not None and not args.restart_s >= 0:
         raise InvalidArgument(f"--restart-s {args.restart_s}: allowed: seconds >= 0")
-    return Question(config, network, layout, args.step_s, mtbf_s, args.restart_s or 0.0)
+    return Question(config, network, layout, args.step_s, args.local_workers, mtbf_s, args.restart_s or 0.0)
 
 
 def answer(q: Question, prediction: Prediction, profile: Profile) -> dict:
@@ -146,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         from prsgd.planning.calibration import profile
 
         q = question(args)
-        found, notes = profile(q.config, q.layout, q.step_s)
+        found, notes = profile(q.config, q.layout, q.step_s, q.local_workers)
         result = answer(q, predict(found, q.network), found)
         if args.json:
             print(json.dumps(result))

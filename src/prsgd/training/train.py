@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from prsgd.algorithm.theory import recommended_lr, recommended_period
-from prsgd.data import WorkerSampler, label_distribution, load_dataset, partition
+from prsgd.data import WorkerSampler, label_distribution, load_dataset
 from prsgd.engines.torchrun import Torchrun
 from prsgd.errors import NonFiniteError, PrsgdError, exit_on_user_error
 from prsgd.models import build_model
 from prsgd.training import checkpoint, command
+from prsgd.training.batches import worker_sampler
 from prsgd.training.config import ConfigError, RunConfig
 from prsgd.training.flags import add_flat_arguments, from_flat_arguments
 from prsgd.training.outdir import OutFolder, OutFolderError, check_out
@@ -300,21 +300,6 @@ def _train(
         summary = {"config": resolved, "final": records[-1], "time_s": times}
         checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return records
-
-
-def worker_sampler(config: RunConfig, data, num_workers: int) -> tuple[list[Tensor] | None, WorkerSampler]:
-    """The workers' shards of the training set (the config's split) and the sampler that reads their batches."""
-    t = config.training
-    shards = partition(
-        data.train.labels,
-        num_workers,
-        config.data.split,
-        seed=t.seed,
-        alpha=config.data.alpha,
-        classes_per_worker=config.data.classes_per_worker,
-        min_size=t.batch_size,
-    )
-    return shards, WorkerSampler(len(data.train), num_workers, t.batch_size, seed=t.seed, shards=shards)
 
 
 WARM_UP_STEPS = 2
