@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from time_to_target import make_network, remove_network, train
+from time_to_target import bits_per_second, make_network, remove_network, train
 
 FLAT = {
     "gradients (every step)": ["--sync", "gradients", "--period", "1"],
@@ -39,9 +39,14 @@ FLAT = {
     "I=4 fragments 2": ["--period", "4", "--fragments", "2"],
 }
 HIERARCHICAL = {"two-level 1/8 (2 hosts x 2)": ["--period", "8", "--inner-period", "1"]}
-BURST = "16kb"
-"""tbf's bucket: about 1 ms at 100 Mbit/s, so that a round after idle steps is not sped up by bytes no real link
-would have in hand (``time_to_target.py``'s 64 KB would carry 5 ms of a 100 Mbit/s round for free)."""
+
+
+def burst(rate: str) -> str:
+    """tbf's bucket: 1 ms of the rate, at least 16 KB. Smaller, tbf falls short of the rate (16 KB at 1 Gbit/s
+    carried gloo's all-reduce at about 75% of it); larger, a round after idle steps gets bytes for free that no
+    real link has in hand (``time_to_target.py``'s 64 KB would carry 5 ms of a 100 Mbit/s round)."""
+    return f"{max(16, round(bits_per_second(rate) / 8 / 1000 / 1000))}kb"
+
 INTRA = "20Gbit"
 """What the prediction assumes for a host's loopback (gloo between two processes of one host): far above the links."""
 
@@ -79,7 +84,7 @@ def main() -> None:
         namespaces = not args.smoke
         if namespaces:
             remove_network(2)
-            make_network(2, rate, burst=BURST)
+            make_network(2, rate, burst=burst(rate))
         try:
             for runs, per_host in layouts:
                 workers = 2 * per_host

@@ -235,3 +235,68 @@ def test_predict_json_counts_the_bytes_a_real_run_sends(tmp_path):
     assert slow["compute_s_per_step"] == fast["compute_s_per_step"] == 0.001
     assert slow["communication_s"] == pytest.approx(10 * fast["communication_s"])  # no latency: bytes / rate
     assert slow["train_s"] == pytest.approx(steps * 0.001 + slow["communication_s"])
+
+
+def test_tune_candidates_are_every_valid_combination_up_to_half_the_run():
+    from prsgd.planning.tune import candidates
+    from prsgd.training.config import RunConfig
+
+    found = candidates(RunConfig(), steps=20)  # periods 2, 4, 8 (16 > 20 / 2)
+    names = [c.name for c in found]
+    assert names[0] == "--sync gradients"
+    assert "--sync params_and_momentum --period 8 --compression int4 --overlap 1 --fragments 2" in names
+    assert not any("--period 16" in n for n in names)
+    # overlap 1 with 2 fragments of period 2: a fragment's share is 1 step, overlap 1 fits; all 2 x 4 x 2 x 2 + 1
+    assert len(names) == len(set(names)) == 1 + 3 * 4 * 2 * 2
+    for c in found:
+        c.config.algorithm.round_spec()  # each one a valid run
+    adamw = candidates(RunConfig().with_overrides({"algorithm.sync": "params_only"}), steps=8)
+    assert {c.config.algorithm.sync for c in adamw} == {"gradients", "params_only"}
+
+
+@pytest.mark.parametrize(("text", "value"), [("2%", 0.02), ("0.5%", 0.005), ("0.03", 0.03), ("0%", 0.0)])
+def test_loss_budget(text, value):
+    from prsgd.planning.tune import parse_budget
+
+    assert parse_budget(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["-1%", "two", "nan", "%"])
+def test_bad_loss_budget(text):
+    from prsgd.planning.tune import parse_budget
+
+    with pytest.raises(InvalidArgument, match="--loss-budget"):
+        parse_budget(text)
+
+
+def test_tune_command_line_keeps_the_run_and_drops_the_network():
+    from prsgd.planning.tune import Candidate, command_line
+    from prsgd.training.config import RunConfig
+
+    argv = ["--dataset", "digits", "--workers", "4", "--bandwidth", "100Mbit", "--latency=1ms", "--json", "--lr", "0.1"]
+    choice = Candidate(("--sync", "params_and_momentum", "--period", "8"), RunConfig())
+    assert command_line(argv, choice) == (
+        "prsgd train --engine distributed --dataset digits --workers 4 --lr 0.1 --sync params_and_momentum --period 8"
+    )
+
+
+def test_tune_ranks_by_predicted_time_and_picks_the_fastest_within_the_loss_budget():
+    """With another device's compute (--step-s: no timing here) on a slow link, the ranking is the cost model's
+    order; the first candidate whose short simulator run keeps the loss within budget is the choice, and every
+    candidate ranked above it was run and found over budget."""
+    args = [*TINY, "--batch-size", "8", "--epochs", "3", "--bandwidth", "10Mbit", "--step-s", "0.001"]
+    out = subprocess.run(
+        [sys.executable, "-m", "prsgd", "tune", *args, "--loss-budget", "5%", "--loss-steps", "40", "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    ranked = found["ranked"]
+    times = [r["train_s"] for r in ranked]
+    assert times == sorted(times)
+    assert any(r["flags"] == ["--sync", "gradients"] for r in ranked)
+    assert ranked[-1]["flags"] == ["--sync", "gradients"]  # every step at 10 Mbit/s: the slowest
+    chosen = next(i for i, r in enumerate(ranked) if r["flags"] == found["choice"])
+    assert ranked[chosen]["loss_change"] <= 0.05
+    assert all(r["loss_change"] is not None and r["loss_change"] > 0.05 for r in ranked[:chosen])
+    assert all(r["loss_change"] is None for r in ranked[chosen + 1 :])

@@ -1,6 +1,6 @@
 """The ``prsgd`` command: ``run`` (a config), ``plot`` (finished runs), ``results`` (docs/results.md's tables),
-``train`` (flags), ``demo``, ``theory``, ``predict`` (a run's wall-clock on a network), ``lighthouse`` (torchft's
-coordinator for fault-tolerant runs)."""
+``train`` (flags), ``demo``, ``theory``, ``predict`` (a run's wall-clock on a network), ``tune`` (the round
+options for a network), ``lighthouse`` (torchft's coordinator for fault-tolerant runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prsgd.engines import lighthouse
 from prsgd.errors import exit_on_user_error
 from prsgd.experiments import demo, plot, results, runner
 from prsgd.experiments import theory_command as theory
-from prsgd.planning import predict
+from prsgd.planning import predict, tune
 from prsgd.training import train
 
 COMMANDS = {
@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": demo.main,
     "theory": theory.main,
     "predict": predict.main,
+    "tune": tune.main,
     "lighthouse": lighthouse.main,
 }
 
@@ -33,6 +34,7 @@ SUMMARIES = {
     "demo": "a real experiment on offline data, ending in a plot and a table",
     "theory": "the corollaries' learning rate, period and rounds for N workers and T steps",
     "predict": "a distributed run's wall-clock on a given network, from a short calibration here",
+    "tune": "the period, compression, overlap and fragments fastest on a network within a loss budget",
     "lighthouse": "torchft's Lighthouse for fault-tolerant runs (the ft extra), until stopped",
 }
 

@@ -18,6 +18,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,33 +72,44 @@ def load(config: RunConfig):
     )
 
 
-def profile(
-    config: RunConfig, layout: Layout, compute_s: float | None = None, processes: int = 2
-) -> tuple[Profile, list[str]]:
-    """The run's :class:`Profile`. Without ``compute_s`` (another device's compute per step), compute and the
-    rounds' own cost are measured here by ``processes`` workers at once (:func:`time_steps`); with it, only the
-    link is modelled. Returns the notes the schedule made (a period or learning rate from the theory)."""
+@dataclass(frozen=True)
+class Setting:
+    """What every run predicted for one model, data and batch shares: the config with ``"theory"`` values resolved,
+    the data, the workers' sampler, the run's steps and the notes the resolution made."""
+
+    config: RunConfig
+    data: Any
+    sampler: Any
+    steps: int
+    notes: list[str]
+
+
+def prepare(config: RunConfig) -> Setting:
     data = load(config)
     workers = config.training.workers
-    config, total_steps, notes = resolve_schedule(config, len(data.train), workers)
+    config, steps, notes = resolve_schedule(config, len(data.train), workers)
     _, sampler = worker_sampler(config, data, workers)
-    length = cycle_length(config)
-    cycle, state_bytes = trace(config, data, sampler, workers, length)
-    timing = Timing(compute_s, 0.0) if compute_s is not None else time_steps(config, length, processes)
+    return Setting(config, data, sampler, steps, notes)
+
+
+def profile_of(setting: Setting, config: RunConfig, layout: Layout, timing: Timing) -> Profile:
+    """The :class:`Profile` of ``config`` (``setting``'s run with its own rounds) with ``timing``: its schedule
+    traced on the simulator."""
+    workers = config.training.workers
+    cycle, state_bytes = trace(config, setting.data, setting.sampler, workers, cycle_length(config))
     t = config.training
-    checkpoint_steps = t.checkpoint_every or max(1, math.ceil(total_steps / max(1, t.evals)))
-    spec = config.algorithm.round_spec()
+    periodic = config.algorithm.sync not in ("gradients", "none")
     return Profile(
-        steps=total_steps,
+        steps=setting.steps,
         compute_s=timing.compute_s,
         cycle=cycle,
-        delay=int(spec.overlap),
-        period=1 if config.algorithm.sync in ("gradients", "none") else int(config.algorithm.period),
+        delay=int(config.algorithm.round_spec().overlap),
+        period=int(config.algorithm.period) if periodic else 1,
         layout=layout,
         state_bytes=state_bytes,
-        checkpoint_steps=checkpoint_steps,
+        checkpoint_steps=t.checkpoint_every or max(1, math.ceil(setting.steps / max(1, t.evals))),
         overhead_s=timing.overhead_s,
-    ), notes
+    )
 
 
 def _model(config: RunConfig, data) -> torch.nn.Module:
@@ -124,6 +136,11 @@ def trace(config: RunConfig, data, sampler, workers: int, length: int) -> tuple[
     return steps, state_bytes
 
 
+def without_rounds(config: RunConfig) -> RunConfig:
+    """``config`` with ``sync="none"`` and every round option off: compute alone."""
+    return config.with_overrides({"algorithm.sync": "none", **{f"algorithm.{o.name}": o.off for o in ROUND_OPTIONS}})
+
+
 def loopback_config(config: RunConfig, processes: int) -> RunConfig:
     """The run as ``processes`` workers of this machine take it: hierarchical rounds over one node."""
     overrides: dict = {"training.workers": processes}
@@ -132,23 +149,21 @@ def loopback_config(config: RunConfig, processes: int) -> RunConfig:
     return config.with_overrides(overrides)
 
 
-def time_steps(config: RunConfig, length: int, processes: int) -> Timing:
-    """:class:`Timing` from ``processes`` processes on 127.0.0.1 (rank 0's figures)."""
+def time_steps(configs: list[RunConfig], processes: int, timed_s: float = TIMED_S) -> list[Timing]:
+    """A :class:`Timing` for each of ``configs`` (the same model and data, other rounds) from ``processes``
+    processes on 127.0.0.1 (rank 0's figures): compute once, then each config's rounds, in one session."""
     if dist.is_initialized():
         raise InvalidArgument("prsgd predict measures in process groups of its own; run it outside torchrun")
     store = rendezvous_store("127.0.0.1", 0, 0, TIMEOUT)
-    port = store.port
     context = mp.get_context("spawn")
     results = context.Queue()
-    loopback = loopback_config(config, processes)
-    others = [
-        context.Process(target=_time_rank, args=(rank, port, loopback, length, results), daemon=True)
-        for rank in range(1, processes)
-    ]
+    loopback = [loopback_config(config, processes) for config in configs]
+    args = (store.port, loopback, timed_s, results)
+    others = [context.Process(target=_time_rank, args=(rank, *args), daemon=True) for rank in range(1, processes)]
     for process in others:
         process.start()
     try:
-        _time_rank(0, port, loopback, length, results, store)
+        _time_rank(0, *args, store)
         found = results.get(timeout=5)
     finally:
         for process in others:
@@ -160,21 +175,25 @@ def time_steps(config: RunConfig, length: int, processes: int) -> Timing:
     return found
 
 
-def _time_rank(rank: int, port: int, config: RunConfig, length: int, results, store=None) -> None:
-    """One loopback process: without rounds, then with the run's rounds; rank 0 puts the :class:`Timing`."""
+def _time_rank(rank: int, port: int, configs: list[RunConfig], timed_s: float, results, store=None) -> None:
+    """One loopback process: without rounds, then with each config's rounds; rank 0 puts the timings."""
     try:
         store = store or rendezvous_store("127.0.0.1", port, rank, TIMEOUT)
-        workers = config.training.workers
+        first = configs[0]
+        workers = first.training.workers
         distributed.init_process_group("gloo", store=store, rank=rank, world_size=workers, timeout=TIMEOUT)
-        data = load(config)
-        _, sampler = worker_sampler(config, data, workers)
-        local = config.with_overrides(
+        data = load(first)
+        _, sampler = worker_sampler(first, data, workers)
+        local = first.with_overrides(
             {"algorithm.sync": "none", **{f"algorithm.{o.name}": o.off for o in ROUND_OPTIONS}}
         )
-        compute = _seconds_per_step(local, data, sampler, rank, 1)
-        with_rounds = _seconds_per_step(config, data, sampler, rank, length)
+        compute = _seconds_per_step(local, data, sampler, rank, 1, timed_s)
+        timings = []
+        for config in configs:
+            with_rounds = _seconds_per_step(config, data, sampler, rank, cycle_length(config), timed_s)
+            timings.append(Timing(compute, max(0.0, with_rounds - compute)))
         if rank == 0:
-            results.put(Timing(compute, max(0.0, with_rounds - compute)))
+            results.put(timings)
     except BaseException as error:  # handed to the caller, which raises it
         if rank == 0:
             results.put(error)
@@ -185,9 +204,9 @@ def _time_rank(rank: int, port: int, config: RunConfig, length: int, results, st
             dist.destroy_process_group()
 
 
-def _seconds_per_step(config: RunConfig, data, sampler, rank: int, length: int) -> float:
-    """Steps in whole cycles of ``length``: warm-up, then :data:`BLOCKS` blocks of at least :data:`TIMED_S` /
-    BLOCKS seconds each; every rank takes the same number of steps (the first rank's choice, broadcast)."""
+def _seconds_per_step(config: RunConfig, data, sampler, rank: int, length: int, timed_s: float) -> float:
+    """Steps in whole cycles of ``length``: warm-up, then :data:`BLOCKS` blocks of at least ``timed_s`` / BLOCKS
+    seconds each; every rank takes the same number of steps (the first rank's choice, broadcast)."""
     placement = Placement(torch.device(config.device), config.training.workers, rank)
     worker = DistributedWorker(_model(config, data), config, data, placement)
     worker.set_lr(config.training.lr_at(0.0))
@@ -204,7 +223,7 @@ def _seconds_per_step(config: RunConfig, data, sampler, rank: int, length: int) 
         return time.perf_counter() - began
 
     one = cycles(1)  # the first cycle: start-up, and how long a cycle takes
-    per_block = torch.tensor([max(1, math.ceil(TIMED_S / BLOCKS / max(one, 1e-6)))], dtype=torch.int64)
+    per_block = torch.tensor([max(1, math.ceil(timed_s / BLOCKS / max(one, 1e-6)))], dtype=torch.int64)
     warm = torch.tensor([max(1, math.ceil(WARM_UP_S / max(one, 1e-6)))], dtype=torch.int64)
     distributed.broadcast_from_first(per_block)
     distributed.broadcast_from_first(warm)

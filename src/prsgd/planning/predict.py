@@ -155,16 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        from prsgd.planning.calibration import profile
+        from prsgd.planning.calibration import Timing, prepare, profile_of, time_steps
 
         q = question(args)
-        found, notes = profile(q.config, q.layout, q.step_s, q.local_workers)
+        setting = prepare(q.config)
+        measured = q.step_s is None
+        timing = time_steps([setting.config], q.local_workers)[0] if measured else Timing(q.step_s, 0.0)
+        found = profile_of(setting, setting.config, q.layout, timing)
         result = answer(q, predict(found, q.network), found)
         if args.json:
             print(json.dumps(result))
             return
-        for note in notes:
+        for note in setting.notes:
             print(note)
-        print(describe(q, result, measured=q.step_s is None))
+        print(describe(q, result, measured))
 
     exit_on_user_error("prsgd predict", run)

@@ -1,0 +1,227 @@
+"""``prsgd tune``: the period, compression, overlap and fragments that train fastest on a given network within a
+loss budget, ranked by ``prsgd predict``'s cost model and checked by short simulator runs on the run's own model
+and data; ends with the command line to run.
+
+    prsgd tune --dataset fashion_mnist --model cnn --workers 8 --bandwidth 100Mbit --loss-budget 2%
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, replace
+
+from prsgd.errors import InvalidArgument, exit_on_user_error
+from prsgd.planning.cost_model import Prediction, predict
+from prsgd.planning.predict import Question, add_network_arguments, question
+from prsgd.training import command
+from prsgd.training.config import ConfigError, RunConfig
+
+PERIODS = (2, 4, 8, 16, 32, 64)
+COMPRESSIONS = ("none", "bf16", "int8", "int4")
+OVERLAPS = (0, 1)
+FRAGMENTS = (1, 2)
+NETWORK_FLAGS = {"--bandwidth", "--latency", "--intra-bandwidth", "--intra-latency", "--step-s", "--local-workers"}
+TUNE_FLAGS = {"--loss-budget", "--loss-steps", "--check", "--json", "--mtbf", "--restart-s", *NETWORK_FLAGS}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of the round options: its flags (as ``prsgd train`` takes them), the run config, and once
+    known its prediction and its loss change vs every-step gradients (a short simulator run)."""
+
+    flags: tuple[str, ...]
+    config: RunConfig
+    prediction: Prediction | None = None
+    loss_change: float | None = None
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.flags)
+
+
+def candidates(base: RunConfig, steps: int) -> list[Candidate]:
+    """Every-step gradients, and the base's periodic rule (Algorithm 1 unless it names another averaging rule) at
+    each period up to half the run, with each compression, overlap and fragment count the round spec allows."""
+    sync = base.algorithm.sync if base.algorithm.sync not in ("gradients", "none") else "params_and_momentum"
+    found = [_candidate(base, ("--sync", "gradients"))]
+    for period in (p for p in PERIODS if 2 * p <= steps):
+        for compression in COMPRESSIONS:
+            for overlap in OVERLAPS:
+                for fragments in FRAGMENTS:
+                    flags = ["--sync", sync, "--period", str(period)]
+                    flags += ["--compression", compression] if compression != "none" else []
+                    flags += ["--overlap", str(overlap)] if overlap else []
+                    flags += ["--fragments", str(fragments)] if fragments > 1 else []
+                    candidate = _candidate(base, tuple(flags))
+                    if candidate is not None:
+                        found.append(candidate)
+    return [c for c in found if c is not None]
+
+
+def _candidate(base: RunConfig, flags: tuple[str, ...]) -> Candidate | None:
+    values = dict(zip(flags[::2], flags[1::2], strict=True))
+    overrides = {
+        "algorithm.sync": values["--sync"],
+        "algorithm.period": values.get("--period", "1"),
+        "algorithm.compression": values.get("--compression", ""),
+        "algorithm.overlap": values.get("--overlap", "0"),
+        "algorithm.fragments": values.get("--fragments", "0"),
+    }
+    try:
+        config = base.with_overrides(overrides)
+        config.algorithm.round_spec()
+    except (ConfigError, InvalidArgument):
+        return None  # a combination the round spec refuses (e.g. overlap longer than a fragment's share)
+    return Candidate(flags, config)
+
+
+def loss_after(config: RunConfig, steps: int) -> float:
+    """The training loss after ``steps`` steps of ``config`` on the simulator (its N workers, its data)."""
+    from prsgd.training.train import run
+
+    per_epoch = config.training.workers * config.training.batch_size
+    epochs = steps * per_epoch / _train_size(config)
+    short = config.with_overrides(
+        {"engine": "simulator", "training.epochs": epochs, "training.evals": 1, "out": "", "progress": False}
+    )
+    return run(short)[-1]["train_loss"]
+
+
+def _train_size(config: RunConfig) -> int:
+    from prsgd.planning.calibration import load
+
+    return len(load(config).train)
+
+
+def parse_budget(text: str) -> float:
+    """``"2%"`` or ``"0.02"`` -> 0.02; :class:`InvalidArgument` for anything else or a budget below zero."""
+    value = text.strip()
+    try:
+        budget = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"--loss-budget {text!r}: allowed: a percentage like 2% (or a fraction like 0.02)"
+        ) from None
+    if not math.isfinite(budget) or budget < 0:
+        raise InvalidArgument(f"--loss-budget {text!r}: allowed: a percentage >= 0, like 2%")
+    return budget
+
+
+def rank(q: Question, budget: float, loss_steps: int, check: int) -> list[Candidate]:
+    """Every candidate predicted; then, fastest first, up to ``check`` of them run on the simulator for the loss
+    (with gradients as the reference) until one is within ``budget``. Fastest first."""
+    from prsgd.planning.calibration import Timing, prepare, profile_of
+
+    setting = prepare(q.config)
+    found = candidates(setting.config, setting.steps)
+    per_round = _round_costs(q, setting, found)
+    predicted = []
+    for c in found:
+        profile = profile_of(setting, c.config, q.layout, Timing(per_round["compute"], 0.0))
+        rounds = sum(map(len, profile.cycle)) / len(profile.cycle)
+        overhead = per_round.get(_options(c.config), 0.0) * rounds
+        profile = replace(profile, overhead_s=overhead)
+        predicted.append(replace(c, prediction=predict(profile, q.network)))
+    predicted.sort(key=lambda c: c.prediction.train_s)
+    steps = min(setting.steps, loss_steps)
+    reference = loss_after(found[0].config, steps)  # every-step gradients
+    for i, c in enumerate(predicted[:check]):
+        change = loss_after(c.config, steps) / reference - 1
+        predicted[i] = replace(c, loss_change=change)
+        if change <= budget:
+            break
+    return predicted
+
+
+def _options(config: RunConfig) -> tuple:
+    a = config.algorithm
+    return (a.sync == "gradients", a.compression, a.overlap, a.fragments)
+
+
+def _round_costs(q: Question, setting, found: list[Candidate]) -> dict:
+    """Compute per step and, for each combination of options, the rounds' own cost per collective on this machine
+    (one loopback session at period 8, or 0 with ``--step-s``)."""
+    from prsgd.planning.calibration import cycle_length, time_steps, trace
+
+    if q.step_s is not None:
+        return {"compute": q.step_s}
+    kinds = {}
+    for c in found:
+        probe = c.config if c.config.algorithm.sync == "gradients" else c.config.with_overrides({"algorithm.period": 8})
+        kinds.setdefault(_options(c.config), probe)
+    configs = list(kinds.values())
+    timings = time_steps(configs, q.local_workers, timed_s=1.0)
+    costs = {"compute": timings[0].compute_s}
+    for key, config, timing in zip(kinds, configs, timings, strict=True):
+        cycle, _ = trace(config, setting.data, setting.sampler, config.training.workers, cycle_length(config))
+        rounds = sum(map(len, cycle)) / len(cycle)
+        costs[key] = timing.overhead_s / rounds if rounds else 0.0
+    return costs
+
+
+def command_line(argv: list[str], choice: Candidate) -> str:
+    """``prsgd train`` with the user's own run flags (network and tune flags dropped) and the choice's."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in TUNE_FLAGS:
+            skip = "=" not in arg and name != "--json"
+            continue
+        kept.append(arg)
+    return shlex.join(["prsgd", "train", "--engine", "distributed", *kept, *choice.flags])
+
+
+def table(ranked: list[Candidate], budget: float, top: int) -> str:
+    lines = [
+        "| rank | options | predicted time (s) | compute utilization | MB / worker | loss vs gradients |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for i, c in enumerate(ranked[:top], 1):
+        p = c.prediction
+        loss = "not run" if c.loss_change is None else f"{100 * c.loss_change:+.1f}%"
+        if c.loss_change is not None and c.loss_change > budget:
+            loss += " (over budget)"
+        mb = p.bytes_per_step * p.train_s / p.seconds_per_step / 1e6
+        lines.append(f"| {i} | {c.name} | {p.train_s:.2f} | {100 * p.compute_utilization:.0f}% | {mb:.1f} | {loss} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = command.parser("prsgd tune", __doc__)
+    add_network_arguments(parser)
+    parser.add_argument("--loss-budget", default="2%", help="the largest loss increase vs gradients (default 2%%)")
+    parser.add_argument("--loss-steps", type=int, default=300, help="steps of each short simulator run (default 300)")
+    parser.add_argument("--check", type=int, default=8, help="candidates run for their loss at most (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        q = question(args)
+        budget = parse_budget(args.loss_budget)
+        if args.loss_steps < 1 or args.check < 1:
+            raise InvalidArgument("--loss-steps and --check: allowed: integers >= 1")
+        ranked = rank(q, budget, args.loss_steps, args.check)
+        within = [c for c in ranked if c.loss_change is not None and c.loss_change <= budget]
+        choice = within[0] if within else None
+        if args.json:
+            rows = [{"flags": list(c.flags), **c.prediction.as_dict(), "loss_change": c.loss_change} for c in ranked]
+            print(json.dumps({"ranked": rows, "choice": list(choice.flags) if choice else None}))
+            return
+        print(table(ranked, budget, top=10))
+        if choice is None:
+            print(
+                f"no candidate checked stayed within the loss budget ({100 * budget:g}%); raise --check or the budget"
+            )
+        else:
+            print(f"first choice ({100 * choice.loss_change:+.1f}% loss vs gradients in {args.loss_steps} steps):")
+            print(command_line(argv, choice))
+
+    exit_on_user_error("prsgd tune", run)
