@@ -295,7 +295,8 @@ def test_tune_ranks_by_predicted_time_and_picks_the_fastest_within_the_loss_budg
     times = [r["train_s"] for r in ranked]
     assert times == sorted(times)
     assert any(r["flags"] == ["--sync", "gradients"] for r in ranked)
-    assert ranked[-1]["flags"] == ["--sync", "gradients"]  # every step at 10 Mbit/s: the slowest
+    gradients = next(r for r in ranked if r["flags"] == ["--sync", "gradients"])
+    assert gradients["train_s"] > 3 * ranked[0]["train_s"]  # every step at 10 Mbit/s
     chosen = next(i for i, r in enumerate(ranked) if r["flags"] == found["choice"])
     assert ranked[chosen]["loss_change"] <= 0.05
     assert all(r["loss_change"] is not None and r["loss_change"] > 0.05 for r in ranked[:chosen])

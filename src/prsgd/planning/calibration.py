@@ -17,7 +17,7 @@ import gc
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,11 +46,17 @@ BLOCKS = 5
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
+Key = tuple[str, int, str]
+"""A collective as timed: (kind, bytes, scope)."""
+
+
 @dataclass(frozen=True)
 class Timing:
     compute_s: float
     overhead_s: float
-    """Per step, what the run's rounds cost this machine over loopback (their own work), beyond compute."""
+    """Per step, what the run's rounds cost this machine over loopback, beyond compute."""
+    bare_s: dict[Key, float] = field(default_factory=dict)
+    """Each collective's bare time over loopback (moving its bytes on this machine)."""
 
 
 def cycle_length(config: RunConfig) -> int:
@@ -92,13 +98,21 @@ def prepare(config: RunConfig) -> Setting:
     return Setting(config, data, sampler, steps, notes)
 
 
-def profile_of(setting: Setting, config: RunConfig, layout: Layout, timing: Timing) -> Profile:
-    """The :class:`Profile` of ``config`` (``setting``'s run with its own rounds) with ``timing``: its schedule
-    traced on the simulator."""
-    workers = config.training.workers
-    cycle, state_bytes = trace(config, setting.data, setting.sampler, workers, cycle_length(config))
+def keys(cycle: list[list[Collective]]) -> set[Key]:
+    """The distinct collectives of a cycle, as :func:`time_steps` times them bare."""
+    return {(c.kind, c.bytes, c.scope) for step in cycle for c in step}
+
+
+def profile_of(
+    setting: Setting, config: RunConfig, layout: Layout, timing: Timing, traced: tuple[list[list[Collective]], int]
+) -> Profile:
+    """The :class:`Profile` of ``config`` (``setting``'s run with its own rounds) from its ``traced`` schedule
+    (:func:`trace`) and ``timing``. The rounds' own cost that a link does not hide is what loopback measured
+    beyond the bare collectives that were waited for."""
+    cycle, state_bytes = traced
     t = config.training
     periodic = config.algorithm.sync not in ("gradients", "none")
+    waited = sum(timing.bare_s.get((c.kind, c.bytes, c.scope), 0.0) for s in cycle for c in s if not c.overlapped)
     return Profile(
         steps=setting.steps,
         compute_s=timing.compute_s,
@@ -108,7 +122,8 @@ def profile_of(setting: Setting, config: RunConfig, layout: Layout, timing: Timi
         layout=layout,
         state_bytes=state_bytes,
         checkpoint_steps=t.checkpoint_every or max(1, math.ceil(setting.steps / max(1, t.evals))),
-        overhead_s=timing.overhead_s,
+        overhead_s=max(0.0, timing.overhead_s - waited / len(cycle)),
+        bare_s=dict(timing.bare_s),
     )
 
 
@@ -117,10 +132,11 @@ def _model(config: RunConfig, data) -> torch.nn.Module:
     return build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
 
 
-def trace(config: RunConfig, data, sampler, workers: int, length: int) -> tuple[list[list[Collective]], int]:
-    """(the collectives of ``length`` consecutive steps in the steady state (the second cycle: an overlapped round
-    started in the first is waited for in it), the bytes of one worker's whole state), from the simulator running
-    the run's rounds over ``workers``."""
+def trace(setting: Setting, config: RunConfig) -> tuple[list[list[Collective]], int]:
+    """For ``config`` (``setting``'s run with its own rounds): the collectives of one cycle of steps in the steady
+    state (the second cycle: an overlapped round started in the first is waited for in it), and the bytes of one
+    worker's whole state, from the simulator running the run's rounds over its workers."""
+    data, sampler, workers, length = setting.data, setting.sampler, config.training.workers, cycle_length(config)
     with torch.device("meta"):
         shape_only = build_model(config.model.model, data.input_shape, data.num_classes, hidden=config.model.hidden)
     check_memory(shape_only, workers, torch.device(config.device))
@@ -149,16 +165,20 @@ def loopback_config(config: RunConfig, processes: int) -> RunConfig:
     return config.with_overrides(overrides)
 
 
-def time_steps(configs: list[RunConfig], processes: int, timed_s: float = TIMED_S) -> list[Timing]:
+def time_steps(
+    configs: list[RunConfig], processes: int, collectives: list[set[Key]] | None = None, timed_s: float = TIMED_S
+) -> list[Timing]:
     """A :class:`Timing` for each of ``configs`` (the same model and data, other rounds) from ``processes``
-    processes on 127.0.0.1 (rank 0's figures): compute once, then each config's rounds, in one session."""
+    processes on 127.0.0.1 (rank 0's figures), in one session; with ``collectives``, each config's bare
+    collectives are timed too."""
     if dist.is_initialized():
         raise InvalidArgument("prsgd predict measures in process groups of its own; run it outside torchrun")
     store = rendezvous_store("127.0.0.1", 0, 0, TIMEOUT)
     context = mp.get_context("spawn")
     results = context.Queue()
     loopback = [loopback_config(config, processes) for config in configs]
-    args = (store.port, loopback, timed_s, results)
+    keys = [sorted(c) for c in collectives] if collectives is not None else [[] for _ in configs]
+    args = (store.port, loopback, keys, timed_s, results)
     others = [context.Process(target=_time_rank, args=(rank, *args), daemon=True) for rank in range(1, processes)]
     for process in others:
         process.start()
@@ -175,8 +195,12 @@ def time_steps(configs: list[RunConfig], processes: int, timed_s: float = TIMED_
     return found
 
 
-def _time_rank(rank: int, port: int, configs: list[RunConfig], timed_s: float, results, store=None) -> None:
-    """One loopback process: without rounds, then with each config's rounds; rank 0 puts the timings."""
+def _time_rank(
+    rank: int, port: int, configs: list[RunConfig], keys: list[list[Key]], timed_s: float, results, store=None
+) -> None:
+    """One loopback process. For each config, blocks of steps without rounds and with the config's rounds, in
+    turn (a moment of a busy machine slows a pair alike): compute is the median block without rounds, the rounds'
+    cost the median difference of a pair. Then the config's bare collectives. Rank 0 puts the timings."""
     try:
         store = store or rendezvous_store("127.0.0.1", port, rank, TIMEOUT)
         first = configs[0]
@@ -184,14 +208,15 @@ def _time_rank(rank: int, port: int, configs: list[RunConfig], timed_s: float, r
         distributed.init_process_group("gloo", store=store, rank=rank, world_size=workers, timeout=TIMEOUT)
         data = load(first)
         _, sampler = worker_sampler(first, data, workers)
-        local = first.with_overrides(
-            {"algorithm.sync": "none", **{f"algorithm.{o.name}": o.off for o in ROUND_OPTIONS}}
-        )
-        compute = _seconds_per_step(local, data, sampler, rank, 1, timed_s)
+        alone = _Steps(without_rounds(first), data, sampler, rank, 1, timed_s)
         timings = []
-        for config in configs:
-            with_rounds = _seconds_per_step(config, data, sampler, rank, cycle_length(config), timed_s)
-            timings.append(Timing(compute, max(0.0, with_rounds - compute)))
+        for config, wanted in zip(configs, keys, strict=True):
+            rounds = _Steps(config, data, sampler, rank, cycle_length(config), timed_s)
+            pairs = [(alone.block(), rounds.block()) for _ in range(BLOCKS)]
+            compute = statistics.median(a for a, _ in pairs)
+            overhead = max(0.0, statistics.median(b - a for a, b in pairs))
+            bare = {key: _bare_seconds(key, rank, workers) for key in wanted}
+            timings.append(Timing(compute, overhead, bare))
         if rank == 0:
             results.put(timings)
     except BaseException as error:  # handed to the caller, which raises it
@@ -204,29 +229,74 @@ def _time_rank(rank: int, port: int, configs: list[RunConfig], timed_s: float, r
             dist.destroy_process_group()
 
 
-def _seconds_per_step(config: RunConfig, data, sampler, rank: int, length: int, timed_s: float) -> float:
-    """Steps in whole cycles of ``length``: warm-up, then :data:`BLOCKS` blocks of at least ``timed_s`` / BLOCKS
-    seconds each; every rank takes the same number of steps (the first rank's choice, broadcast)."""
-    placement = Placement(torch.device(config.device), config.training.workers, rank)
-    worker = DistributedWorker(_model(config, data), config, data, placement)
-    worker.set_lr(config.training.lr_at(0.0))
-    step = 0
+class _Steps:
+    """A worker of ``config`` taking steps in whole cycles of ``length``: warmed up at construction, then
+    :meth:`block` times about ``timed_s / BLOCKS`` seconds of steps; every rank takes the same number of steps
+    (rank 0's choice, broadcast)."""
 
-    def cycles(count: int) -> float:
-        nonlocal step
+    def __init__(self, config: RunConfig, data, sampler, rank: int, length: int, timed_s: float) -> None:
+        placement = Placement(torch.device(config.device), config.training.workers, rank)
+        self.worker = DistributedWorker(_model(config, data), config, data, placement)
+        self.worker.set_lr(config.training.lr_at(0.0))
+        self.config, self.sampler, self.length, self.step = config, sampler, length, 0
+        one = self._cycles(1)  # start-up, and how long a cycle takes
+        counts = torch.tensor(
+            [max(1, math.ceil(WARM_UP_S / max(one, 1e-6))), max(1, math.ceil(timed_s / BLOCKS / max(one, 1e-6)))]
+        )
+        distributed.broadcast_from_first(counts)
+        warm, self.per_block = (int(c) for c in counts)
+        self._cycles(warm)
+
+    def _cycles(self, count: int) -> float:
         began = time.perf_counter()
-        for _ in range(count * length):
-            worker.step(sampler, step)
-            step += 1
-        if config.device.startswith("cuda"):
+        for _ in range(count * self.length):
+            self.worker.step(self.sampler, self.step)
+            self.step += 1
+        if self.config.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - began
 
-    one = cycles(1)  # the first cycle: start-up, and how long a cycle takes
-    per_block = torch.tensor([max(1, math.ceil(timed_s / BLOCKS / max(one, 1e-6)))], dtype=torch.int64)
-    warm = torch.tensor([max(1, math.ceil(WARM_UP_S / max(one, 1e-6)))], dtype=torch.int64)
-    distributed.broadcast_from_first(per_block)
-    distributed.broadcast_from_first(warm)
-    cycles(int(warm))
-    blocks = [cycles(int(per_block)) / (int(per_block) * length) for _ in range(BLOCKS)]
-    return statistics.median(blocks)
+    def block(self) -> float:
+        """Seconds per step over one block."""
+        return self._cycles(self.per_block) / (self.per_block * self.length)
+
+
+BARE_REPEATS = 9
+
+
+def _bare_seconds(key: Key, rank: int, workers: int) -> float:
+    """The median time of one bare collective of ``key``'s kind and bytes among the loopback processes: what moving
+    those bytes costs this machine, which a link at least as fast does not add to."""
+    kind, nbytes, _ = key
+    if kind == "all_reduce":
+        tensor = torch.zeros(max(1, nbytes // 4))
+
+        def run() -> None:
+            dist.all_reduce(tensor)
+
+    elif kind == "all_gather":
+        row = torch.zeros(nbytes, dtype=torch.uint8)
+        gathered = torch.empty(nbytes * workers, dtype=torch.uint8)
+
+        def run() -> None:
+            dist.all_gather_into_tensor(gathered, row)
+
+    else:  # point to point: to the next worker, from the previous one
+        sent = torch.zeros(max(1, nbytes // 4))
+        received = torch.empty_like(sent)
+
+        def run() -> None:
+            ops = [
+                dist.P2POp(dist.isend, sent, (rank + 1) % workers),
+                dist.P2POp(dist.irecv, received, (rank - 1) % workers),
+            ]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    times = []
+    for _ in range(BARE_REPEATS):
+        dist.barrier()
+        began = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[2:])

@@ -17,8 +17,8 @@ cycle times the run's steps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prsgd.algorithm.contract import Collective
 from prsgd.errors import InvalidArgument
@@ -44,8 +44,9 @@ class Layout:
         return self.workers // self.nodes
 
 
-def collective_seconds(collective: Collective, layout: Layout, network: Network) -> float:
-    """The time one collective takes (see the module docstring)."""
+def collective_seconds(collective: Collective, layout: Layout, network: Network, bare_s: float = 0.0) -> float:
+    """The time one collective takes (see the module docstring), and at least ``bare_s``: what moving its bytes
+    costs the machine itself (a bare collective over loopback), which a faster link does not remove."""
     within = collective.scope == "node" or layout.nodes == 1
     n = layout.per_node if collective.scope == "node" else layout.workers
     if n <= 1:
@@ -58,19 +59,32 @@ def collective_seconds(collective: Collective, layout: Layout, network: Network)
         latency = max(network.message_latency(False), network.message_latency(True))
     size = collective.bytes
     if collective.kind == "all_reduce":
-        return 2 * (n - 1) * (size / n / rate + latency)
-    if collective.kind == "all_gather":
-        return (n - 1) * (size / rate + latency)
-    return size / rate + latency  # point to point
+        wire = 2 * (n - 1) * (size / n / rate + latency)
+    elif collective.kind == "all_gather":
+        wire = (n - 1) * (size / rate + latency)
+    else:  # point to point
+        wire = size / rate + latency
+    return max(wire, bare_s)
 
 
 def step_seconds(
-    collectives: Sequence[Collective], compute_s: float, delay: int, layout: Layout, network: Network
+    collectives: Sequence[Collective],
+    compute_s: float,
+    delay: int,
+    layout: Layout,
+    network: Network,
+    bare_s: Mapping[tuple, float] | None = None,
 ) -> tuple[float, float]:
     """(the step's wall-clock, the communication it waited for): its compute plus its rounds' time, an overlapped
-    round's only beyond the ``delay`` steps of compute it ran behind."""
-    waited = sum(collective_seconds(c, layout, network) for c in collectives if not c.overlapped)
-    behind = sum(collective_seconds(c, layout, network) for c in collectives if c.overlapped)
+    round's only beyond the ``delay`` steps of compute it ran behind; ``bare_s``: each collective's bare time on the
+    machine, by (kind, bytes, scope)."""
+    bare_s = bare_s or {}
+
+    def seconds(c: Collective) -> float:
+        return collective_seconds(c, layout, network, bare_s.get((c.kind, c.bytes, c.scope), 0.0))
+
+    waited = sum(seconds(c) for c in collectives if not c.overlapped)
+    behind = sum(seconds(c) for c in collectives if c.overlapped)
     waited += max(0.0, behind - delay * compute_s)
     return compute_s + waited, waited
 
@@ -92,7 +106,9 @@ class Profile:
     state_bytes: int
     checkpoint_steps: int
     overhead_s: float = 0.0
-    """Per step on average, what the rounds cost besides the link (their own work on the machine, measured)."""
+    """Per step on average, what the rounds cost besides moving bytes (their own work on the machine, measured)."""
+    bare_s: dict = field(default_factory=dict)
+    """Each collective's bare time on the machine by (kind, bytes, scope): a link faster than that does not help."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,10 @@ class Prediction:
 
 def predict(profile: Profile, network: Network) -> Prediction:
     """The run's training time on ``network`` (what ``prsgd train`` logs as ``wall_clock``)."""
-    times = [step_seconds(step, profile.compute_s, profile.delay, profile.layout, network) for step in profile.cycle]
+    times = [
+        step_seconds(step, profile.compute_s, profile.delay, profile.layout, network, profile.bare_s)
+        for step in profile.cycle
+    ]
     length = len(profile.cycle)
     per_step = sum(t for t, _ in times) / length + profile.overhead_s
     communication = sum(w for _, w in times) / length

@@ -155,13 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        from prsgd.planning.calibration import Timing, prepare, profile_of, time_steps
+        from prsgd.planning.calibration import Timing, keys, prepare, profile_of, time_steps, trace
 
         q = question(args)
         setting = prepare(q.config)
+        traced = trace(setting, setting.config)
         measured = q.step_s is None
-        timing = time_steps([setting.config], q.local_workers)[0] if measured else Timing(q.step_s, 0.0)
-        found = profile_of(setting, setting.config, q.layout, timing)
+        if measured:
+            timing = time_steps([setting.config], q.local_workers, [keys(traced[0])])[0]
+        else:
+            timing = Timing(q.step_s, 0.0)
+        found = profile_of(setting, setting.config, q.layout, timing, traced)
         result = answer(q, predict(found, q.network), found)
         if args.json:
             print(json.dumps(result))

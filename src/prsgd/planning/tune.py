@@ -111,19 +111,17 @@ def parse_budget(text: str) -> float:
 
 def rank(q: Question, budget: float, loss_steps: int, check: int) -> list[Candidate]:
     """Every candidate predicted; then, fastest first, up to ``check`` of them run on the simulator for the loss
-    (with gradients as the reference) until one is within ``budget``. Fastest first."""
-    from prsgd.planning.calibration import Timing, prepare, profile_of
+    (with every-step gradients as the reference) until one is within ``budget``. Fastest first."""
+    from prsgd.planning.calibration import prepare, profile_of, trace
 
     setting = prepare(q.config)
     found = candidates(setting.config, setting.steps)
-    per_round = _round_costs(q, setting, found)
-    predicted = []
-    for c in found:
-        profile = profile_of(setting, c.config, q.layout, Timing(per_round["compute"], 0.0))
-        rounds = sum(map(len, profile.cycle)) / len(profile.cycle)
-        overhead = per_round.get(_options(c.config), 0.0) * rounds
-        profile = replace(profile, overhead_s=overhead)
-        predicted.append(replace(c, prediction=predict(profile, q.network)))
+    traced = [trace(setting, c.config) for c in found]
+    timings = _timings(q, [c.config for c in found], traced)
+    predicted = [
+        replace(c, prediction=predict(profile_of(setting, c.config, q.layout, timing, t), q.network))
+        for c, timing, t in zip(found, timings, traced, strict=True)
+    ]
     predicted.sort(key=lambda c: c.prediction.train_s)
     steps = min(setting.steps, loss_steps)
     reference = loss_after(found[0].config, steps)  # every-step gradients
@@ -140,25 +138,34 @@ def _options(config: RunConfig) -> tuple:
     return (a.sync == "gradients", a.compression, a.overlap, a.fragments)
 
 
-def _round_costs(q: Question, setting, found: list[Candidate]) -> dict:
-    """Compute per step and, for each combination of options, the rounds' own cost per collective on this machine
-    (one loopback session at period 8, or 0 with ``--step-s``)."""
-    from prsgd.planning.calibration import cycle_length, time_steps, trace
+def _timings(q: Question, configs: list[RunConfig], traced: list) -> list:
+    """Each candidate's :class:`prsgd.planning.calibration.Timing`: compute, and the rounds' own cost measured
+    once per combination of options (at its shortest period, in one loopback session) and scaled by the
+    candidate's collectives per step; every candidate's bare collectives. ``--step-s``: compute only."""
+    from prsgd.planning.calibration import Timing, keys, time_steps
 
     if q.step_s is not None:
-        return {"compute": q.step_s}
-    kinds = {}
-    for c in found:
-        probe = c.config if c.config.algorithm.sync == "gradients" else c.config.with_overrides({"algorithm.period": 8})
-        kinds.setdefault(_options(c.config), probe)
-    configs = list(kinds.values())
-    timings = time_steps(configs, q.local_workers, timed_s=1.0)
-    costs = {"compute": timings[0].compute_s}
-    for key, config, timing in zip(kinds, configs, timings, strict=True):
-        cycle, _ = trace(config, setting.data, setting.sampler, config.training.workers, cycle_length(config))
-        rounds = sum(map(len, cycle)) / len(cycle)
-        costs[key] = timing.overhead_s / rounds if rounds else 0.0
-    return costs
+        return [Timing(q.step_s, 0.0) for _ in configs]
+    probes: dict[tuple, int] = {}
+    for i, config in enumerate(configs):
+        probes.setdefault(_options(config), i)  # candidates come shortest period first
+    wanted = [set() for _ in probes]
+    slot = {key: n for n, key in enumerate(probes)}
+    for config, (cycle, _) in zip(configs, traced, strict=True):
+        wanted[slot[_options(config)]] |= keys(cycle)
+    measured = time_steps([configs[i] for i in probes.values()], q.local_workers, wanted, timed_s=1.0)
+
+    def per_collective(i: int, timing: Timing) -> float:
+        cycle = traced[i][0]
+        return timing.overhead_s * len(cycle) / max(1, sum(map(len, cycle)))
+
+    costs = {key: per_collective(i, t) for (key, i), t in zip(probes.items(), measured, strict=True)}
+    timings = []
+    for config, (cycle, _) in zip(configs, traced, strict=True):
+        timing = measured[slot[_options(config)]]
+        overhead = costs[_options(config)] * sum(map(len, cycle)) / len(cycle)
+        timings.append(Timing(timing.compute_s, overhead, timing.bare_s))
+    return timings
 
 
 def command_line(argv: list[str], choice: Candidate) -> str:
