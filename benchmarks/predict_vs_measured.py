@@ -77,6 +77,7 @@ def tuned(flags: list[str], rate: str, out: Path, port: int, gradients_loss: flo
     """``prsgd tune``'s first choice and Algorithm 1 at I = 8, both run for real: (name, measured s, final train
     loss vs the gradients run's)."""
     choice = prsgd_json("tune", flags, rate, ["--local-workers", "2", "--loss-budget", f"{100 * BUDGET:g}%"])["choice"]
+    print(f"{rate} prsgd tune's choice: {' '.join(choice)}", flush=True)
     rows = []
     for name, extra in ((f"tune: {' '.join(choice)}", choice), ("Alg. 1 I=8", ["--period", "8"])):
         port += 1

@@ -20,10 +20,12 @@ from prsgd.training.config import ConfigError, RunConfig
 
 PERIODS = (2, 4, 8, 16, 32, 64)
 COMPRESSIONS = ("none", "bf16", "int8", "int4")
+LOSS_STEPS = 2000
+"""The longest simulator run a loss check takes by default."""
 OVERLAPS = (0, 1)
 FRAGMENTS = (1, 2)
 NETWORK_FLAGS = {"--bandwidth", "--latency", "--intra-bandwidth", "--intra-latency", "--step-s", "--local-workers"}
-TUNE_FLAGS = {"--loss-budget", "--loss-steps", "--check", "--json", "--mtbf", "--restart-s", *NETWORK_FLAGS}
+TUNE_FLAGS = {"--loss-budget", "--loss-steps", "--json", "--mtbf", "--restart-s", *NETWORK_FLAGS}
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,12 @@ def parse_budget(text: str) -> float:
     return budget
 
 
-def rank(q: Question, budget: float, loss_steps: int, check: int) -> list[Candidate]:
-    """Every candidate predicted; then, fastest first, up to ``check`` of them run on the simulator for the loss
-    (with every-step gradients as the reference) until one is within ``budget``. Fastest first."""
+def rank(q: Question, budget: float, loss_steps: int | None) -> list[Candidate]:
+    """Every candidate predicted, fastest first, and the loss of a few run on the simulator (``loss_steps`` steps,
+    by default the run's own up to :data:`LOSS_STEPS`; every-step gradients as the reference): a binary search
+    over the periods, on the fastest candidate of each, for the longest period whose fastest candidate keeps the
+    loss within ``budget`` (the loss grows with the period, the time falls). The choice is the fastest checked
+    candidate within budget: :func:`choice`."""
     from prsgd.planning.calibration import prepare, profile_of, trace
 
     setting = prepare(q.config)
@@ -123,14 +128,28 @@ def rank(q: Question, budget: float, loss_steps: int, check: int) -> list[Candid
         for c, timing, t in zip(found, timings, traced, strict=True)
     ]
     predicted.sort(key=lambda c: c.prediction.train_s)
-    steps = min(setting.steps, loss_steps)
+    steps = min(setting.steps, loss_steps or LOSS_STEPS)
     reference = loss_after(found[0].config, steps)  # every-step gradients
-    for i, c in enumerate(predicted[:check]):
-        change = loss_after(c.config, steps) / reference - 1
-        predicted[i] = replace(c, loss_change=change)
-        if change <= budget:
-            break
+
+    def period(c: Candidate) -> int:
+        return 1 if c.config.algorithm.sync == "gradients" else int(c.config.algorithm.period)
+
+    periods = sorted({period(c) for c in predicted})
+    fastest = {p: next(i for i, c in enumerate(predicted) if period(c) == p) for p in periods}
+    low, high = 0, len(periods) - 1  # gradients (period 1) is the reference: within any budget >= 0
+    predicted[fastest[1]] = replace(predicted[fastest[1]], loss_change=0.0)
+    while low < high:
+        middle = (low + high + 1) // 2
+        i = fastest[periods[middle]]
+        change = loss_after(predicted[i].config, steps) / reference - 1
+        predicted[i] = replace(predicted[i], loss_change=change)
+        low, high = (middle, high) if change <= budget else (low, middle - 1)
     return predicted
+
+
+def choice(ranked: list[Candidate], budget: float) -> Candidate:
+    """The fastest candidate whose loss was checked and found within ``budget`` (every-step gradients at worst)."""
+    return next(c for c in ranked if c.loss_change is not None and c.loss_change <= budget)
 
 
 def _options(config: RunConfig) -> tuple:
@@ -183,18 +202,22 @@ def command_line(argv: list[str], choice: Candidate) -> str:
     return shlex.join(["prsgd", "train", "--engine", "distributed", *kept, *choice.flags])
 
 
-def table(ranked: list[Candidate], budget: float, top: int) -> str:
+def table(ranked: list[Candidate], budget: float, chosen: Candidate, top: int = 5) -> str:
+    """The ``top`` fastest, every candidate whose loss was checked, and the choice (marked), in rank order."""
     lines = [
         "| rank | options | predicted time (s) | compute utilization | MB / worker | loss vs gradients |",
         "|---:|---|---:|---:|---:|---|",
     ]
-    for i, c in enumerate(ranked[:top], 1):
+    for i, c in enumerate(ranked, 1):
+        if i > top and c.loss_change is None:
+            continue
         p = c.prediction
         loss = "not run" if c.loss_change is None else f"{100 * c.loss_change:+.1f}%"
         if c.loss_change is not None and c.loss_change > budget:
             loss += " (over budget)"
+        name = f"**{c.name}** (choice)" if c is chosen else c.name
         mb = p.bytes_per_step * p.train_s / p.seconds_per_step / 1e6
-        lines.append(f"| {i} | {c.name} | {p.train_s:.2f} | {100 * p.compute_utilization:.0f}% | {mb:.1f} | {loss} |")
+        lines.append(f"| {i} | {name} | {p.train_s:.2f} | {100 * p.compute_utilization:.0f}% | {mb:.1f} | {loss} |")
     return "\n".join(lines)
 
 
@@ -205,30 +228,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = command.parser("prsgd tune", __doc__)
     add_network_arguments(parser)
     parser.add_argument("--loss-budget", default="2%", help="the largest loss increase vs gradients (default 2%%)")
-    parser.add_argument("--loss-steps", type=int, default=300, help="steps of each short simulator run (default 300)")
-    parser.add_argument("--check", type=int, default=8, help="candidates run for their loss at most (default 8)")
+    parser.add_argument(
+        "--loss-steps",
+        type=int,
+        help=f"steps of each simulator run for the loss (default: the run's, at most {LOSS_STEPS})",
+    )
     parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
     args = parser.parse_args(argv)
 
     def run() -> None:
         q = question(args)
         budget = parse_budget(args.loss_budget)
-        if args.loss_steps < 1 or args.check < 1:
-            raise InvalidArgument("--loss-steps and --check: allowed: integers >= 1")
-        ranked = rank(q, budget, args.loss_steps, args.check)
-        within = [c for c in ranked if c.loss_change is not None and c.loss_change <= budget]
-        choice = within[0] if within else None
+        if args.loss_steps is not None and args.loss_steps < 1:
+            raise InvalidArgument(f"--loss-steps {args.loss_steps}: allowed: an integer >= 1")
+        ranked = rank(q, budget, args.loss_steps)
+        chosen = choice(ranked, budget)
         if args.json:
             rows = [{"flags": list(c.flags), **c.prediction.as_dict(), "loss_change": c.loss_change} for c in ranked]
-            print(json.dumps({"ranked": rows, "choice": list(choice.flags) if choice else None}))
+            print(json.dumps({"ranked": rows, "choice": list(chosen.flags)}))
             return
-        print(table(ranked, budget, top=10))
-        if choice is None:
-            print(
-                f"no candidate checked stayed within the loss budget ({100 * budget:g}%); raise --check or the budget"
-            )
-        else:
-            print(f"first choice ({100 * choice.loss_change:+.1f}% loss vs gradients in {args.loss_steps} steps):")
-            print(command_line(argv, choice))
+        print(table(ranked, budget, chosen))
+        print(f"first choice ({100 * chosen.loss_change:+.1f}% training loss vs every-step gradients, simulated):")
+        print(command_line(argv, chosen))
 
     exit_on_user_error("prsgd tune", run)
