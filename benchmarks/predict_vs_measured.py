@@ -94,12 +94,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--smoke", action="store_true", help="2 configurations on loopback, digits: does it run")
     parser.add_argument("--no-tune", action="store_true", help="skip prsgd tune's check")
+    parser.add_argument("--tune-only", action="store_true", help="only the gradients run and prsgd tune's check")
     parser.add_argument("--out", default="runs/predict_vs_measured")
     args = parser.parse_args()
     base = model_flags("mlp" if args.smoke else args.model, 1 if args.smoke else args.epochs)
     base += ["--batch-size", "16", "--momentum", "0.9", "--lr", "0.05", "--evals", "2"]
-    flat = dict(list(FLAT.items())[:2]) if args.smoke else FLAT
-    layouts = [(flat, 1)] if args.smoke else [(flat, 1), (HIERARCHICAL, 2)]
+    flat = dict(list(FLAT.items())[: 1 if args.tune_only else 2]) if args.smoke or args.tune_only else FLAT
+    layouts = [(flat, 1)] if args.smoke or args.tune_only else [(flat, 1), (HIERARCHICAL, 2)]
     rates = ["10gbit"] if args.smoke else args.rates.split(",")
     rows, port, tunes, gradients_loss = [], 29700, {}, float("nan")
     for rate in rates:

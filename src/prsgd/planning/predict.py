@@ -134,7 +134,7 @@ def describe(q: Question, result: dict, measured: bool) -> str:
         f"  compute per step     {result['compute_s_per_step'] * 1e3:.3f} ms"
         + (" (measured on this machine)" if measured else " (--step-s)"),
         f"  time per step        {result['seconds_per_step'] * 1e3:.3f} ms",
-        f"  training time        {result['train_s']:.1f} s",
+        f"  training time        {result['train_s']:.2f} s",
         f"  compute utilization  {100 * result['compute_utilization']:.1f}%",
         f"  sent per step        {result['bytes_per_step'] / 2**10:.1f} KiB per worker "
         f"(peak {result['peak_step_bytes'] / 2**20:.2f} MiB in one step)",

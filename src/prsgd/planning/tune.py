@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import sys
 from dataclasses import dataclass, replace
 
 from prsgd.errors import InvalidArgument, exit_on_user_error
@@ -79,22 +80,17 @@ def _candidate(base: RunConfig, flags: tuple[str, ...]) -> Candidate | None:
     return Candidate(flags, config)
 
 
-def loss_after(config: RunConfig, steps: int) -> float:
-    """The training loss after ``steps`` steps of ``config`` on the simulator (its N workers, its data)."""
+def loss_after(config: RunConfig, steps: int, train_size: int) -> float:
+    """The training loss after ``steps`` steps of ``config`` on the simulator (its N workers, its data of
+    ``train_size`` examples)."""
     from prsgd.training.train import run
 
     per_epoch = config.training.workers * config.training.batch_size
-    epochs = steps * per_epoch / _train_size(config)
+    epochs = steps * per_epoch / train_size
     short = config.with_overrides(
         {"engine": "simulator", "training.epochs": epochs, "training.evals": 1, "out": "", "progress": False}
     )
     return run(short)[-1]["train_loss"]
-
-
-def _train_size(config: RunConfig) -> int:
-    from prsgd.planning.calibration import load
-
-    return len(load(config).train)
 
 
 def parse_budget(text: str) -> float:
@@ -111,12 +107,13 @@ def parse_budget(text: str) -> float:
     return budget
 
 
-def rank(q: Question, budget: float, loss_steps: int | None) -> list[Candidate]:
+def rank(q: Question, budget: float, loss_steps: int | None, checks: int = 6) -> list[Candidate]:
     """Every candidate predicted, fastest first, and the loss of a few run on the simulator (``loss_steps`` steps,
-    by default the run's own up to :data:`LOSS_STEPS`; every-step gradients as the reference): a binary search
-    over the periods, on the fastest candidate of each, for the longest period whose fastest candidate keeps the
-    loss within ``budget`` (the loss grows with the period, the time falls). The choice is the fastest checked
-    candidate within budget: :func:`choice`."""
+    by default the run's own up to :data:`LOSS_STEPS`; every-step gradients as the reference). First a binary
+    search over the periods, on each period's fastest candidate with exact rounds, for the longest period P whose
+    loss stays within ``budget`` (the loss grows with the period, the time falls); then up to ``checks`` candidates
+    predicted faster than that one, at periods up to P (compressed, overlapped, fragmented), fastest first, until one
+    is within budget. The choice is the fastest checked candidate within budget: :func:`choice`."""
     from prsgd.planning.calibration import prepare, profile_of, trace
 
     setting = prepare(q.config)
@@ -129,21 +126,33 @@ def rank(q: Question, budget: float, loss_steps: int | None) -> list[Candidate]:
     ]
     predicted.sort(key=lambda c: c.prediction.train_s)
     steps = min(setting.steps, loss_steps or LOSS_STEPS)
-    reference = loss_after(found[0].config, steps)  # every-step gradients
+    size = len(setting.data.train)
+    reference = loss_after(found[0].config, steps, size)  # every-step gradients
 
     def period(c: Candidate) -> int:
         return 1 if c.config.algorithm.sync == "gradients" else int(c.config.algorithm.period)
 
+    def check(i: int) -> bool:
+        change = loss_after(predicted[i].config, steps, size) / reference - 1
+        predicted[i] = replace(predicted[i], loss_change=change)
+        return change <= budget
+
+    # the longest period whose fastest exact-round candidate keeps the loss within budget (binary search)
     periods = sorted({period(c) for c in predicted})
-    fastest = {p: next(i for i, c in enumerate(predicted) if period(c) == p) for p in periods}
-    low, high = 0, len(periods) - 1  # gradients (period 1) is the reference: within any budget >= 0
-    predicted[fastest[1]] = replace(predicted[fastest[1]], loss_change=0.0)
+    exact = {
+        p: next(i for i, c in enumerate(predicted) if period(c) == p and not c.config.algorithm.compression)
+        for p in periods
+    }
+    predicted[exact[1]] = replace(predicted[exact[1]], loss_change=0.0)  # gradients: the reference itself
+    low, high = 0, len(periods) - 1
     while low < high:
         middle = (low + high + 1) // 2
-        i = fastest[periods[middle]]
-        change = loss_after(predicted[i].config, steps) / reference - 1
-        predicted[i] = replace(predicted[i], loss_change=change)
-        low, high = (middle, high) if change <= budget else (low, middle - 1)
+        low, high = (middle, high) if check(exact[periods[middle]]) else (low, middle - 1)
+    # then, fastest first, the candidates faster than it at no longer a period, until one is within budget
+    bound = exact[periods[low]]
+    for i in [i for i in range(bound) if period(predicted[i]) <= periods[low]][:checks]:
+        if predicted[i].loss_change is None and check(i):
+            break
     return predicted
 
 
@@ -222,8 +231,6 @@ def table(ranked: list[Candidate], budget: float, chosen: Candidate, top: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     parser = command.parser("prsgd tune", __doc__)
     add_network_arguments(parser)
