@@ -192,6 +192,7 @@ def test_bad_input_is_one_error_line_before_any_work(args, says):
     assert says in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_predict_json_counts_the_bytes_a_real_run_sends(tmp_path):
     """The predicted bytes per step, times the steps, are what the same run logs (here on the simulator, whose
     counts equal a distributed run's); training time is compute plus communication on the given link."""
@@ -280,6 +281,7 @@ def test_tune_command_line_keeps_the_run_and_drops_the_network():
     )
 
 
+@pytest.mark.slow
 def test_tune_ranks_by_predicted_time_and_picks_the_fastest_checked_within_the_loss_budget():
     """With another device's compute (--step-s: no timing here) on a slow link, the ranking is the cost model's
     order; a binary search over periods runs exact-round candidates on the simulator, then faster ones; the choice is
