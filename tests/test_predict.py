@@ -245,6 +245,18 @@ def test_tune_candidates_are_every_valid_combination_up_to_half_the_run():
     found = candidates(RunConfig(), steps=20)  # periods 2, 4, 8 (16 > 20 / 2)
     names = [c.name for c in found]
     assert names[0] == "--sync gradients"
+    assert found[0].flags == (
+        "--sync",
+        "gradients",
+        "--period",
+        "1",
+        "--compression",
+        "none",
+        "--overlap",
+        "0",
+        "--fragments",
+        "1",
+    )  # every option spelled: none of the run's own is left in place
     assert "--sync params_and_momentum --period 8 --compression int4 --overlap 1 --fragments 2" in names
     assert not any("--period 16" in n for n in names)
     # overlap 1 with 2 fragments of period 2: a fragment's share is 1 step, overlap 1 fits; all 2 x 4 x 2 x 2 + 1
@@ -275,9 +287,13 @@ def test_tune_command_line_keeps_the_run_and_drops_the_network():
     from prsgd.training.config import RunConfig
 
     argv = ["--dataset", "digits", "--workers", "4", "--bandwidth", "100Mbit", "--latency=1ms", "--json", "--lr", "0.1"]
-    choice = Candidate(("--sync", "params_and_momentum", "--period", "8"), RunConfig())
+    argv += ["--compression", "bf16"]  # the run's own: the choice's --compression none comes after it
+    flags = ("--sync", "params_and_momentum", "--period", "8", "--compression", "none", "--overlap", "0")
+    choice = Candidate((*flags, "--fragments", "1"), RunConfig())
+    assert choice.name == "--sync params_and_momentum --period 8"
     assert command_line(argv, choice) == (
-        "prsgd train --engine distributed --dataset digits --workers 4 --lr 0.1 --sync params_and_momentum --period 8"
+        "prsgd train --engine distributed --dataset digits --workers 4 --lr 0.1 --compression bf16 "
+        "--sync params_and_momentum --period 8 --compression none --overlap 0 --fragments 1"
     )
 
 
@@ -300,13 +316,12 @@ def test_tune_ranks_by_predicted_time_and_picks_the_fastest_checked_within_the_l
     ranked = found["ranked"]
     times = [r["train_s"] for r in ranked]
     assert times == sorted(times)
-    assert any(r["flags"] == ["--sync", "gradients"] for r in ranked)
-    gradients = next(r for r in ranked if r["flags"] == ["--sync", "gradients"])
+    gradients = next(r for r in ranked if r["flags"][:2] == ["--sync", "gradients"])
     assert gradients["train_s"] > 3 * ranked[0]["train_s"]  # every step at 10 Mbit/s
     chosen = next(i for i, r in enumerate(ranked) if r["flags"] == found["choice"])
     assert ranked[chosen]["loss_change"] <= 0.05
     assert all(r["loss_change"] is None or r["loss_change"] > 0.05 for r in ranked[:chosen])
     checked = [r for r in ranked if r["loss_change"] is not None]
     assert 2 <= len(checked) <= 1 + 2 + 6  # gradients, a binary search over 3 periods, at most 6 faster ones
-    exact = [i for i, r in enumerate(ranked) if r["loss_change"] is not None and "--compression" not in r["flags"]]
+    exact = [i for i, r in enumerate(ranked) if r["loss_change"] is not None and "none" in r["flags"]]
     assert any(i >= chosen and ranked[i]["loss_change"] <= 0.05 for i in exact)  # the choice is no slower

@@ -25,6 +25,8 @@ LOSS_STEPS = 2000
 """The longest simulator run a loss check takes by default."""
 OVERLAPS = (0, 1)
 FRAGMENTS = (1, 2)
+OFF = {("--compression", "none"), ("--overlap", "0"), ("--fragments", "1"), ("--period", "1")}
+"""Flag values that leave an option off (a candidate's name leaves them out)."""
 NETWORK_FLAGS = {"--bandwidth", "--latency", "--intra-bandwidth", "--intra-latency", "--step-s", "--local-workers"}
 TUNE_FLAGS = {"--loss-budget", "--loss-steps", "--json", "--mtbf", "--restart-s", *NETWORK_FLAGS}
 
@@ -41,37 +43,36 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return " ".join(self.flags)
+        """The flags that differ from off (the command line spells every one, so that none of the run's own
+        round options is left in place)."""
+        pairs = zip(self.flags[::2], self.flags[1::2], strict=True)
+        return " ".join(f"{k} {v}" for k, v in pairs if (k, v) not in OFF)
 
 
 def candidates(base: RunConfig, steps: int) -> list[Candidate]:
     """Every-step gradients, and the base's periodic rule (Algorithm 1 unless it names another averaging rule) at
     each period up to half the run, with each compression, overlap and fragment count the round spec allows."""
     sync = base.algorithm.sync if base.algorithm.sync not in ("gradients", "none") else "params_and_momentum"
-    found = [_candidate(base, ("--sync", "gradients"))]
+    found = [_candidate(base, ("--sync", "gradients", "--period", "1", *_off_flags()))]
     for period in (p for p in PERIODS if 2 * p <= steps):
         for compression in COMPRESSIONS:
             for overlap in OVERLAPS:
                 for fragments in FRAGMENTS:
-                    flags = ["--sync", sync, "--period", str(period)]
-                    flags += ["--compression", compression] if compression != "none" else []
-                    flags += ["--overlap", str(overlap)] if overlap else []
-                    flags += ["--fragments", str(fragments)] if fragments > 1 else []
-                    candidate = _candidate(base, tuple(flags))
+                    flags = ("--sync", sync, "--period", str(period), "--compression", compression)
+                    flags += ("--overlap", str(overlap), "--fragments", str(fragments))
+                    candidate = _candidate(base, flags)
                     if candidate is not None:
                         found.append(candidate)
     return [c for c in found if c is not None]
 
 
+def _off_flags() -> tuple[str, ...]:
+    return tuple(x for pair in OFF if pair[0] != "--period" for x in pair)
+
+
 def _candidate(base: RunConfig, flags: tuple[str, ...]) -> Candidate | None:
     values = dict(zip(flags[::2], flags[1::2], strict=True))
-    overrides = {
-        "algorithm.sync": values["--sync"],
-        "algorithm.period": values.get("--period", "1"),
-        "algorithm.compression": values.get("--compression", ""),
-        "algorithm.overlap": values.get("--overlap", "0"),
-        "algorithm.fragments": values.get("--fragments", "0"),
-    }
+    overrides = {f"algorithm.{flag[2:]}": value for flag, value in values.items()}
     try:
         config = base.with_overrides(overrides)
         config.algorithm.round_spec()
@@ -140,7 +141,7 @@ def rank(q: Question, budget: float, loss_steps: int | None, checks: int = 6) ->
     # the longest period whose fastest exact-round candidate keeps the loss within budget (binary search)
     periods = sorted({period(c) for c in predicted})
     exact = {
-        p: next(i for i, c in enumerate(predicted) if period(c) == p and not c.config.algorithm.compression)
+        p: next(i for i, c in enumerate(predicted) if period(c) == p and c.config.algorithm.compression in ("", "none"))
         for p in periods
     }
     predicted[exact[1]] = replace(predicted[exact[1]], loss_change=0.0)  # gradients: the reference itself
