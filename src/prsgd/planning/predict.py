@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 
 from prsgd.errors import InvalidArgument, exit_on_user_error
@@ -83,8 +84,8 @@ def question(args: argparse.Namespace) -> Question:
     layout = Layout(workers, nodes or workers)
     if args.local_workers < 2:
         raise InvalidArgument(f"--local-workers {args.local_workers}: allowed: an integer >= 2 (rounds need two)")
-    if args.step_s is not None and not args.step_s > 0:
-        raise InvalidArgument(f"--step-s {args.step_s}: allowed: seconds > 0")
+    if args.step_s is not None and not (math.isfinite(args.step_s) and args.step_s > 0):
+        raise InvalidArgument(f"--step-s {args.step_s}: allowed: a finite number of seconds > 0")
     mtbf_s = parse_duration("--mtbf", args.mtbf) if args.mtbf else None
     if mtbf_s is not None and mtbf_s <= 0:
         raise InvalidArgument(f"--mtbf {args.mtbf!r}: allowed: a duration above zero, e.g. 6h")
@@ -93,8 +94,8 @@ def question(args: argparse.Namespace) -> Question:
             "--mtbf and --restart-s go together: how often a worker fails and how long it takes "
             "to start again (e.g. --mtbf 6h --restart-s 120)"
         )
-    if args.restart_s is not None and not args.restart_s >= 0:
-        raise InvalidArgument(f"--restart-s {args.restart_s}: allowed: seconds >= 0")
+    if args.restart_s is not None and not (math.isfinite(args.restart_s) and args.restart_s >= 0):
+        raise InvalidArgument(f"--restart-s {args.restart_s}: allowed: a finite number of seconds >= 0")
     return Question(config, network, layout, args.step_s, args.local_workers, mtbf_s, args.restart_s or 0.0)
 
 

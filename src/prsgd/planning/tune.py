@@ -25,7 +25,7 @@ LOSS_STEPS = 2000
 """The longest simulator run a loss check takes by default."""
 OVERLAPS = (0, 1)
 FRAGMENTS = (1, 2)
-OFF = {("--compression", "none"), ("--overlap", "0"), ("--fragments", "1"), ("--period", "1")}
+OFF = (("--period", "1"), ("--compression", "none"), ("--overlap", "0"), ("--fragments", "1"))
 """Flag values that leave an option off (a candidate's name leaves them out)."""
 NETWORK_FLAGS = {"--bandwidth", "--latency", "--intra-bandwidth", "--intra-latency", "--step-s", "--local-workers"}
 TUNE_FLAGS = {"--loss-budget", "--loss-steps", "--json", "--mtbf", "--restart-s", *NETWORK_FLAGS}
