@@ -27,7 +27,6 @@ from torch.utils._pytree import tree_leaves
 
 from prsgd.algorithm.contract import Collective
 from prsgd.algorithm.round import ROUND_OPTIONS
-from prsgd.data import load_dataset
 from prsgd.engines import distributed
 from prsgd.engines.torchrun import rendezvous_store
 from prsgd.errors import InvalidArgument
@@ -35,7 +34,7 @@ from prsgd.models import build_model
 from prsgd.planning.cost_model import Layout, Profile
 from prsgd.training.batches import worker_sampler
 from prsgd.training.config import RunConfig
-from prsgd.training.train import resolve_schedule
+from prsgd.training.train import load_data, resolve_schedule
 from prsgd.training.workers import DistributedWorker, Placement, SimulatedWorkers, check_memory
 
 WARM_UP_S = 0.5
@@ -68,16 +67,6 @@ def cycle_length(config: RunConfig) -> int:
     return int(a.period) * (a.state_period or 1)
 
 
-def load(config: RunConfig):
-    return load_dataset(
-        config.data.dataset,
-        config.data.path,
-        seed=config.training.seed,
-        train_subset=config.data.train_subset,
-        image_size=config.data.image_size,
-    )
-
-
 @dataclass(frozen=True)
 class Setting:
     """What every run predicted for one model, data and batch shares: the config with ``"theory"`` values resolved,
@@ -91,7 +80,7 @@ class Setting:
 
 
 def prepare(config: RunConfig) -> Setting:
-    data = load(config)
+    data = load_data(config)
     workers = config.training.workers
     config, steps, notes = resolve_schedule(config, len(data.train), workers)
     _, sampler = worker_sampler(config, data, workers)
@@ -206,7 +195,7 @@ def _time_rank(
         first = configs[0]
         workers = first.training.workers
         distributed.init_process_group("gloo", store=store, rank=rank, world_size=workers, timeout=TIMEOUT)
-        data = load(first)
+        data = load_data(first)
         _, sampler = worker_sampler(first, data, workers)
         alone = _Steps(without_rounds(first), data, sampler, rank, 1, timed_s)
         timings = []

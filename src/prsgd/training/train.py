@@ -41,6 +41,17 @@ from prsgd.training.workers import Placement, check_memory, make_workers, place
 Record = dict[str, Any]
 
 
+def load_data(config: RunConfig):
+    """The run's dataset, as its config names it (seeded subset, image size)."""
+    return load_dataset(
+        config.data.dataset,
+        config.data.path,
+        seed=config.training.seed,
+        train_subset=config.data.train_subset,
+        image_size=config.data.image_size,
+    )
+
+
 def resolve_schedule(config: RunConfig, train_size: int, num_workers: int) -> tuple[RunConfig, int, list[str]]:
     """(the config with ``"theory"`` values resolved, the run's steps T, what was resolved, for the log); refuses
     a period longer than the run. Needs only the training-set size: a sweep checks every run with it first."""
@@ -78,13 +89,7 @@ def preflight(config: RunConfig, num_workers: int | None = None) -> None:
     """Check ``config`` as far as can be done without training: its dataset loads (cached for the run), its
     schedule is valid, and its output folder can be used as asked. ``prsgd run`` checks every run of a sweep so
     before the first starts."""
-    data = load_dataset(
-        config.data.dataset,
-        config.data.path,
-        seed=config.training.seed,
-        train_subset=config.data.train_subset,
-        image_size=config.data.image_size,
-    )
+    data = load_data(config)
     resolve_schedule(config, len(data.train), num_workers or config.training.workers)
     _check_loggers_have_out(config)
     if config.out:
@@ -108,14 +113,7 @@ def run(
     ``engine="distributed"`` the run joins the process group torchrun describes and leaves it at the end, unless
     the caller passes its own ``torchrun`` membership (``prsgd run`` joins once for all its runs)."""
     _check_loggers_have_out(config)
-    t = config.training
-    data = load_dataset(
-        config.data.dataset,
-        config.data.path,
-        seed=t.seed,
-        train_subset=config.data.train_subset,
-        image_size=config.data.image_size,
-    )
+    data = load_data(config)
     placement = place(config, torchrun)
     config = replica_group_out(config, placement.group)
     folder = None
