@@ -35,7 +35,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
             opt = prsgd.LocalSGD(model, **case)
             opt.comm.trace = [[]]  # each round's collective, step by step: what prsgd predict's cost model reads
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if inf_at is not None else None
-            trajectory, applied = [], []
+            trajectory, applied, drift = [], [], []
             for t, (x, y) in enumerate(batches(world_size, steps)):
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x[rank]), y[rank])
@@ -53,6 +53,8 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     scaler.update()
                     applied.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)))
                 trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+                if opt.drift.latest is not None and opt.drift.latest.step == t + 1:  # measured before this round
+                    drift.append(dataclasses.astuple(opt.drift.latest))
             torch.save(
                 {
                     "trajectory": trajectory,
@@ -71,6 +73,7 @@ def run(rank: int, world_size: int, port: int, out_dir: str, cases: list[dict], 
                     "trace": [[dataclasses.astuple(c) for c in step] for step in opt.comm.trace],
                     "steps_done": opt.steps_done,
                     "applied": applied,
+                    "drift": drift,
                 },
                 os.path.join(out_dir, f"case{index}_rank{rank}.pt"),
             )

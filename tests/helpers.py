@@ -110,5 +110,7 @@ LOG_FIELDS = {
     "comm_rounds",
     "comm_bytes",
     "comm_peak_step_bytes",
+    "consensus_distance",
+    "state_spread",
 }
 """The documented fields of one log.jsonl record."""

@@ -60,6 +60,28 @@ def test_local_sgd_in_gloo_processes_matches_the_simulator(world_size, tmp_path)
 ATOLS = {None: 1e-6, "fp16": 2e-5, "bf16": 1e-4, "int8": 1e-3}
 
 
+def assert_drift_matches_the_simulator(case, ranks, simulated):
+    """LocalSGD measures the consensus distance (mean_i ||x_i||^2 - ||x_bar||^2 around the round) at the rounds that
+    average exactly; the simulator (the variance over its stacked workers) at every round of every rule. Where
+    LocalSGD measures, both give the same numbers at the same steps, on every rank."""
+    exact = case.get("sync", "params_and_momentum") in ("params_and_momentum", "params_clear_momentum", "params_only")
+    exact = exact and not any(case.get(k) for k in ("compression", "overlap", "fragments"))
+    for saved in ranks:
+        if not exact:
+            assert saved["drift"] == [], case  # never an estimate where the round does not form x_bar
+            continue
+        assert [d[0] for d in saved["drift"]] == [d[0] for d in simulated] != [], case
+        for (_, distance, spread), (_, expected, expected_spread) in zip(saved["drift"], simulated, strict=True):
+            assert distance == pytest.approx(expected, rel=1e-3, abs=1e-7), case
+            assert expected > 0
+            if case.get("sync", "params_and_momentum") == "params_and_momentum" and case["momentum"] > 0:
+                assert spread == pytest.approx(expected_spread, rel=1e-3, abs=1e-7), case
+            else:  # not all averaged by the round: not measured on one worker
+                assert spread is None, case
+    if case.get("sync") == "gradients":
+        assert simulated == []
+
+
 def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols=ATOLS):
     """Every rank's trajectory, buffers, momentum and counters are the simulator's worker of that rank."""
     case = dict(case)
@@ -69,8 +91,11 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
     # the engines' gradients agree to float noise (vmap vs per-process autograd); a compressed round can turn
     # that noise into one rounding step of the change it sends (an fp16 / bf16 ulp, an int8 step of ~1e-2 / 127)
     atol = atols.get(case.get("compression"), atols[None])
+    drift = []
     for t, (x, y) in enumerate(batches(world_size, steps)):
         sim.step(x, y, F.cross_entropy)
+        if sim.drift.latest is not None and sim.drift.latest.step == t + 1:
+            drift.append(dataclasses.astuple(sim.drift.latest))
         for rank, saved in enumerate(ranks):
             for name, p in saved["trajectory"][t].items():
                 torch.testing.assert_close(
@@ -84,6 +109,7 @@ def assert_ranks_match_the_simulator(case, ranks, world_size, steps=STEPS, atols
         for t in range(case["period"] - 1, steps, case["period"]):
             for name, p in ranks[0]["trajectory"][t].items():
                 assert all(torch.equal(p, saved["trajectory"][t][name]) for saved in ranks), (t, name)
+    assert_drift_matches_the_simulator(case, ranks, drift)
     for rank, saved in enumerate(ranks):
         assert saved["comm"] == dataclasses.astuple(sim.comm)
         # the same collectives (kind, bytes, scope, overlapped) in the same steps: the simulator's trace, which

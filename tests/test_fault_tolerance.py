@@ -365,6 +365,8 @@ def test_prsgd_train_fault_tolerant_matches_the_simulator_and_a_killed_group_rej
             for a, b in zip(records, simulated, strict=True):
                 assert (a["comm_rounds"], a["comm_bytes"]) == (b["comm_rounds"], b["comm_bytes"])
                 assert a["participants"] == GROUPS and a["groups_lost"] == 0
+                # a round over a quorum may fail and run again: drift is not measured, never guessed
+                assert a["consensus_distance"] is None and (b["step"] == 0 or b["consensus_distance"] > 0)
             assert records[-1]["train_loss"] == pytest.approx(simulated[-1]["train_loss"], rel=1e-5)  # after a round
             summary = (tmp_path / f"job-{g}.txt").read_text()
             assert "fault tolerance: 3 groups in the last round, 0 rounds over fewer groups" in summary

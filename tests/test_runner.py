@@ -7,12 +7,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import LOG_FIELDS
 
 from prsgd import cli
 from prsgd.data import DataError
-from prsgd.experiments.report import describe_groups, discover, figure, group_configs
+from prsgd.experiments.report import describe_groups, discover, figure, group_configs, plotted_metrics
 from prsgd.experiments.runner import main as run_main
 from prsgd.training.config import ConfigError, RunConfig, TrainingConfig, load
 
@@ -122,6 +123,8 @@ def test_seeds_and_sweep_fill_one_folder_and_plot_draws_them(tmp_path):
         for seed in (0, 1):
             records = read_log(out / f"period={period}" / f"seed{seed}")
             assert records[-1]["comm_rounds"] == records[-1]["step"] // period
+            assert records[0]["consensus_distance"] is None  # no round before step 0
+            assert records[-1]["consensus_distance"] > 0 and records[-1]["state_spread"] > 0
             assert (
                 json.loads((out / f"period={period}" / f"seed{seed}" / "config.json").read_text())["training"]["seed"]
                 == seed
@@ -140,6 +143,28 @@ def test_seeds_and_sweep_fill_one_folder_and_plot_draws_them(tmp_path):
     with pytest.raises(SystemExit, match=r"prsgd plot: error: x axis 'rounds' is not known; allowed: joint_epoch, "):
         cli.main(["plot", str(out), "--out", str(tmp_path / "fig2"), "--x", "rounds"])
     assert not (tmp_path / "fig2.png").exists()
+
+
+def test_plot_draws_the_drift_panels_when_the_runs_measured_drift():
+    without = [
+        [{"joint_epoch": e, "train_loss": 1.0, "test_accuracy": 0.5, "consensus_distance": None} for e in range(3)]
+    ]
+    assert plotted_metrics({"a": without}) == ("train_loss", "test_accuracy")  # nothing measured: no empty panel
+    runs = [
+        [
+            {"joint_epoch": e, "train_loss": 1.0, "test_accuracy": 0.5, "consensus_distance": d, "state_spread": None}
+            for e, d in enumerate([None, 0.02, 0.04])
+        ]
+        for _ in range(2)
+    ]
+    runs[1][2]["consensus_distance"] = 0.08
+    metrics = plotted_metrics({"a": without, "b": runs})
+    assert metrics == ("train_loss", "test_accuracy", "consensus_distance")
+    fig = figure({"b": runs}, ["joint_epoch"], metrics)
+    panel = fig.axes[2]
+    assert panel.get_yscale() == "log" and panel.get_ylabel() == "consensus distance before a round"
+    ys = panel.lines[0].get_ydata()
+    assert np.isnan(ys[0]) and list(ys[1:]) == pytest.approx([0.02, 0.06])  # the mean over seeds; null: a gap
 
 
 def test_a_narrow_log_axis_is_labelled_in_plain_numbers():

@@ -102,6 +102,8 @@ class Communicator(Protocol):
     comm: CommStats
     counters: list[Tensor]
     """The local rule's per-parameter counters (AdamW's ``step``): never sent, restarted with a cleared state."""
+    holds_every_worker: bool
+    """Whether ``tensors(field)`` are every worker's, stacked ``(N, ...)`` (the simulator), or this worker's."""
 
     def tensors(self, field: Field) -> list[Tensor]: ...
 
@@ -115,6 +117,12 @@ class Communicator(Protocol):
         ...
 
     def mix(self, fields: Sequence[Field], step: int) -> None: ...
+
+    def worker_mean(self, values: Tensor) -> Tensor | None:
+        """The mean over all workers of a few float64 numbers each holds (``values``: ``(N, k)`` stacked, or this
+        worker's ``(k,)``), for measurements (:mod:`prsgd.algorithm.drift`): not counted in ``comm``, which is the
+        algorithm's traffic. None where it cannot be had (a fault-tolerant run's quorum changes between rounds)."""
+        ...
 
     def mix_tensors(self, tensors: list[Tensor], step: int) -> None:
         """As :meth:`mix`, of tensors that are not whole fields (a fragment's views), written back in place."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prsgd.algorithm.contract import CommStats
+from prsgd.algorithm.drift import DriftMeter
 from prsgd.algorithm.periodic import PeriodicSync
 from prsgd.algorithm.round import RoundSpec
 from prsgd.algorithm.rules import SyncRule
@@ -45,6 +46,12 @@ class FollowsAlgorithm:
     def comm(self) -> CommStats:
         """Communication so far, per worker: rounds and payload bytes."""
         return self.algorithm.comm
+
+    @property
+    def drift(self) -> DriftMeter:
+        """How far the workers drifted apart before each round (:mod:`prsgd.algorithm.drift`): ``drift.latest``,
+        ``drift.take()``; ``drift.on = False`` stops measuring."""
+        return self.algorithm.drift
 
     @property
     def in_consensus(self) -> bool:

@@ -25,7 +25,8 @@ from typing import Any
 from torch import Tensor
 
 from prsgd.algorithm.contract import CommStats, Communicator
-from prsgd.algorithm.exchange import Exchange, make_exchange
+from prsgd.algorithm.drift import DriftMeter
+from prsgd.algorithm.exchange import ExactExchange, Exchange, make_exchange
 from prsgd.algorithm.fragments import fragment_tensors
 from prsgd.algorithm.local import LOCAL_RULE, LocalRule, UpdateGroup
 from prsgd.algorithm.outer import OuterOptimizer
@@ -51,7 +52,8 @@ class PeriodicSync:
     (None when off); with ``fragments`` F > 1, ``exchanges`` and ``outers`` hold one exchange and one outer step per
     fragment (``exchange`` and ``outer`` are the first's), each over its fragment's views
     (:mod:`prsgd.algorithm.fragments`). Both engines and :func:`prsgd.experiments.problems.run` hold one; their
-    ``steps_done``, ``comm``, ``in_consensus`` and the ``"prsgd"`` part of their state dicts are this object's.
+    ``steps_done``, ``comm``, ``in_consensus``, ``drift`` (:class:`~prsgd.algorithm.drift.DriftMeter`: how far the
+    workers drifted apart before each round) and the ``"prsgd"`` part of their state dicts are this object's.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class PeriodicSync:
         self.steps_done = 0
         self.fragment_in_flight = 0  # the fragment an overlapped round in flight started on
         self.synchronized_at: int | None = None
+        self.drift = DriftMeter()
 
     @property
     def exchange(self) -> Exchange:
@@ -217,6 +220,10 @@ class PeriodicSync:
             self._apply_state_rule()
             return
         f = self.schedule.fragment_after(self.steps_done)
+        if not self.spec.sends_state_after(self.steps_done):  # state_period: the state waits for a later round
+            fields = ("params", "buffers")
+        averages = type(self.exchange) is ExactExchange and self.overlap is None and self.fragments == 1
+        measured = self.drift.before_round(self.engine, self.steps_done, fields if averages else ())
         if self.overlap is not None:
             self.fragment_in_flight = f
             self.overlap.start_round(self._round_tensors(f), self.exchanges[f], self.engine, self.steps_done)
@@ -224,9 +231,9 @@ class PeriodicSync:
         if self.fragments > 1:
             self.exchanges[f].round_of(self._round_tensors(f), self.engine, self.steps_done - 1)
         else:
-            if not self.spec.sends_state_after(self.steps_done):  # state_period: the state waits for a later round
-                fields = ("params", "buffers")
             self.exchange.exchange_round(self.engine, fields, self.steps_done - 1)
+        if measured is not None:  # before the outer step moves the average
+            measured()
         if self.outers[f] is not None:  # the outer optimizer's step (:mod:`prsgd.algorithm.outer`)
             self.outers[f].step(self._tensors(f, ("params",)))
             if self.exchanges[f].anchored:
@@ -311,6 +318,7 @@ class PeriodicSync:
             **self._stage_states(),
             **({"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes} if nodes else {}),
             **({"synchronized_at": self.synchronized_at} if self.synchronized_at is not None else {}),
+            **({"drift": self.drift.state_dict()} if self.drift.state_dict() else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:
@@ -347,6 +355,7 @@ class PeriodicSync:
         self.comm.rounds, self.comm.bytes = int(state["rounds"]), int(state["bytes"])
         self.comm.peak_step_bytes = int(state.get("peak_step_bytes", 0))  # states saved before it was counted: 0
         self.comm.node_rounds, self.comm.node_bytes = int(state.get("node_rounds", 0)), int(state.get("node_bytes", 0))
+        self.drift.load_state_dict(state.get("drift", []))
         synchronized = state.get("synchronized_at")  # a consensus state continued by other workers: at its step
         self.synchronized_at = None if synchronized is None else rescaled_steps(int(synchronized), saved, workers)
         # a consensus state continued by another number of workers starts afresh from its (common) values

@@ -39,6 +39,8 @@ class ProcessGroupCommunicator:
     ``state``: where the optimizer state lives when not in the storage (a wrapped torch optimizer's, created lazily):
     a round that sends it packs it after the storage's span, still one collective."""
 
+    holds_every_worker = False
+
     def __init__(
         self,
         storage: FlatStorage,
@@ -120,6 +122,13 @@ class ProcessGroupCommunicator:
         if self._all_reduce_sum(span, group):
             span.div_(size)
             self.comm.record(span.numel() * span.element_size(), scope)
+
+    def worker_mean(self, values: Tensor) -> Tensor | None:
+        """One all-reduce of a few float64 numbers, uncounted (a measurement, not the algorithm's traffic)."""
+        total = values.clone()
+        if self.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
+        return total / self.world_size
 
     # the collectives, each True once done (a fault-tolerant subclass's may fail: the round is then run again)
     def _all_reduce_sum(self, tensor: Tensor, group: dist.ProcessGroup | None) -> bool:

@@ -282,6 +282,10 @@ class FaultTolerantCommunicator(ProcessGroupCommunicator):
     def _all_gather(self, gathered: Tensor, row: Tensor) -> bool:
         return self.groups.all_gather(list(gathered.split(row.numel())), row)
 
+    def worker_mean(self, values: Tensor) -> None:
+        """Not measured: a round may fail and run again, over a quorum that changes (see prsgd.algorithm.drift)."""
+        return None
+
     def _mix(self, flat: Tensor, step: int) -> None:
         raise RuntimeError("gossip rounds are refused with fault tolerance at construction")
 

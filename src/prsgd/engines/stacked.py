@@ -112,6 +112,8 @@ class StackedCommunicator:
     groups consecutive workers for hierarchical runs' inner rounds. An overlapped round's exchange runs at once
     (:meth:`start`): the simulator has no network to wait for, the delay is the algorithm's."""
 
+    holds_every_worker = True
+
     def __init__(
         self,
         num_workers: int,
@@ -162,6 +164,9 @@ class StackedCommunicator:
             return
         mean_over_workers_(tensors)
         self.comm.record(worker_bytes(tensors))
+
+    def worker_mean(self, values: Tensor) -> Tensor:
+        return values.mean(0)
 
     def start(self, work: Callable[[StackedCommunicator], None]) -> Callable[[], None]:
         background = copy.copy(self)  # the same tensors, its own count until waited for

@@ -31,7 +31,22 @@ X_AXES = {  # name -> (record field, axis label, scale)
 # config keys that name where or how a run was made, not what was trained: never in titles or legends
 _RUN_KEYS = {"out", "progress", "resume", "overwrite", "seeds", "sweep", "logger", "worker_timeout", "training.seed"}
 _TITLE_KEYS = ("data.dataset", "data.split", "model.model", "training.workers", "algorithm.sync", "algorithm.period")
-METRICS = {"train_loss": "training loss (averaged model)", "test_accuracy": "test accuracy"}
+METRICS = {
+    "train_loss": "training loss (averaged model)",
+    "test_accuracy": "test accuracy",
+    "consensus_distance": "consensus distance before a round",
+    "state_spread": "optimizer state spread before a round",
+}
+DRIFT = ("consensus_distance", "state_spread")
+"""Measured just before each round (:mod:`prsgd.algorithm.drift`); a record holds the mean over the rounds since the
+previous one, or null (no round yet; not measurable by the engine)."""
+
+
+def plotted_metrics(groups: Groups) -> tuple[str, ...]:
+    """Training loss and test accuracy, and each drift measure some record of the groups holds (runs without
+    rounds, logs written before drift was measured, and rounds LocalSGD cannot measure hold none)."""
+    held = [m for m in DRIFT if any(rec.get(m) is not None for runs in groups.values() for r in runs for rec in r)]
+    return ("train_loss", "test_accuracy", *held)
 
 
 def read_log(folder: str | Path) -> list[dict[str, Any]]:
@@ -132,7 +147,7 @@ def natural_key(text: str) -> list:
 
 def _stack(runs: Sequence[Records], key: str) -> np.ndarray:
     length = min(len(r) for r in runs)
-    return np.array([[rec[key] for rec in r[:length]] for r in runs], dtype=float)
+    return np.array([[rec.get(key) for rec in r[:length]] for r in runs], dtype=float)  # null or missing: nan
 
 
 def summary_table(groups: Groups) -> str:
@@ -211,7 +226,7 @@ def figure(
                 (line,) = ax.plot(xs, ys.mean(axis=0), label=labels.get(name, name))
                 if len(runs) > 1:
                     ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
-            if metric.endswith("loss"):
+            if metric.endswith("loss") or metric in DRIFT:
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(plain)  # 0.5, not 5x10^-1; narrow ranges label minor ticks too
                 ax.yaxis.set_minor_formatter(plain)

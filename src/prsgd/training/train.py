@@ -252,6 +252,7 @@ def _train(
                     "comm_rounds": workers.comm.rounds,
                     "comm_bytes": workers.comm.bytes,
                     "comm_peak_step_bytes": workers.comm.peak_step_bytes,
+                    **workers.drift.take(),  # means over the rounds since the last record (None: none measured)
                     **workers.fault_record(),
                     **({"test_perplexity": math.exp(min(test_loss, 700.0))} if data.is_text else {}),
                 }

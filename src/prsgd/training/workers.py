@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prsgd.algorithm import CommStats, FollowsAlgorithm, PeriodicSync
+from prsgd.algorithm.drift import DriftMeter
 from prsgd.data import Dataset, WorkerSampler
 from prsgd.engines import distributed
 from prsgd.engines.fault_tolerance import FaultTolerance
@@ -35,6 +36,7 @@ class Workers(Protocol):
     shard_rank: int  # this process's checkpoint shard
     comm: CommStats
     in_consensus: bool
+    drift: DriftMeter
 
     def set_lr(self, lr: float) -> None: ...
 
