@@ -103,3 +103,10 @@ def test_fault_tolerance_benchmark(tmp_path):
 def test_predict_vs_measured_benchmark(tmp_path):
     out = run_script("predict_vs_measured.py", "--smoke", "--out", str(tmp_path))
     assert "| 10gbit | gradients (every step) |" in out and "| 10gbit | Alg. 1 I=4 |" in out and "worst error" in out
+
+
+def test_drift_benchmark(tmp_path):
+    args = ["--model", "resnet8", "--repeats", "2", "--seeds", "2", "--rounds", "20", "--periods", "1,4"]
+    out = run_script("drift.py", *args, "--zetas", "0,1", "--out", str(tmp_path))
+    assert "| LocalSGD, 2 gloo processes, period 1 |" in out and "| 1 | 4 |" in out and " +- " in out
+    assert (tmp_path / "drift_vs_period.png").is_file()

@@ -64,7 +64,7 @@ class DriftMeter:
             state = _tensors(engine, STATE_FIELDS)
             self._add(Drift(step, _variance_sum(engine.tensors("params")), _variance_sum(state) if state else None))
             return None
-        params, state = engine.tensors("params"), engine.tensors("state")
+        params, state = engine.elementwise(("params",)), engine.tensors("state")  # params: one span on LocalSGD
         if "params" not in averaged or not params or not _precise(params):
             return None
         measure_state = "state" in averaged and bool(state) and not engine.tensors("local_state") and _precise(state)
@@ -109,9 +109,13 @@ def _tensors(engine: Communicator, fields: Sequence[Field]) -> list[Tensor]:
 
 
 def _variance_sum(stacked: Sequence[Tensor]) -> float:
-    """(1/N) sum_i ||x_i - x_bar||^2 of stacked (N, ...) tensors: the variance over workers, summed over coordinates
-    (accumulated in float64)."""
-    return sum(float(t.reshape(t.shape[0], -1).var(0, correction=0).sum(dtype=torch.float64)) for t in stacked)
+    """(1/N) sum_i ||x_i - x_bar||^2 of stacked (N, ...) tensors. The deviations are formed first, so nothing
+    cancels: the tensors' own precision suffices."""
+    total = 0.0
+    for t in stacked:
+        rows = t.detach().reshape(t.shape[0], -1)
+        total += float((rows - rows.mean(0)).square().sum()) / t.shape[0]
+    return total
 
 
 def _precise(tensors: Sequence[Tensor]) -> bool:
@@ -121,8 +125,6 @@ def _precise(tensors: Sequence[Tensor]) -> bool:
 
 
 def _square_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """||x||^2 of one worker's tensors, accumulated in float64."""
-    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-    for t in tensors:
-        total += t.detach().reshape(-1).square().sum(dtype=torch.float64)
-    return total
+    """||x||^2 of one worker's tensors in float64 (the identity subtracts two such numbers)."""
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in tensors]
+    return torch.stack(norms).square().sum()

@@ -223,10 +223,15 @@ def figure(
             for name, runs in groups.items():
                 xs = _stack(runs, field).mean(axis=0) * scale
                 ys = _stack(runs, metric)
+                # drift is null in records with no round since the one before: joined over them, not broken
+                kept = np.isfinite(ys).all(axis=0) if metric in DRIFT else np.ones(len(xs), dtype=bool)
+                xs, ys = xs[kept], ys[:, kept]
                 (line,) = ax.plot(xs, ys.mean(axis=0), label=labels.get(name, name))
                 if len(runs) > 1:
                     ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
-            if metric.endswith("loss") or metric in DRIFT:
+            if metric in DRIFT:
+                ax.set_yscale("log")  # spans decades between periods: matplotlib's own 10^k labels
+            elif metric.endswith("loss"):
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(plain)  # 0.5, not 5x10^-1; narrow ranges label minor ticks too
                 ax.yaxis.set_minor_formatter(plain)
