@@ -53,7 +53,7 @@ from prsgd.errors import CheckpointError, InvalidArgument
 
 class AcceleratedLocalSGD(FollowsAlgorithm, AcceleratedOptimizer):
     """accelerate's optimizer wrapper around a :class:`prsgd.LocalSGD`, with its algorithm state reachable
-    (``comm``, ``steps_done``, ``in_consensus``, ``rule``, ``period``, ``synchronized_at``)."""
+    (``comm``, ``steps_done``, ``in_consensus``, ``rule``, ``period``, ``synchronized_at``, ``drift``)."""
 
     @property
     def algorithm(self) -> PeriodicSync:  # type: ignore[override]
