@@ -26,6 +26,9 @@ class Recorder:
     def tensors(self, field):
         return {"state": self.momentum, "grads": [torch.zeros(3)]}.get(field, [])
 
+    def elementwise(self, fields):
+        return [t for field in fields for t in self.tensors(field)]
+
     def average(self, fields):
         self.calls.append(("average", tuple(fields)))
         self.comm.record(1)

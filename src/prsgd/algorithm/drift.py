@@ -64,8 +64,10 @@ class DriftMeter:
             state = _tensors(engine, STATE_FIELDS)
             self._add(Drift(step, _variance_sum(engine.tensors("params")), _variance_sum(state) if state else None))
             return None
+        if "params" not in averaged:
+            return None
         params, state = engine.elementwise(("params",)), engine.tensors("state")  # params: one span on LocalSGD
-        if "params" not in averaged or not params or not _precise(params):
+        if not params or not _precise(params):
             return None
         measure_state = "state" in averaged and bool(state) and not engine.tensors("local_state") and _precise(state)
         groups = [params, *([state] if measure_state else [])]
