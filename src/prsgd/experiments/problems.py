@@ -14,8 +14,21 @@ step (only the regulariser lets the period matter). With ``noise="rows"`` a work
 ``batch`` of rows of its least-squares part drawn uniformly (plus the regulariser's): the Hessian
 a_j a_j^T / batch then differs from sample to sample, workers drift apart between rounds even with identical data,
 and the variance sigma^2(x) depends on x (:meth:`NonConvexRegression.noise_variance` gives it exactly).
-Heterogeneity is exact too: grad f_i(x) - grad f(x) = -A^T delta_i / m for every x, and the delta_i are scaled so
-that (1/N) sum_i ||grad f_i - grad f||^2 = zeta^2.
+Heterogeneity is exact too, of one of two kinds (``heterogeneity=``):
+
+- ``"shift"`` (the default): grad f_i(x) - grad f(x) = -A^T delta_i / m for every x, the delta_i scaled so that
+  (1/N) sum_i ||grad f_i - grad f||^2 = zeta^2. Every worker has the same Hessian, so the heterogeneity cancels in
+  the node average of the quadratic part and acts only through the regulariser's curvature: weakly (at zeta = 4,
+  period 16 raises the floor 2.4x where "curvature" raises it 18x, ``tests/test_heterogeneity.py``);
+- ``"curvature"``: each worker weighs the regulariser per coordinate, f_i = 1/(2m) ||A x - b||^2 + sum_k w_ik r(x_k)
+  with w_ik = lam + zeta s_ik, sum_i s_ik = 0, so the workers differ in curvature (Hessians A^T A / m +
+  diag(w_ik r''(x_k))) and grad f_i - grad f = zeta s_i * r'(x). Since |r'| <= 9 / (8 sqrt 3), attained at
+  |t| = 1/sqrt 3, scaling s so that (1/N) sum_ik s_ik^2 (9 / (8 sqrt 3))^2 = 1 makes zeta^2 the exact supremum over
+  x of (1/N) sum_i ||grad f_i(x) - grad f(x)||^2 (Assumption 1's constant, attained). f is the same function for
+  every zeta, and zeta = 0 is the identical-data problem of the same seed.
+
+L is exact for both: the largest |eigenvalue| any worker's Hessian takes over x (each r''(x_k) ranges over
+[-1/2, 2] independently, attained at x_k = +-1 and 0).
 
 :func:`run` drives the workers with prsgd's own algorithm (:class:`prsgd.algorithm.PeriodicSync` over the
 simulator's stacked communicator, on (N, d) tensors) and returns the paper's convergence measure
@@ -35,6 +48,9 @@ from prsgd.algorithm.topology import make_topology
 from prsgd.engines.stacked import StackedCommunicator
 from prsgd.errors import check_choice, check_int, check_number
 
+MAX_SLOPE = 9 / (8 * math.sqrt(3))
+"""max |r'(t)| of the regulariser r(t) = t^2 / (1 + t^2), attained at |t| = 1/sqrt 3."""
+
 
 class NonConvexRegression:
     """N workers' objectives with known L, sigma^2 and zeta^2 (see the module docstring). float64 throughout."""
@@ -50,10 +66,12 @@ class NonConvexRegression:
         seed: int = 0,
         noise: str = "additive",
         batch: int = 1,
+        heterogeneity: str = "shift",
     ) -> None:
         for name, value in (("num_workers", num_workers), ("dim", dim), ("samples", samples), ("batch", batch)):
             check_int(name, value, 1)
         self.noise = check_choice("noise", noise, ("additive", "rows"))
+        self.heterogeneity = check_choice("heterogeneity", heterogeneity, ("shift", "curvature"))
         self.batch = batch
         for name, value in (("lam", lam), ("sigma", sigma), ("zeta", zeta)):
             check_number(name, value, 0)
@@ -71,12 +89,37 @@ class NonConvexRegression:
         spread = (shifts @ self.A / samples).pow(2).sum(1).mean()
         scale = self.zeta / spread.sqrt() if num_workers > 1 and spread > 0 else 0.0
         self.delta = shifts * scale  # (N, m), sum over workers is 0
+        spreads = torch.randn(num_workers, dim, generator=g, dtype=torch.float64)  # drawn after: A, b, delta kept
+        spreads -= spreads.mean(0)
+        size = spreads.pow(2).mean(0).sum() * MAX_SLOPE**2
+        spreads = spreads / size.sqrt() if num_workers > 1 and size > 0 else spreads * 0
+        if self.heterogeneity == "curvature":
+            self.delta = torch.zeros_like(self.delta)
+        else:
+            spreads = spreads * 0
+        self.weights = self.lam + self.zeta * spreads  # (N, d): each worker's regulariser weight per coordinate
         self.x0 = torch.full((dim,), 1.5, dtype=torch.float64)  # start in the non-convex region (|x_k| > 1/sqrt 3)
 
     @property
     def L(self) -> float:
-        """Smoothness constant of every f_i and of f: lambda_max(A^T A / m) + 2 lam."""
-        return float(torch.linalg.eigvalsh(self.AtA)[-1]) + 2 * self.lam
+        """The smoothness constant of every f_i: the largest |eigenvalue| of A^T A / m + diag(w_ik r''(x_k)) over
+        workers i and points x. Each r''(x_k) ranges over [-1/2, 2] on its own and eigenvalues grow with the
+        diagonal, so the extremes are at the diagonal's extremes (lambda_max(A^T A / m) + 2 lam for "shift")."""
+        c = self.weights
+        high, low = torch.where(c >= 0, 2 * c, -c / 2), torch.where(c >= 0, -c / 2, 2 * c)
+        return max(
+            max(
+                float(torch.linalg.eigvalsh(self.AtA + torch.diag(hi))[-1]),
+                -float(torch.linalg.eigvalsh(self.AtA + torch.diag(lo))[0]),
+            )
+            for hi, lo in zip(high, low, strict=True)
+        )
+
+    def heterogeneity_at(self, x: Tensor) -> float:
+        """(1/N) sum_i ||grad f_i(x) - grad f(x)||^2 at one point x (at most zeta^2, for every x)."""
+        return float(
+            (self.worker_gradients(x.expand(self.num_workers, -1)) - self.full_gradient(x)).pow(2).sum(1).mean()
+        )
 
     @property
     def sigma2(self) -> float:
@@ -86,8 +129,8 @@ class NonConvexRegression:
     def zeta2(self) -> float:
         return self.zeta**2
 
-    def _regulariser_grad(self, x: Tensor) -> Tensor:
-        return self.lam * 2 * x / (1 + x * x) ** 2
+    def _regulariser_grad(self, x: Tensor, weights: Tensor | float | None = None) -> Tensor:
+        return (self.lam if weights is None else weights) * 2 * x / (1 + x * x) ** 2
 
     def full_gradient(self, x: Tensor) -> Tensor:
         """grad f at x, shape (..., d)."""
@@ -96,7 +139,7 @@ class NonConvexRegression:
     def worker_gradients(self, xs: Tensor) -> Tensor:
         """grad f_i at worker i's point xs[i], shape (N, d)."""
         residual = xs @ self.A.T - (self.b + self.delta)
-        return residual @ self.A / self.samples + self._regulariser_grad(xs)
+        return residual @ self.A / self.samples + self._regulariser_grad(xs, self.weights)
 
     def stochastic_gradients(self, xs: Tensor, generator: torch.Generator) -> Tensor:
         if self.noise == "rows":
@@ -104,7 +147,7 @@ class NonConvexRegression:
             a = self.A[rows]  # (N, B, d)
             targets = torch.gather(self.b + self.delta, 1, rows)  # (N, B)
             residual = torch.einsum("nbd,nd->nb", a, xs) - targets
-            return torch.einsum("nb,nbd->nd", residual, a) / self.batch + self._regulariser_grad(xs)
+            return torch.einsum("nb,nbd->nd", residual, a) / self.batch + self._regulariser_grad(xs, self.weights)
         noise = torch.randn(xs.shape, generator=generator, dtype=torch.float64)
         return self.worker_gradients(xs) + self.sigma / math.sqrt(self.dim) * noise
 
