@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,32 @@ def test_heterogeneity_in_curvature_acts_far_more_than_a_shift_of_the_same_zeta(
 def test_an_unknown_heterogeneity_is_refused():
     with pytest.raises(ValueError, match=r"heterogeneity='labels' .*shift, curvature"):
         NonConvexRegression(2, heterogeneity="labels")
+
+
+def test_the_experiment_keeps_its_raw_runs_and_its_section_is_checked_against_them(tmp_path):
+    from prsgd.experiments.heterogeneity import main
+
+    runs, doc = tmp_path / "runs.jsonl", tmp_path / "theory.md"
+    doc.write_text("# Theory made measurable\n\n## 1. Other sections stay\n")
+    main(["--seeds", "2", "--steps", "40", "--runs", str(runs), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Theory made measurable\n\n## 1. Other sections stay\n")
+    assert "## 5. Heterogeneity that acts" in text and (tmp_path / "figures" / "theory_heterogeneity.png").is_file()
+    assert len(runs.read_text().splitlines()) == 2 * (6 * 4 + 3 * 4)  # seeds x (periods x zetas + rules x zetas)
+    main(["--check", "--runs", str(runs), "--doc", str(doc)])
+    row = next(line for line in text.splitlines() if line.startswith("| 4 | "))
+    edited = row[:6] + ("2" if row[6] == "1" else "1") + row[7:]  # the first digit of a floor, edited by hand
+    doc.write_text(text.replace(row, edited))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--check", "--runs", str(runs), "--doc", str(doc)])
+    assert exit_info.value.code == 1
+    main(["--seeds", "2", "--steps", "40", "--runs", str(runs), "--doc", str(doc)])  # rewritten in place, not added
+    assert doc.read_text().count("## 5. Heterogeneity that acts") == 1
+
+
+def test_docs_theory_heterogeneity_section_matches_its_raw_runs():
+    from prsgd.experiments.heterogeneity import check
+
+    root = Path(__file__).resolve().parents[1]
+    assert check(root / "docs" / "theory" / "heterogeneity_runs.jsonl", root / "docs" / "theory.md") == []
+

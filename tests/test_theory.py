@@ -114,10 +114,14 @@ def test_run_counts_rounds_and_matches_gossip_node_average_dynamics():
 
 
 def test_theory_experiments_smoke_run_writes_every_section_with_a_verdict(tmp_path):
+    from prsgd.experiments import heterogeneity
     from prsgd.experiments.theory_experiments import main as experiments
 
+    section = heterogeneity.BEGIN + "\n\n## 5. rendered from its own raw runs\n" + heterogeneity.END
+    (tmp_path / "theory.md").write_text("# an older page\n\n" + section + "\n")
     experiments(["--config", str(Path(__file__).parents[1] / "configs/theory/quick.toml"), "--out", str(tmp_path)])
     text = (tmp_path / "theory.md").read_text()
+    assert text.count(section) == 1 and "# an older page" not in text  # section 5 kept, the rest regenerated
     for heading in ("## 1. Linear speedup", "## 2. Communication complexity", "## 3. Momentum", "## 4. Decentral"):
         assert heading in text
     assert text.count("**held**") + text.count("**not held**") + text.count("**not testable") >= 2 + 2 + 2

@@ -30,6 +30,7 @@ import torch
 from prsgd.algorithm.theory import recommended_period
 from prsgd.algorithm.topology import make_topology
 from prsgd.errors import check_int
+from prsgd.experiments import heterogeneity
 from prsgd.experiments.report import mean_sd
 from prsgd.experiments.theory_measures import (
     BETA,
@@ -356,7 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     doc += communication(plan, plt, fig_dir)
     doc += momentum_handling(plan.seeds, plan.steps, plan.momentum_workers)
     doc += decentralized(plan.seeds, plan.steps, list(plan.decentralized_workers))
-    (out / "theory.md").write_text("\n".join(doc) + "\n")
+    page = out / "theory.md"
+    earlier = page.read_text() if page.is_file() else ""
+    page.write_text(heterogeneity.kept(earlier, "\n".join(doc) + "\n"))  # section 5 is rendered from its own runs
     print("\n".join(doc))
 
 
