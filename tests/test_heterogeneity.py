@@ -120,8 +120,7 @@ def test_the_experiment_keeps_its_raw_runs_and_its_section_is_checked_against_th
 
 
 def test_docs_theory_heterogeneity_section_matches_its_raw_runs():
-    from prsgd.experiments.heterogeneity import check
+    from prsgd.experiments.heterogeneity import SECTION
 
     root = Path(__file__).resolve().parents[1]
-    assert check(root / "docs" / "theory" / "heterogeneity_runs.jsonl", root / "docs" / "theory.md") == []
-
+    assert SECTION.check(root / SECTION.runs, root / "docs" / "theory.md") == []

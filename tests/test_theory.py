@@ -117,7 +117,7 @@ def test_theory_experiments_smoke_run_writes_every_section_with_a_verdict(tmp_pa
     from prsgd.experiments import heterogeneity
     from prsgd.experiments.theory_experiments import main as experiments
 
-    section = heterogeneity.BEGIN + "\n\n## 5. rendered from its own raw runs\n" + heterogeneity.END
+    section = heterogeneity.SECTION.begin + "\n\n## 5. rendered from its own raw runs\n" + heterogeneity.SECTION.end
     (tmp_path / "theory.md").write_text("# an older page\n\n" + section + "\n")
     experiments(["--config", str(Path(__file__).parents[1] / "configs/theory/quick.toml"), "--out", str(tmp_path)])
     text = (tmp_path / "theory.md").read_text()

@@ -21,7 +21,6 @@ figure are rendered from that file alone, so ``--check`` can re-render it and co
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from prsgd.experiments import rendered
 from prsgd.experiments.problems import NonConvexRegression, run
+from prsgd.experiments.rendered import Record, RenderedSection
 from prsgd.experiments.report import mean_sd
-from prsgd.training import checkpoint, command
 
 WORKERS, LR, BETA, SIGMA = 8, 0.02, 0.5, 2.0
 ZETAS = (0.0, 1.0, 2.0, 4.0)
@@ -39,9 +39,6 @@ PERIODS = (1, 2, 4, 8, 16, 32)
 RULES = ("params_and_momentum", "params_clear_momentum", "params_only")
 RULE_PERIOD = 8
 STEPS = 4000
-BEGIN = "<!-- heterogeneity: rendered by python -m prsgd.experiments.heterogeneity from docs/theory/heterogeneity_runs.jsonl; do not edit -->"  # noqa: E501
-END = "<!-- /heterogeneity -->"
-Record = dict[str, Any]
 
 
 def problem(zeta: float, seed: int) -> NonConvexRegression:
@@ -311,68 +308,13 @@ def draw(curves: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def read_runs(path: Path) -> list[Record]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def section(records: Sequence[Record]) -> str:
-    return "\n".join([BEGIN, "", *render(records)[0], END])
-
-
-def with_section(doc: str, text: str) -> str:
-    """``doc`` with its rendered section replaced by ``text`` (appended when it has none)."""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        return head + text + rest.split(END, 1)[1]
-    return doc.rstrip("\n") + "\n\n" + text + "\n"
-
-
-def kept(doc: str, new: str) -> str:
-    """``new`` (a regenerated theory page) with ``doc``'s rendered section carried over, if it has one."""
-    if BEGIN in doc and END in doc:
-        return with_section(new, BEGIN + doc.split(BEGIN, 1)[1].split(END, 1)[0] + END)
-    return new
-
-
-def check(runs: Path, doc: Path) -> list[str]:
-    """The lines of ``doc``'s section that differ from what its raw runs render (empty: they match)."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        return [f"{doc} has no heterogeneity section"]
-    shown = (BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END).splitlines()
-    wanted = section(read_runs(runs)).splitlines()
-    return [f"{doc}: {a!r} != rendered {b!r}" for a, b in zip(shown, wanted, strict=False) if a != b] or (
-        [f"{doc}: {len(shown)} lines, rendered {len(wanted)}"] if len(shown) != len(wanted) else []
-    )
+SECTION = RenderedSection(
+    "heterogeneity", "python -m prsgd.experiments.heterogeneity", "docs/theory/heterogeneity_runs.jsonl", render
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = command.parser("python -m prsgd.experiments.heterogeneity", __doc__)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--runs", type=Path, default=Path("docs/theory/heterogeneity_runs.jsonl"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/theory.md"))
-    parser.add_argument("--check", action="store_true", help="compare the section with its raw runs; run nothing")
-    args = parser.parse_args(argv)
-    if args.seeds < 1 or args.steps < 8:
-        parser.error(f"--seeds {args.seeds} --steps {args.steps}: at least 1 seed and 8 steps")
-    if args.check:
-        if not args.runs.is_file() or not args.doc.is_file():
-            parser.error(f"--check needs {args.runs} and {args.doc}")
-        problems = check(args.runs, args.doc)
-        if problems:
-            parser.exit(1, "\n".join(problems) + "\n")
-        print(f"{args.doc}: the heterogeneity section matches {args.runs}")
-        return
-    records = collect(args.seeds, args.steps)
-    checkpoint.atomic_write(args.runs, "".join(json.dumps(r) + "\n" for r in records).encode())
-    lines, curves = render(records)
-    figures = args.doc.parent / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    draw(curves, figures / "theory_heterogeneity.png")
-    doc = args.doc.read_text() if args.doc.is_file() else "# Theory made measurable\n"
-    checkpoint.atomic_write(args.doc, with_section(doc, section(records)).encode())
-    print("\n".join(lines))
+    rendered.main(SECTION, __doc__, collect, draw, "theory_heterogeneity.png", STEPS, argv)
 
 
 if __name__ == "__main__":

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     doc += decentralized(plan.seeds, plan.steps, list(plan.decentralized_workers))
     page = out / "theory.md"
     earlier = page.read_text() if page.is_file() else ""
-    page.write_text(heterogeneity.kept(earlier, "\n".join(doc) + "\n"))  # section 5 is rendered from its own runs
+    page.write_text(heterogeneity.SECTION.carried(earlier, "\n".join(doc) + "\n"))  # rendered from its own runs
     print("\n".join(doc))
 
 
