@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -121,6 +122,31 @@ def test_the_experiment_keeps_its_raw_runs_and_its_section_is_checked_against_th
 
 def test_docs_theory_heterogeneity_section_matches_its_raw_runs():
     from prsgd.experiments.heterogeneity import SECTION
+
+    root = Path(__file__).resolve().parents[1]
+    assert SECTION.check(root / SECTION.runs, root / "docs" / "theory.md") == []
+
+
+def test_the_scaling_experiment_keeps_its_raw_runs_and_both_sections_live_in_one_page(tmp_path):
+    from prsgd.experiments import heterogeneity, scaling
+
+    runs, doc = tmp_path / "scaling.jsonl", tmp_path / "theory.md"
+    heterogeneity.main(["--seeds", "1", "--steps", "40", "--runs", str(tmp_path / "h.jsonl"), "--doc", str(doc)])
+    scaling.main(["--seeds", "2", "--steps", "256", "--runs", str(runs), "--doc", str(doc)])
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert len(records) == 2 * len(scaling.CASES) * len(scaling.WORKERS)
+    assert all(r["t_eps"] > 0 for r in records)
+    text = doc.read_text()
+    assert text.index("## 5. Heterogeneity") < text.index("## 6. Linear speedup")
+    scaling.main(["--check", "--runs", str(runs), "--doc", str(doc)])
+    heterogeneity.main(["--check", "--runs", str(tmp_path / "h.jsonl"), "--doc", str(doc)])
+    # fixed gamma: more workers only average noise, so T_eps hardly falls; scaled gamma: it does
+    fixed = [r["t_eps"] for r in records if r["case"] == scaling.FIXED_LR]
+    assert min(fixed) > 0.8 * max(fixed)
+
+
+def test_docs_theory_scaling_section_matches_its_raw_runs():
+    from prsgd.experiments.scaling import SECTION
 
     root = Path(__file__).resolve().parents[1]
     assert SECTION.check(root / SECTION.runs, root / "docs" / "theory.md") == []

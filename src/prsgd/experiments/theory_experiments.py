@@ -30,7 +30,7 @@ import torch
 from prsgd.algorithm.theory import recommended_period
 from prsgd.algorithm.topology import make_topology
 from prsgd.errors import check_int
-from prsgd.experiments import heterogeneity
+from prsgd.experiments import heterogeneity, scaling
 from prsgd.experiments.report import mean_sd
 from prsgd.experiments.theory_measures import (
     BETA,
@@ -359,7 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     doc += decentralized(plan.seeds, plan.steps, list(plan.decentralized_workers))
     page = out / "theory.md"
     earlier = page.read_text() if page.is_file() else ""
-    page.write_text(heterogeneity.SECTION.carried(earlier, "\n".join(doc) + "\n"))  # rendered from its own runs
+    text = "\n".join(doc) + "\n"
+    for rendered in (heterogeneity.SECTION, scaling.SECTION):  # sections 5 and 6: rendered from their own raw runs
+        text = rendered.carried(earlier, text)
+    page.write_text(text)
     print("\n".join(doc))
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,35 +112,42 @@ def corollary_measure(n: int, steps: int, identical: bool, seed: int, nesterov: 
 
 
 def steps_to_reach(eps: float, n: int, identical: bool, seed: int, nesterov: bool, guess: float) -> tuple[float, bool]:
-    """The run length T at which N workers' measure (gamma and I set for that T) reaches ``eps``: bracketed by
-    factors of sqrt(2) from ``guess``, interpolated log-log. Returns (T, whether gamma was capped there)."""
+    """The run length T at which N workers' measure (gamma and I set for that T) reaches ``eps`` (see
+    :func:`length_to_reach`). Returns (T, whether gamma was capped there)."""
+    reached, before = length_to_reach(eps, lambda t: corollary_measure(n, t, identical, seed, nesterov), guess)
+    return reached, (is_capped(n, before, problem_for(n, identical, seed)) if before else False)
+
+
+def length_to_reach(eps: float, at: Callable[[int], float], guess: float) -> tuple[float, int | None]:
+    """The run length T at which ``at(T)`` (a run of that length's measure) reaches ``eps``: bracketed by factors
+    of sqrt(2) from ``guess``, interpolated log-log. Returns (T, the bracket's shorter length), or (nan, None) when
+    12 factors either way do not bracket it."""
     factor = np.sqrt(2.0)
     points: dict[int, float] = {}
 
-    def at(t: int) -> float:
+    def measured(t: int) -> float:
         if t not in points:
-            points[t] = corollary_measure(n, t, identical, seed, nesterov)
+            points[t] = at(t)
         return points[t]
 
     t = max(2, round(guess))
-    if at(t) > eps:
+    if measured(t) > eps:
         for _ in range(12):
             t = round(t * factor)
-            if at(t) <= eps:
+            if measured(t) <= eps:
                 break
     else:
         for _ in range(12):
             if t <= 2:
                 break
             t = max(2, round(t / factor))
-            if at(t) > eps:
+            if measured(t) > eps:
                 break
     for (t0, v0), (t1, v1) in itertools.pairwise(sorted(points.items())):
         if v0 > eps >= v1:  # the first length that reaches eps, and the one before it
             frac = (np.log(v0) - np.log(eps)) / (np.log(v0) - np.log(v1))
-            reached = float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0))))
-            return reached, is_capped(n, t0, problem_for(n, identical, seed))
-    return float("nan"), False
+            return float(np.exp(np.log(t0) + frac * (np.log(t1) - np.log(t0)))), t0
+    return float("nan"), None
 
 
 SPEEDUP_CASES = [(False, True), (False, False), (True, True), (True, False)]  # (nesterov, identical)
