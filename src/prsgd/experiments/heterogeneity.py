@@ -32,6 +32,7 @@ from prsgd.experiments import rendered
 from prsgd.experiments.problems import NonConvexRegression, run
 from prsgd.experiments.rendered import Record, RenderedSection
 from prsgd.experiments.report import mean_sd
+from prsgd.experiments.theory_measures import slope
 
 WORKERS, LR, BETA, SIGMA = 8, 0.02, 0.5, 2.0
 ZETAS = (0.0, 1.0, 2.0, 4.0)
@@ -92,10 +93,6 @@ def _select(records: Sequence[Record], **match: Any) -> list[Record]:
 
 def _values(records: Sequence[Record], key: str, **match: Any) -> np.ndarray:
     return np.array([r[key] for r in _select(records, **match)], dtype=float)
-
-
-def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def smoothness(records: Sequence[Record], zeta2: float) -> float:
@@ -160,14 +157,13 @@ def render(records: Sequence[Record]) -> tuple[list[str], dict[str, Any]]:
         "| consensus distance |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    curves: dict[str, Any] = {"periods": periods, "measured": {}, "shape": {}, "sd": {}}
+    curves: dict[str, Any] = {"periods": periods, "measured": {}, "shape": {}}
     exponents_i, exponents_z = [], []
     ratios: dict[bool, list[float]] = {True: [], False: []}  # measured / shape, inside the regime or not
     for zeta2, big_l in zip(zetas, ls, strict=True):
         base = _values(records, "floor", experiment="floor", zeta2=zeta2, period=1)
         excess = [_values(records, "floor", experiment="floor", zeta2=zeta2, period=i) - base for i in periods]
         curves["measured"][zeta2] = [float(e.mean()) for e in excess]
-        curves["sd"][zeta2] = [float(e.std(ddof=1)) if len(e) > 1 else 0.0 for e in excess]
         curves["shape"][zeta2] = [constant * shape(records, zeta2, i) for i in periods]
         for i, e in zip(periods[1:], excess[1:], strict=True):
             if zeta2 > 0:
@@ -180,13 +176,13 @@ def render(records: Sequence[Record]) -> tuple[list[str], dict[str, Any]]:
                 )
         if zeta2 > 0:
             per_seed = np.array([[e[s] for e in excess[1:]] for s in range(len(base))])
-            exponents_i.append((zeta2, [_slope(periods[1:], row) for row in per_seed if np.all(row > 0)]))
+            exponents_i.append((zeta2, [slope(periods[1:], row) for row in per_seed if np.all(row > 0)]))
     top = periods[-1]
     for i in periods[1:]:
         rows = [_values(records, "floor", experiment="floor", zeta2=z, period=i)
                 - _values(records, "floor", experiment="floor", zeta2=z, period=1) for z in zetas if z > 0]  # fmt: skip
         per_seed = np.array(rows).T / np.array([smoothness(records, z) ** 2 for z in zetas if z > 0])
-        fits = [_slope([z for z in zetas if z > 0], row) for row in per_seed if np.all(row > 0)]
+        fits = [slope([z for z in zetas if z > 0], row) for row in per_seed if np.all(row > 0)]
         if fits:
             exponents_z.append((i, fits))
     flat = _values(records, "floor", experiment="floor", zeta2=0.0, period=top) / _values(
@@ -285,27 +281,16 @@ def _rules_table(records: Sequence[Record], key: str, name: str) -> tuple[list[s
 
 
 def draw(curves: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = rendered.log_log_axes()
     periods = curves["periods"]
     for zeta2, measured in curves["measured"].items():
         if zeta2 == 0:
             continue
-        kept = [(i, m, s) for i, m, s in zip(periods, measured, curves["sd"][zeta2], strict=True) if m > 0]
+        kept = [(i, m) for i, m in zip(periods, measured, strict=True) if m > 0]
         (line,) = ax.plot([k[0] for k in kept], [k[1] for k in kept], "o-", label=f"measured, zeta^2={zeta2:g}")
-        ax.plot(
-            periods, curves["shape"][zeta2], "--", color=line.get_color(), label=f"theorem's shape, zeta^2={zeta2:g}"
-        )
-    ax.set(xscale="log", yscale="log", xlabel="period I", ylabel="excess error floor over I = 1")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        shape_label = f"theorem's shape, zeta^2={zeta2:g}"
+        ax.plot(periods, curves["shape"][zeta2], "--", color=line.get_color(), label=shape_label)
+    rendered.save_log_log(fig, ax, path, "period I", "excess error floor over I = 1")
 
 
 SECTION = RenderedSection(

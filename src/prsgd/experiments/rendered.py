@@ -68,6 +68,27 @@ class RenderedSection:
         return differ or ([f"{doc}: {len(have)} lines, rendered {len(want)}"] if len(have) != len(want) else [])
 
 
+def log_log_axes() -> tuple[Any, Any]:
+    """A figure and its axes for a section's log-log plot (matplotlib imported here, without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4))
+
+
+def save_log_log(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def read_runs(path: Path) -> list[Record]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -169,22 +169,12 @@ def _verdicts(slopes: dict[str, np.ndarray], same_i: np.ndarray) -> list[str]:
 
 
 def draw(curves: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = rendered.log_log_axes()
     for case, steps in curves.items():
         ax.plot(WORKERS, steps, "o-", label=case)
     t1 = curves[IDENTICAL][0]
     ax.plot(WORKERS, [t1 / n for n in WORKERS], "k--", label="T1 / N (linear speedup)")
-    ax.set(xscale="log", yscale="log", xlabel="workers N", ylabel="T_eps")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rendered.save_log_log(fig, ax, path, "workers N", "T_eps")
 
 
 SECTION = RenderedSection("scaling", "python -m prsgd.experiments.scaling", "docs/theory/scaling_runs.jsonl", render)
