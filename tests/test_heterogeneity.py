@@ -150,3 +150,26 @@ def test_docs_theory_scaling_section_matches_its_raw_runs():
 
     root = Path(__file__).resolve().parents[1]
     assert SECTION.check(root / SECTION.runs, root / "docs" / "theory.md") == []
+
+
+def test_the_rounds_experiment_fits_exponents_per_seed_from_its_raw_runs(tmp_path):
+    from prsgd.experiments import rounds
+
+    runs, doc = tmp_path / "rounds.jsonl", tmp_path / "theory.md"
+    rounds.main(["--seeds", "2", "--steps", "2000", "--runs", str(runs), "--doc", str(doc)])
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert {(r["case"], r["steps"]) for r in records} == {
+        (c, t) for c in ("identical", "non-identical") for t in (1000, 2000)
+    }
+    assert all(1 <= i <= r["steps"] // 4 for r in records for i in r["largest"])
+    assert all(r["largest"][0] <= r["largest"][1] <= r["largest"][2] for r in records)  # looser thresholds: longer I
+    rounds.main(["--check", "--runs", str(runs), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "## 7. Communication rounds needed" in text and "95% interval" in text
+
+
+def test_docs_theory_rounds_section_matches_its_raw_runs():
+    from prsgd.experiments.rounds import SECTION
+
+    root = Path(__file__).resolve().parents[1]
+    assert SECTION.check(root / SECTION.runs, root / "docs" / "theory.md") == []

@@ -30,7 +30,7 @@ import torch
 from prsgd.algorithm.theory import recommended_period
 from prsgd.algorithm.topology import make_topology
 from prsgd.errors import check_int
-from prsgd.experiments import heterogeneity, scaling
+from prsgd.experiments import heterogeneity, rounds, scaling
 from prsgd.experiments.report import mean_sd
 from prsgd.experiments.theory_measures import (
     BETA,
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     page = out / "theory.md"
     earlier = page.read_text() if page.is_file() else ""
     text = "\n".join(doc) + "\n"
-    for rendered in (heterogeneity.SECTION, scaling.SECTION):  # sections 5 and 6: rendered from their own raw runs
+    for rendered in (heterogeneity.SECTION, scaling.SECTION, rounds.SECTION):  # 5-7: rendered from their raw runs
         text = rendered.carried(earlier, text)
     page.write_text(text)
     print("\n".join(doc))

@@ -90,14 +90,20 @@ def is_capped(n: int, steps: float, problem: NonConvexRegression) -> bool:
     return lr_is_capped(n, steps, LR_SCALE, BETA, problem.L)
 
 
-def problem_for(n: int, identical: bool, seed: int, noise: str = "additive") -> NonConvexRegression:
+def problem_for(
+    n: int, identical: bool, seed: int, noise: str = "additive", heterogeneity: str = "shift"
+) -> NonConvexRegression:
     zeta = 0.0 if identical else 2.0
-    return NonConvexRegression(n, dim=20, samples=40, lam=1.0, sigma=2.0, zeta=zeta, seed=seed, noise=noise)
+    return NonConvexRegression(
+        n, dim=20, samples=40, lam=1.0, sigma=2.0, zeta=zeta, seed=seed, noise=noise, heterogeneity=heterogeneity
+    )
 
 
-def measure(n: int, steps: int, identical: bool, seed: int, noise: str = "additive", **kw) -> float:
+def measure(
+    n: int, steps: int, identical: bool, seed: int, noise: str = "additive", heterogeneity: str = "shift", **kw
+) -> float:
     """One seed's measure after ``steps`` steps, with momentum BETA and gamma from :func:`lr_for`."""
-    problem = problem_for(n, identical, seed, noise)
+    problem = problem_for(n, identical, seed, noise, heterogeneity)
     return run(problem, steps, lr=lr_for(n, steps, problem), momentum=BETA, seed=seed, **kw).measure
 
 
@@ -202,7 +208,9 @@ class PeriodSearch:
     periods: list[int]  # the corollary's I per length
 
 
-def search_periods(n: int, lengths: list[int], identical: bool, seeds: int, noise: str) -> PeriodSearch:
+def search_periods(
+    n: int, lengths: list[int], identical: bool, seeds: int, noise: str, heterogeneity: str = "shift"
+) -> PeriodSearch:
     """Measures for growing periods (up to T / 4), each seed on its own, until every threshold has failed."""
     base = np.zeros((len(lengths), seeds))
     largest = np.ones((len(THRESHOLDS), len(lengths), seeds), dtype=int)
@@ -213,7 +221,7 @@ def search_periods(n: int, lengths: list[int], identical: bool, seeds: int, nois
         for seed in range(seeds):
 
             def at(period: int, steps=steps, seed=seed) -> float:
-                return measure(n, steps, identical, seed, noise, period=period)
+                return measure(n, steps, identical, seed, noise, heterogeneity, period=period)
 
             base[i, seed] = at(1)
             known = {1: base[i, seed]}
