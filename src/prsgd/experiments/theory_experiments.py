@@ -123,7 +123,7 @@ def linear_speedup(plan: Plan, plt, fig_dir: Path) -> list[str]:
                     ". On this problem the heterogeneity is a constant shift of each worker's gradient, which "
                     "cancels in the node average of the quadratic part, so non-identical data behave as identical "
                     "ones here (even with their shorter periods): **not testable on this problem** as a separate "
-                    "case; a problem whose workers differ in curvature would be needed."
+                    "case; section 6 measures it on workers that differ in curvature."
                     if gap < 0.01
                     else "."
                 )
