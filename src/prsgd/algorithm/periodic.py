@@ -318,7 +318,7 @@ class PeriodicSync:
             **self._stage_states(),
             **({"node_rounds": self.comm.node_rounds, "node_bytes": self.comm.node_bytes} if nodes else {}),
             **({"synchronized_at": self.synchronized_at} if self.synchronized_at is not None else {}),
-            **({"drift": self.drift.state_dict()} if self.drift.state_dict() else {}),
+            **({"drift": pending} if (pending := self.drift.state_dict()) else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, from_consensus: bool = False) -> None:

@@ -37,6 +37,7 @@ simulator's stacked communicator, on (N, d) tensors) and returns the paper's con
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,7 +101,7 @@ class NonConvexRegression:
         self.weights = self.lam + self.zeta * spreads  # (N, d): each worker's regulariser weight per coordinate
         self.x0 = torch.full((dim,), 1.5, dtype=torch.float64)  # start in the non-convex region (|x_k| > 1/sqrt 3)
 
-    @property
+    @functools.cached_property
     def L(self) -> float:
         """The smoothness constant of every f_i: the largest |eigenvalue| of A^T A / m + diag(w_ik r''(x_k)) over
         workers i and points x. Each r''(x_k) ranges over [-1/2, 2] on its own and eigenvalues grow with the
