@@ -66,3 +66,19 @@ def test_bad_loggers_are_refused_before_training(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=f"prsgd train: error: {message}"):
         main([*SMALL, "--epochs", "1", *flags])
     assert not list(tmp_path.iterdir())
+
+
+def test_csv_takes_a_field_the_earlier_records_lack_instead_of_failing(tmp_path):
+    """A run resumed from records an older prsgd wrote (without the drift fields) keeps writing its CSV."""
+    from prsgd.training.trackers import CsvTracker
+
+    tracker = CsvTracker(tmp_path, [{"step": 0, "train_loss": 2.0}])
+    tracker.record({"step": 5, "train_loss": 1.5, "consensus_distance": 0.25})
+    tracker.record({"step": 10, "train_loss": 1.0, "consensus_distance": 0.5})
+    with (tmp_path / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        {"step": "0", "train_loss": "2.0", "consensus_distance": ""},
+        {"step": "5", "train_loss": "1.5", "consensus_distance": "0.25"},
+        {"step": "10", "train_loss": "1.0", "consensus_distance": "0.5"},
+    ]

@@ -44,27 +44,34 @@ class Tracker(Protocol):
 
 
 class CsvTracker:
-    """``OUT/log.csv``: the header, then one row per record; rewritten whole (atomically) at the start."""
+    """``OUT/log.csv``: the header, then one row per record; rewritten whole (atomically) at the start, and again
+    when a record brings a field the header lacks (a run resumed from records an older prsgd wrote: their rows keep
+    that column empty)."""
 
     def __init__(self, out: Path, earlier: list[Record]) -> None:
         self.path = out / "log.csv"
-        self.fields: list[str] | None = list(earlier[0]) if earlier else None
-        checkpoint.atomic_write(self.path, self._rows(earlier, header=True).encode())
+        self.records = list(earlier)
+        self.fields: list[str] = list(dict.fromkeys(k for r in earlier for k in r))
+        checkpoint.atomic_write(self.path, self._rows(self.records, header=True).encode())
 
     def _rows(self, records: list[Record], header: bool) -> str:
         if not records:
             return ""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.fields or list(records[0]), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=self.fields, lineterminator="\n")
         if header:
             writer.writeheader()
         writer.writerows(records)
         return buffer.getvalue()
 
     def record(self, record: Record) -> None:
-        header = self.fields is None
-        self.fields = self.fields or list(record)
-        checkpoint.append_line(self.path, self._rows([record], header=header).rstrip("\n"))
+        self.records.append(record)
+        new = [k for k in record if k not in self.fields]
+        if new or len(self.records) == 1:
+            self.fields += new
+            checkpoint.atomic_write(self.path, self._rows(self.records, header=True).encode())
+        else:
+            checkpoint.append_line(self.path, self._rows([record], header=False).rstrip("\n"))
 
     def close(self) -> None:
         pass
